@@ -1,0 +1,127 @@
+"""TF_CONFIG: read once, validated before any TensorFlow server starts.
+
+Cluster systems (Kubeflow TFJob, Vertex AI, Slurm wrappers, our own
+`--workers` launcher) describe a multi-worker job in the TF_CONFIG environment
+variable. TensorFlow reports mistakes in it late and obscurely (or hangs), so
+the launcher checks it first and exits 2 naming the field at fault.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Mapping
+
+from launcher.errors import SetupError
+
+# Roles MultiWorkerMirroredStrategy trains with. `ps` belongs to
+# ParameterServerStrategy and `evaluator` to a side-car evaluator; neither runs here.
+TRAINING_ROLES = ("chief", "worker")
+UNSUPPORTED_ROLES = {
+    "ps": "parameter servers belong to ParameterServerStrategy, which this launcher does not run",
+    "evaluator": "a side-car evaluator is not supported; every worker evaluates in-line",
+    "master": "the legacy 'master' role is not supported; use 'chief'",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterSpec:
+    """A validated TF_CONFIG: the cluster and this process's task in it."""
+
+    cluster: dict[str, list[str]]
+    task_type: str
+    task_index: int
+
+    @property
+    def num_tasks(self) -> int:
+        return sum(len(addresses) for addresses in self.cluster.values())
+
+    @property
+    def is_chief(self) -> bool:
+        """The chief task, or worker 0 when the cluster has no chief."""
+        if "chief" in self.cluster:
+            return self.task_type == "chief"
+        return self.task_type == "worker" and self.task_index == 0
+
+    @property
+    def chief_address(self) -> str:
+        if "chief" in self.cluster:
+            return self.cluster["chief"][0]
+        return self.cluster["worker"][0]
+
+    @property
+    def rank(self) -> int:
+        """A single number per task: chief first, then the workers."""
+        offset = len(self.cluster.get("chief", [])) if self.task_type == "worker" else 0
+        return offset + self.task_index
+
+
+def read_tf_config(environ: Mapping[str, str] | None = None) -> ClusterSpec | None:
+    """Parses and validates TF_CONFIG; None when it is unset or empty."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get("TF_CONFIG", "").strip()
+    if not raw:
+        return None
+    try:
+        parsed = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise SetupError(f"TF_CONFIG is not valid JSON: {error}") from None
+    return parse_tf_config(parsed)
+
+
+def parse_tf_config(parsed: object) -> ClusterSpec:
+    """Validates a decoded TF_CONFIG object; raises SetupError naming the field."""
+    if not isinstance(parsed, dict):
+        raise SetupError(f"TF_CONFIG must be a JSON object, got {type(parsed).__name__}")
+    cluster = parsed.get("cluster")
+    if not isinstance(cluster, dict) or not cluster:
+        raise SetupError('TF_CONFIG["cluster"] is missing or not a non-empty object of role -> addresses')
+    task = parsed.get("task")
+    if not isinstance(task, dict):
+        raise SetupError('TF_CONFIG["task"] is missing or not an object with "type" and "index"')
+
+    seen: dict[str, str] = {}
+    for role, addresses in cluster.items():
+        if role in UNSUPPORTED_ROLES:
+            raise SetupError(f'TF_CONFIG["cluster"]["{role}"]: {UNSUPPORTED_ROLES[role]}')
+        if role not in TRAINING_ROLES:
+            raise SetupError(
+                f'TF_CONFIG["cluster"]["{role}"]: unknown role; allowed roles are {TRAINING_ROLES}'
+            )
+        if not isinstance(addresses, list) or not addresses:
+            raise SetupError(f'TF_CONFIG["cluster"]["{role}"] must be a non-empty list of "host:port"')
+        for index, address in enumerate(addresses):
+            where = f'TF_CONFIG["cluster"]["{role}"][{index}]'
+            _check_address(address, where)
+            if address in seen:
+                raise SetupError(f"{where}: address {address!r} is also used by {seen[address]}")
+            seen[address] = where
+    if len(cluster.get("chief", [])) > 1:
+        raise SetupError(
+            f'TF_CONFIG["cluster"]["chief"] lists {len(cluster["chief"])} tasks; a cluster has at most one chief'
+        )
+
+    task_type = task.get("type")
+    task_index = task.get("index")
+    if task_type not in cluster:
+        allowed = ", ".join(sorted(cluster))
+        raise SetupError(f'TF_CONFIG["task"]["type"] is {task_type!r}; it must be a role of the cluster: {allowed}')
+    if not isinstance(task_index, int) or isinstance(task_index, bool):
+        raise SetupError(f'TF_CONFIG["task"]["index"] must be an integer, got {task_index!r}')
+    count = len(cluster[task_type])
+    if not 0 <= task_index < count:
+        raise SetupError(
+            f'TF_CONFIG["task"]["index"] is {task_index}, out of range: '
+            f'the cluster has {count} {task_type!r} task(s), indices 0..{count - 1}'
+        )
+    return ClusterSpec(cluster={role: list(a) for role, a in cluster.items()},
+                       task_type=task_type, task_index=task_index)
+
+
+def _check_address(address: object, where: str) -> None:
+    if not isinstance(address, str):
+        raise SetupError(f'{where} must be a "host:port" string, got {address!r}')
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SetupError(f'{where} is {address!r}; expected "host:port" with a port in 1..65535')

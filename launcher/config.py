@@ -1,0 +1,296 @@
+"""Job configuration: frozen dataclasses, strict YAML merge, `--set` overrides.
+
+Layering: built-in defaults -> `--job` YAML -> `--set key.path=value` -> flags.
+Unknown keys, wrong types and impossible values raise `ConfigError` (exit 2)
+naming the key and the file, before TensorFlow is imported.
+
+    python -m launcher --job jobs/cpu_smoke.yaml --set train.epochs=2 --dry_run
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, Mapping
+
+import yaml
+
+from launcher.errors import ConfigError
+
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
+AUGMENTATIONS = ("crop_flip", "seed", "none")
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("float32", "bfloat16", "float16")
+LR_SCALING = ("linear", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    """Where the job runs: strategy and devices."""
+
+    strategy: str = "auto"  # auto picks from TF_CONFIG, --tpu and the GPUs found
+    gpus: int | None = None  # GPUs of this machine to use; None = all found
+    cpu_replicas: int = 0  # >0: split the CPU into N logical devices (MirroredStrategy)
+    tpu: str | None = None  # TPU name, grpc:// address, or "local" on a TPU VM
+    seed: int = 0  # model init, data order and augmentation
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratedDataConfig:
+    """A learnable stand-in for CIFAR-10, written in the real binary format."""
+
+    train_examples: int = 0  # 0 = use the real data set
+    test_examples: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What to train on and how it is fed."""
+
+    dataset: str = "cifar10"  # any TFDS image-classification name
+    image_folder: str | None = None  # train/<class>/*, test/<class>/* instead of TFDS
+    data_dir: str | None = None  # TFDS data_dir (local path or gs://); None = TFDS default
+    manual_dir: str | None = None  # folder holding cifar-10-binary.tar.gz for offline prep
+    generated: GeneratedDataConfig = GeneratedDataConfig()
+    image_size: int = 32  # images of another size are resized to this
+    augmentation: str = "crop_flip"  # crop_flip: pad-4 crop + flip; seed: the tutorial's set
+    shuffle_buffer: int = 50_000  # examples; CIFAR-10 fits whole
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The CIFAR ResNet18."""
+
+    width: int = 64  # channels of stage 1; stages use width x (1, 2, 4, 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation recipe and loop settings."""
+
+    epochs: int = 30
+    global_batch_size: int = 512  # summed over all replicas of all workers
+    optimizer: str = "sgd"  # sgd (Nesterov momentum) or adam
+    learning_rate: float = 0.2  # per 256 images when lr_scaling is linear
+    lr_scaling: str = "linear"  # linear: lr x global_batch / 256, so --gpus 8 needs no edit
+    lr_schedule: str = "cosine"  # cosine decay to 0 after warm-up, or constant
+    warmup_epochs: float = 1.0  # linear warm-up from 0
+    momentum: float = 0.9
+    weight_decay: float = 5e-4  # L2 on conv and dense kernels (not BN, not biases)
+    label_smoothing: float = 0.1
+    precision: str = "float32"  # float32, bfloat16 or float16 (loss-scaled)
+    steps_per_loop: int = 20  # train steps per tf.function call (host overhead)
+    checkpoint_max_to_keep: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One job: everything needed to reproduce a run."""
+
+    name: str = "default"
+    runtime: RuntimeConfig = RuntimeConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+
+
+def load_yaml_file(path: str) -> dict[str, Any]:
+    """Reads a job file with `yaml.safe_load` (no Python tags) into a mapping."""
+    try:
+        with open(path, encoding="utf-8") as stream:
+            content = yaml.safe_load(stream)
+    except FileNotFoundError:
+        raise ConfigError(f"job file {path!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"job file {path!r} is a directory") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"job file {path!r} is not valid YAML: {error}") from None
+    if content is None:
+        return {}
+    if not isinstance(content, dict):
+        raise ConfigError(
+            f"job file {path!r} must hold a mapping of sections "
+            f"(runtime, data, model, train), not {type(content).__name__}"
+        )
+    return content
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parses one `--set key.path=value`; the value is read as YAML (`5` is an int)."""
+    key, sep, raw_value = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {text!r}: expected key.path=value, e.g. train.epochs=5")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--set {key}: value {raw_value!r} is not valid YAML: {error}") from None
+    return key, value
+
+
+def nest_overrides(overrides: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Turns [("train.epochs", 5)] into {"train": {"epochs": 5}}."""
+    nested: dict[str, Any] = {}
+    for key, value in overrides:
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {part!r} was already set to a value")
+            node = child
+        node[parts[-1]] = value
+    return nested
+
+
+def merge(config: Any, updates: Mapping[str, Any], source: str, prefix: str = "") -> Any:
+    """Returns a copy of the dataclass `config` with `updates` applied, strictly typed."""
+    if not isinstance(updates, Mapping):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'} must be a mapping")
+    fields = {field.name: field for field in dataclasses.fields(config)}
+    hints = typing.get_type_hints(type(config))
+    changes = {}
+    for key, value in updates.items():
+        full_key = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"{source}: unknown key {full_key!r}{_suggest(str(key), fields)}")
+        current = getattr(config, key)
+        if dataclasses.is_dataclass(current):
+            if value is None:
+                continue
+            changes[key] = merge(current, value, source, f"{full_key}.")
+        else:
+            changes[key] = _check_type(value, hints[key], full_key, source)
+    return dataclasses.replace(config, **changes)
+
+
+def _suggest(key: str, fields: Mapping[str, Any]) -> str:
+    close = difflib.get_close_matches(key, list(fields), n=1)
+    allowed = ", ".join(sorted(fields))
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{hint}; allowed keys: {allowed}"
+
+
+def _check_type(value: Any, hint: Any, key: str, source: str) -> Any:
+    """Accepts `value` if it fits `hint` (int, float, str, bool, or X | None)."""
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    for kind in allowed:
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is str and isinstance(value, str):
+            return value
+    names = " or ".join("null" if kind is type(None) else kind.__name__ for kind in allowed)
+    hint_text = ""
+    if str in allowed and isinstance(value, bool):
+        # YAML 1.1 reads bare on/off/yes/no as booleans (Model Garden warns of the same).
+        hint_text = " (YAML reads bare on/off/yes/no as booleans: quote the value)"
+    raise ConfigError(
+        f"{source}: {key} must be {names}, got {type(value).__name__} {value!r}{hint_text}"
+    )
+
+
+def validate(config: Config) -> None:
+    """Rejects impossible values; the number of replicas is checked once it is known."""
+    checks = [
+        (config.runtime.strategy in STRATEGIES, "runtime.strategy", f"one of {STRATEGIES}"),
+        (config.runtime.gpus is None or config.runtime.gpus >= 0, "runtime.gpus", ">= 0"),
+        (config.runtime.cpu_replicas >= 0, "runtime.cpu_replicas", ">= 0"),
+        (config.runtime.seed >= 0, "runtime.seed", ">= 0"),
+        (bool(config.data.dataset), "data.dataset", "a TFDS data set name"),
+        (config.data.generated.train_examples >= 0, "data.generated.train_examples", ">= 0"),
+        (config.data.generated.test_examples >= 0, "data.generated.test_examples", ">= 0"),
+        (config.data.image_size >= 8, "data.image_size", ">= 8"),
+        (config.data.augmentation in AUGMENTATIONS, "data.augmentation", f"one of {AUGMENTATIONS}"),
+        (config.data.shuffle_buffer >= 1, "data.shuffle_buffer", ">= 1"),
+        (config.model.width >= 1, "model.width", ">= 1"),
+        (config.train.epochs >= 1, "train.epochs", ">= 1"),
+        (config.train.global_batch_size >= 1, "train.global_batch_size", ">= 1"),
+        (config.train.optimizer in OPTIMIZERS, "train.optimizer", f"one of {OPTIMIZERS}"),
+        (config.train.learning_rate > 0, "train.learning_rate", "> 0"),
+        (config.train.lr_scaling in LR_SCALING, "train.lr_scaling", f"one of {LR_SCALING}"),
+        (config.train.lr_schedule in SCHEDULES, "train.lr_schedule", f"one of {SCHEDULES}"),
+        (config.train.warmup_epochs >= 0, "train.warmup_epochs", ">= 0"),
+        (0 <= config.train.momentum < 1, "train.momentum", "in [0, 1)"),
+        (config.train.weight_decay >= 0, "train.weight_decay", ">= 0"),
+        (0 <= config.train.label_smoothing < 1, "train.label_smoothing", "in [0, 1)"),
+        (config.train.precision in PRECISIONS, "train.precision", f"one of {PRECISIONS}"),
+        (config.train.steps_per_loop >= 1, "train.steps_per_loop", ">= 1"),
+        (config.train.checkpoint_max_to_keep >= 1, "train.checkpoint_max_to_keep", ">= 1"),
+    ]
+    for ok, key, expected in checks:
+        if not ok:
+            raise ConfigError(f"{key} must be {expected}, got {_value_of(config, key)!r}")
+    generated = config.data.generated
+    if (generated.train_examples > 0) != (generated.test_examples > 0):
+        raise ConfigError(
+            "data.generated.train_examples and data.generated.test_examples must both be > 0 "
+            "(generated data) or both be 0 (real data)"
+        )
+    if generated.train_examples and config.data.dataset != "cifar10":
+        raise ConfigError("data.generated works only with data.dataset: cifar10")
+    if generated.train_examples and config.data.image_folder:
+        raise ConfigError("data.generated and data.image_folder cannot be used together")
+    if config.runtime.cpu_replicas and config.runtime.gpus:
+        raise ConfigError("runtime.cpu_replicas and runtime.gpus cannot be used together")
+    if config.runtime.strategy == "one_device" and config.runtime.cpu_replicas > 1:
+        raise ConfigError("runtime.strategy one_device cannot use runtime.cpu_replicas > 1")
+    if config.runtime.strategy == "one_device" and (config.runtime.gpus or 0) > 1:
+        raise ConfigError("runtime.strategy one_device cannot use runtime.gpus > 1")
+    if config.runtime.strategy == "tpu" and not config.runtime.tpu:
+        raise ConfigError("runtime.strategy tpu needs runtime.tpu (a TPU name, address or 'local')")
+    replicas = config.runtime.cpu_replicas or config.runtime.gpus or 1
+    check_batch_divisible(config, replicas)
+
+
+def check_batch_divisible(config: Config, num_replicas: int) -> None:
+    """The global batch is split evenly over replicas, or the job is refused."""
+    batch = config.train.global_batch_size
+    if batch % num_replicas:
+        raise ConfigError(
+            f"train.global_batch_size {batch} is not divisible by the {num_replicas} replicas; "
+            f"use a multiple of {num_replicas}, e.g. {max(num_replicas, batch // num_replicas * num_replicas)}"
+        )
+
+
+def _value_of(config: Config, key: str) -> Any:
+    value: Any = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def build_config(
+    job_file: str | None = None,
+    overrides: list[str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Config:
+    """Layers defaults, the job file, `--set` overrides and dedicated flags; validates."""
+    config = Config()
+    if job_file:
+        config = merge(config, load_yaml_file(job_file), f"job file {job_file!r}")
+    if overrides:
+        parsed = [parse_override(text) for text in overrides]
+        config = merge(config, nest_overrides(parsed), "--set")
+    if flags:
+        config = merge(config, nest_overrides(list(flags.items())), "command line")
+    validate(config)
+    return config
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """The config as plain data, as written to WORKDIR/config.yaml."""
+    return dataclasses.asdict(config)
+
+
+def dump(config: Config) -> str:
+    """The config as YAML that `--job` reads back to the same config."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

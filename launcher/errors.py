@@ -1,0 +1,34 @@
+"""Exit codes and the errors that map to them.
+
+Every way the launcher can end is one of these codes; the README's table and
+the cluster job files (Kubernetes `restartPolicy: ExitCode`) rely on them.
+"""
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # non-retryable: a bug, NaN loss, out of memory
+EXIT_USAGE = 2  # bad flag, config, TF_CONFIG, missing devices or data
+EXIT_RETRYABLE = 138  # preempted or peer lost: restart and resume (Kubeflow retries 138)
+
+
+class LauncherError(Exception):
+    """An error the user can act on; its message is printed without a traceback."""
+
+    exit_code = EXIT_FAILURE
+
+
+class ConfigError(LauncherError):
+    """A config key, value, YAML file or flag is wrong."""
+
+    exit_code = EXIT_USAGE
+
+
+class SetupError(LauncherError):
+    """The environment cannot run the job: devices, TPU, TF_CONFIG or data missing."""
+
+    exit_code = EXIT_USAGE
+
+
+class TrainingError(LauncherError):
+    """Training itself failed in a way a restart would not fix (e.g. NaN loss)."""
+
+    exit_code = EXIT_FAILURE

@@ -1,0 +1,83 @@
+"""The CIFAR ResNet18 (He et al. 2016, as in the tutorial this project grew from).
+
+3x3 stem conv (width) + BN + ReLU, no max-pool; 4 stages x 2 basic blocks with
+width x (1, 2, 4, 8) channels, stride 2 at the first block of stages 2-4; a
+1x1 conv + BN projection shortcut where the shape changes; global average
+pooling; a dense head that returns logits (softmax lives in the loss, in float32).
+
+    python -c "import resnet18.model as m; m.build_resnet18().summary()"
+"""
+
+from __future__ import annotations
+
+import keras
+
+STAGE_MULTIPLIERS = (1, 2, 4, 8)
+BLOCKS_PER_STAGE = 2
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+def build_resnet18(
+    num_classes: int = 10,
+    width: int = 64,
+    image_size: int = 32,
+    dtype_policy: str = "float32",
+    seed: int = 0,
+) -> keras.Model:
+    """Builds the CIFAR ResNet18 as a functional Keras model returning float32 logits.
+
+    Args:
+      num_classes: size of the dense head.
+      width: channels of stage 1 (64 is the paper's; tests use 4-16).
+      image_size: height and width of the (square, RGB) input.
+      dtype_policy: Keras dtype policy for every layer but the output,
+        e.g. "mixed_bfloat16"; the logits are always float32.
+      seed: initialisation seed; the same seed gives the same weights, without
+        touching global random state.
+    """
+    seeds = iter(range(seed * 1000, seed * 1000 + 1000))
+    inputs = keras.Input(shape=(image_size, image_size, 3), name="images")
+    x = _conv_bn(inputs, width, 3, 1, "stem", dtype_policy, seeds)
+    x = keras.layers.ReLU(name="stem_relu", dtype=dtype_policy)(x)
+    for stage, multiplier in enumerate(STAGE_MULTIPLIERS, start=1):
+        for block in range(1, BLOCKS_PER_STAGE + 1):
+            strides = 2 if stage > 1 and block == 1 else 1
+            x = _basic_block(x, width * multiplier, strides, f"stage{stage}_block{block}", dtype_policy, seeds)
+    x = keras.layers.GlobalAveragePooling2D(name="pool", dtype=dtype_policy)(x)
+    logits = keras.layers.Dense(
+        num_classes, kernel_initializer=keras.initializers.GlorotUniform(seed=next(seeds)),
+        name="logits", dtype="float32")(x)
+    return keras.Model(inputs, logits, name=f"resnet18_w{width}")
+
+
+def _conv_bn(x, filters: int, kernel_size: int, strides: int, name: str, dtype_policy: str, seeds):
+    x = keras.layers.Conv2D(
+        filters,
+        kernel_size,
+        strides=strides,
+        padding="same",
+        use_bias=False,  # BN follows; a bias would be redundant
+        kernel_initializer=keras.initializers.HeNormal(seed=next(seeds)),
+        name=f"{name}_conv",
+        dtype=dtype_policy,
+    )(x)
+    return keras.layers.BatchNormalization(
+        momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=f"{name}_bn", dtype=dtype_policy
+    )(x)
+
+
+def _basic_block(x, filters: int, strides: int, name: str, dtype_policy: str, seeds):
+    shortcut = x
+    if strides != 1 or x.shape[-1] != filters:
+        shortcut = _conv_bn(x, filters, 1, strides, f"{name}_proj", dtype_policy, seeds)
+    y = _conv_bn(x, filters, 3, strides, f"{name}_a", dtype_policy, seeds)
+    y = keras.layers.ReLU(name=f"{name}_a_relu", dtype=dtype_policy)(y)
+    y = _conv_bn(y, filters, 3, 1, f"{name}_b", dtype_policy, seeds)
+    y = keras.layers.Add(name=f"{name}_add", dtype=dtype_policy)([shortcut, y])
+    return keras.layers.ReLU(name=f"{name}_out", dtype=dtype_policy)(y)
+
+
+def decayed_kernels(model: keras.Model) -> list:
+    """Conv and dense kernels: the weights that get weight decay (not BN, not biases)."""
+    return [layer.kernel for layer in model.layers if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense))]

@@ -1,0 +1,306 @@
+"""train_and_evaluate: the custom tf.distribute training loop for ResNet18.
+
+One function, read top to bottom: data, model and optimizer (inside the
+strategy scope), checkpoint restore, the loop (several steps per tf.function
+call, loss averaged over the global batch), evaluation each epoch, TensorBoard,
+checkpoints and the run summary. Keras 3 `Model.fit` is not used: it fails
+under MultiWorkerMirroredStrategy (keras-team/keras#20585), a custom loop works
+with every strategy.
+
+    python -m launcher --job jobs/cpu_smoke.yaml      # runs this through the CLI
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from launcher import config as config_lib
+from launcher.config import Config
+from launcher.errors import TrainingError
+from launcher.strategy import describe, is_chief
+from resnet18 import data as data_lib
+from resnet18.model import build_resnet18, decayed_kernels
+
+DTYPE_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+
+
+class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up from 0 to `peak`, then cosine decay to 0 (or constant)."""
+
+    def __init__(self, peak: float, warmup_steps: int, total_steps: int, cosine: bool = True):
+        self.peak = peak
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.cosine = cosine
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        warmup = tf.cast(max(self.warmup_steps, 1), tf.float32)
+        rate = self.peak * tf.minimum(1.0, (step + 1.0) / warmup) if self.warmup_steps else tf.constant(self.peak)
+        if self.cosine:
+            decay_steps = tf.cast(max(self.total_steps - self.warmup_steps, 1), tf.float32)
+            progress = tf.clip_by_value((step - self.warmup_steps) / decay_steps, 0.0, 1.0)
+            rate = tf.where(step < self.warmup_steps, rate, self.peak * 0.5 * (1.0 + tf.cos(math.pi * progress)))
+        return rate
+
+    def get_config(self) -> dict[str, Any]:
+        return {"peak": self.peak, "warmup_steps": self.warmup_steps,
+                "total_steps": self.total_steps, "cosine": self.cosine}
+
+
+def peak_learning_rate(config: Config) -> float:
+    """train.learning_rate, scaled linearly by global batch / 256 unless lr_scaling is none."""
+    train = config.train
+    if train.lr_scaling == "linear":
+        return train.learning_rate * train.global_batch_size / 256.0
+    return train.learning_rate
+
+
+def make_optimizer(config: Config, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """The optimizer with its warm-up/cosine schedule; float16 gets dynamic loss scaling."""
+    train = config.train
+    schedule = WarmupCosine(
+        peak=peak_learning_rate(config),
+        warmup_steps=int(round(train.warmup_epochs * steps_per_epoch)),
+        total_steps=train.epochs * steps_per_epoch,
+        cosine=train.lr_schedule == "cosine",
+    )
+    if train.optimizer == "sgd":
+        optimizer = keras.optimizers.SGD(learning_rate=schedule, momentum=train.momentum, nesterov=True)
+    else:
+        optimizer = keras.optimizers.Adam(learning_rate=schedule)
+    if train.precision == "float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir: str) -> dict[str, Any]:
+    """Trains and evaluates ResNet18 under `strategy`; resumes from WORKDIR/checkpoints.
+
+    Returns the run summary (also written to WORKDIR/summary.json by the chief).
+
+    Raises:
+      SetupError: the data set is missing (exit 2).
+      TrainingError: the loss became NaN or infinite (exit 1).
+    """
+    wall_start = time.time()
+    chief = is_chief(strategy)
+    num_replicas = strategy.num_replicas_in_sync
+    config_lib.check_batch_divisible(config, num_replicas)
+    global_batch = config.train.global_batch_size
+    if chief:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.yaml"), "w", encoding="utf-8") as stream:
+            stream.write(config_lib.dump(config))
+
+    # --- Data -------------------------------------------------------------------------
+    source = data_lib.prepare_source(config.data, workdir)
+    steps_per_epoch = data_lib.steps_per_epoch(source, global_batch)
+    total_steps = config.train.epochs * steps_per_epoch
+    eval_dataset = strategy.distribute_datasets_from_function(
+        data_lib.eval_dataset_fn(source, config.data, global_batch)
+    )
+    num_input_pipelines = _num_input_pipelines(strategy)
+    eval_steps = data_lib.eval_steps(source, global_batch, num_input_pipelines)
+
+    # --- Model, optimizer and checkpoint (every variable inside the strategy scope) -----
+    with strategy.scope():
+        model = build_resnet18(
+            num_classes=source.num_classes,
+            width=config.model.width,
+            image_size=config.data.image_size,
+            dtype_policy=DTYPE_POLICIES[config.train.precision],
+            seed=config.runtime.seed,
+        )
+        optimizer = make_optimizer(config, steps_per_epoch)
+        optimizer.build(model.trainable_variables)
+        checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+    kernels = decayed_kernels(model)
+    checkpoint_dir = os.path.join(workdir, "checkpoints") if chief else tempfile.mkdtemp(prefix="ckpt_worker_")
+    manager = tf.train.CheckpointManager(
+        checkpoint, checkpoint_dir, max_to_keep=config.train.checkpoint_max_to_keep
+    )
+    if manager.latest_checkpoint:
+        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    start_step = int(optimizer.iterations.numpy())
+    if chief and start_step:
+        print(f"Resuming from {manager.latest_checkpoint} at step {start_step}/{total_steps}", flush=True)
+
+    train_dataset = strategy.distribute_datasets_from_function(
+        data_lib.train_dataset_fn(
+            source, config.data, global_batch, config.train.epochs, config.runtime.seed, start_step
+        )
+    )
+    smoothing = config.train.label_smoothing
+    weight_decay = config.train.weight_decay
+    num_classes = source.num_classes
+
+    # --- Step functions ----------------------------------------------------------------
+    def train_step(images, labels):
+        with tf.GradientTape() as tape:
+            logits = model(images, training=True)
+            targets = tf.one_hot(labels, num_classes) * (1.0 - smoothing) + smoothing / num_classes
+            per_example = tf.nn.softmax_cross_entropy_with_logits(targets, tf.cast(logits, tf.float32))
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+            if weight_decay:
+                l2 = tf.add_n([tf.nn.l2_loss(tf.cast(kernel, tf.float32)) for kernel in kernels])
+                loss += tf.nn.scale_regularization_loss(weight_decay * l2)
+            scaled = optimizer.scale_loss(loss) if hasattr(optimizer, "scale_loss") else loss
+        gradients = tape.gradient(scaled, model.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
+        return loss, correct
+
+    @tf.function
+    def train_loop(iterator, num_steps):
+        loss_sum = tf.constant(0.0)
+        correct_sum = tf.constant(0.0)
+        for _ in tf.range(num_steps):
+            loss, correct = strategy.run(train_step, args=next(iterator))
+            loss_sum += strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
+            correct_sum += strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None)
+        return loss_sum, correct_sum
+
+    def eval_step(images, labels, mask):
+        logits = tf.cast(model(images, training=False), tf.float32)
+        per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+        correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32)
+        return tf.reduce_sum(per_example * mask), tf.reduce_sum(correct * mask), tf.reduce_sum(mask)
+
+    @tf.function
+    def eval_loop(iterator):
+        totals = [tf.constant(0.0)] * 3
+        for _ in tf.range(eval_steps):
+            results = strategy.run(eval_step, args=next(iterator))
+            totals = [total + strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
+                      for total, value in zip(totals, results)]
+        return totals
+
+    def evaluate() -> dict[str, float]:
+        loss_sum, correct, count = (float(value) for value in eval_loop(iter(eval_dataset)))
+        if int(round(count)) != source.num_test:
+            raise TrainingError(f"evaluation counted {count:.0f} examples, expected {source.num_test}")
+        return {"test_loss": loss_sum / count, "test_accuracy": correct / count, "test_examples": int(count)}
+
+    # --- Loop --------------------------------------------------------------------------
+    writers = _summary_writers(workdir) if chief else {}
+    steps_per_loop = config.train.steps_per_loop
+    iterator = iter(train_dataset)
+    step = start_step
+    history: list[dict[str, float]] = []
+    train_seconds = 0.0
+    train_images = 0
+    metrics: dict[str, float] = {}
+    first_call = True
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        epoch_end = (epoch + 1) * steps_per_epoch
+        progress = keras.utils.Progbar(epoch_end - step, stateful_metrics=["loss", "accuracy", "img/s"],
+                                       verbose=1 if chief and sys.stdout.isatty() else 0)
+        if chief:
+            print(f"Epoch {epoch + 1}/{config.train.epochs}", flush=True)
+        loss_total, correct_total, epoch_steps = 0.0, 0.0, 0
+        while step < epoch_end:
+            chunk = min(steps_per_loop, epoch_end - step)
+            started = time.perf_counter()
+            loss_sum, correct_sum = train_loop(iterator, tf.constant(chunk))
+            loss_sum = float(loss_sum)  # waits for the steps to finish
+            elapsed = time.perf_counter() - started
+            if not math.isfinite(loss_sum):
+                raise TrainingError(
+                    f"loss is {loss_sum} in steps {step + 1}-{step + chunk}; stopping "
+                    f"(the last good checkpoint, {manager.latest_checkpoint}, is kept)"
+                )
+            if not first_call:  # the first call traces and compiles; leave it out of images/s
+                train_seconds += elapsed
+                train_images += chunk * global_batch
+            first_call = False
+            step += chunk
+            loss_total += loss_sum
+            correct_total += float(correct_sum)
+            epoch_steps += chunk
+            images_per_sec = chunk * global_batch / elapsed
+            progress.add(chunk, [("loss", loss_total / epoch_steps),
+                                 ("accuracy", correct_total / (epoch_steps * global_batch)),
+                                 ("img/s", images_per_sec)])
+            _write_scalars(writers.get("train"), step, {
+                "loss": loss_sum / chunk, "accuracy": float(correct_sum) / (chunk * global_batch),
+                "learning_rate": float(optimizer.learning_rate), "images_per_sec": images_per_sec})
+
+        metrics = evaluate()
+        metrics.update(epoch=epoch + 1, step=step, train_loss=loss_total / epoch_steps,
+                       train_accuracy=correct_total / (epoch_steps * global_batch))
+        history.append(metrics)
+        _write_scalars(writers.get("test"), step, {"loss": metrics["test_loss"], "accuracy": metrics["test_accuracy"]})
+        manager.save(checkpoint_number=step)  # every worker saves: saving may use collectives
+        if chief:
+            print(f"epoch {epoch + 1}/{config.train.epochs}  step {step}/{total_steps}  "
+                  f"loss {metrics['train_loss']:.4f}  accuracy {metrics['train_accuracy']:.4f}  "
+                  f"test_loss {metrics['test_loss']:.4f}  test_accuracy {metrics['test_accuracy']:.4f}", flush=True)
+
+    if not metrics:  # nothing left to train: the work directory already holds the final step
+        metrics = evaluate()
+        if chief:
+            print(f"Training already complete at step {step}; evaluated the final checkpoint", flush=True)
+
+    # --- Summary -----------------------------------------------------------------------
+    summary = {
+        "name": config.name,
+        "test_accuracy": metrics["test_accuracy"],
+        "test_loss": metrics["test_loss"],
+        "test_examples": metrics["test_examples"],
+        "epochs": config.train.epochs,
+        "steps": step,
+        "resumed_from_step": start_step,
+        "global_batch_size": global_batch,
+        **describe(strategy),
+        "train_images_per_sec": train_images / train_seconds if train_seconds else None,
+        "wall_seconds": time.time() - wall_start,
+        "tensorflow_version": tf.__version__,
+        "precision": config.train.precision,
+        "history": history,
+    }
+    if chief:
+        with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as stream:
+            json.dump(summary, stream, indent=2)
+        ips = summary["train_images_per_sec"]
+        print(f"Done: test_accuracy {summary['test_accuracy']:.4f}  test_loss {summary['test_loss']:.4f}  "
+              f"steps {step}  {summary['num_replicas']} replica(s) of {summary['strategy']}  "
+              f"{'%.0f img/s  ' % ips if ips else ''}{summary['wall_seconds']:.0f} s  -> {workdir}", flush=True)
+    else:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    for writer in writers.values():
+        writer.close()
+    return summary
+
+
+def _num_input_pipelines(strategy: tf.distribute.Strategy) -> int:
+    """One input pipeline per worker process (what InputContext will report)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and resolver is not None:
+        spec = resolver.cluster_spec().as_dict()
+        return max(1, sum(len(spec.get(role, [])) for role in ("chief", "worker")))
+    return 1
+
+
+def _summary_writers(workdir: str) -> dict[str, Any]:
+    root = os.path.join(workdir, "tensorboard")
+    return {split: tf.summary.create_file_writer(os.path.join(root, split)) for split in ("train", "test")}
+
+
+def _write_scalars(writer, step: int, scalars: dict[str, float]) -> None:
+    if writer is None:
+        return
+    with writer.as_default(step=step):
+        for name, value in scalars.items():
+            tf.summary.scalar(name, value)
