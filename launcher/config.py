@@ -242,9 +242,14 @@ def validate(config: Config) -> None:
     if config.runtime.cpu_replicas and config.runtime.gpus:
         raise ConfigError("runtime.cpu_replicas and runtime.gpus cannot be used together")
     if config.runtime.strategy == "one_device" and config.runtime.cpu_replicas > 1:
-        raise ConfigError("runtime.strategy one_device cannot use runtime.cpu_replicas > 1")
+        raise ConfigError(
+            "runtime.strategy one_device cannot use runtime.cpu_replicas > 1; "
+            "use --strategy mirrored (or auto) to train on several CPU replicas"
+        )
     if config.runtime.strategy == "one_device" and (config.runtime.gpus or 0) > 1:
-        raise ConfigError("runtime.strategy one_device cannot use runtime.gpus > 1")
+        raise ConfigError(
+            "runtime.strategy one_device cannot use runtime.gpus > 1; use --strategy mirrored (or auto)"
+        )
     if config.runtime.strategy == "tpu" and not config.runtime.tpu:
         raise ConfigError("runtime.strategy tpu needs runtime.tpu (a TPU name, address or 'local')")
     replicas = config.runtime.cpu_replicas or config.runtime.gpus or 1

@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import urllib.error
+import urllib.request
 from typing import Callable
 
 import tensorflow as tf
@@ -35,6 +37,7 @@ from resnet18 import generated_cifar10
 MEAN_RGB = (125.3, 123.0, 113.9)
 STDDEV_RGB = (63.0, 62.1, 66.7)
 CACHE_LIMIT_BYTES = 4 << 30  # keep decoded images in memory below this size
+REACHABLE_TIMEOUT_SECONDS = 15
 CIFAR10_MANUAL_HELP = """\
 CIFAR-10 is not prepared in {data_dir} and could not be downloaded ({reason}).
 To prepare it offline: copy cifar-10-binary.tar.gz (from https://www.cs.toronto.edu/~kriz/cifar.html,
@@ -67,6 +70,7 @@ def prepare_source(data: DataConfig, workdir: str) -> Source:
     Raises:
       SetupError: the data set is missing and cannot be prepared here (exit 2).
     """
+    tfds.disable_progress_bar()  # one line per step of preparation, not a redrawn bar
     if data.image_folder:
         return _image_folder_source(data.image_folder)
     data_dir = data.data_dir
@@ -88,9 +92,11 @@ def prepare_source(data: DataConfig, workdir: str) -> Source:
     if not _is_prepared(builder):
         config = tfds.download.DownloadConfig(manual_dir=data.manual_dir)
         try:
+            if not _has_manual_download(builder, data.manual_dir):
+                _check_reachable(builder)
             builder.download_and_prepare(download_config=config)
         except Exception as error:  # network, checksum or manual-dir failures all end here
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            reason = " ".join(line.strip() for line in str(error).strip().splitlines()[:3]) or type(error).__name__
             if data.dataset == "cifar10":
                 raise SetupError(CIFAR10_MANUAL_HELP.format(data_dir=builder.data_dir, reason=reason)) from None
             raise SetupError(
@@ -102,6 +108,31 @@ def prepare_source(data: DataConfig, workdir: str) -> Source:
 
 def _is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
     return tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json"))
+
+
+def _has_manual_download(builder: tfds.core.DatasetBuilder, manual_dir: str | None) -> bool:
+    """Whether every registered download of the data set already lies in `manual_dir`."""
+    url_infos = builder.url_infos or {}
+    return bool(manual_dir and url_infos) and all(
+        info.filename and os.path.exists(os.path.join(manual_dir, info.filename)) for info in url_infos.values()
+    )
+
+
+def _check_reachable(builder: tfds.core.DatasetBuilder) -> None:
+    """Fails in seconds when the data set's download host cannot be reached.
+
+    TFDS retries a failed download ten times with exponential back-off (about
+    3.5 minutes) before it gives up; offline, the user should hear at once.
+    """
+    url = next(iter(builder.url_infos or {}), None)
+    if url is None:
+        return
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=REACHABLE_TIMEOUT_SECONDS).close()
+    except urllib.error.HTTPError:
+        return  # the host answered: let TFDS deal with the details
+    except (OSError, ValueError) as error:
+        raise OSError(f"{url} is not reachable: {getattr(error, 'reason', error)}") from None
 
 
 def _tfds_source(builder: tfds.core.DatasetBuilder, name: str) -> Source:

@@ -1,0 +1,43 @@
+"""Shared test set-up: two logical CPU devices, tiny generated CIFAR-10, subprocess helper.
+
+The CPU is split into two logical devices before TensorFlow initialises, so
+multi-replica code (MirroredStrategy over 2 replicas) runs on any machine.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_JOB = os.path.join(REPO, "tests", "jobs", "tiny.yaml")
+TINY_TRAIN, TINY_TEST = 640, 250
+
+_cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory) -> str:
+    """A TFDS data_dir with generated CIFAR-10 (640 train, 250 test) prepared by the real builder."""
+    from resnet18 import generated_cifar10
+
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    generated_cifar10.prepare(data_dir, TINY_TRAIN, TINY_TEST)
+    return data_dir
+
+
+def run_launcher(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs `python -m launcher ARGS` in a fresh process; returns the completed process."""
+    full_env = {key: value for key, value in os.environ.items() if key != "TF_CONFIG"}
+    full_env.update(TF_CPP_MIN_LOG_LEVEL="3", **(env or {}))
+    return subprocess.run(
+        [sys.executable, "-m", "launcher", *args],
+        cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )

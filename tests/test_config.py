@@ -1,0 +1,112 @@
+"""Config layering and rejection of bad input (no TensorFlow needed)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import yaml
+
+from launcher import config as config_lib
+from launcher.config import ConfigError, build_config
+from tests.conftest import REPO, TINY_JOB, run_launcher
+
+
+def write(tmp_path, text: str) -> str:
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_layering_defaults_job_set_flags():
+    config = build_config(TINY_JOB, ["train.epochs=7", "train.learning_rate=0.05"], {"runtime.seed": 9})
+    assert config.name == "tiny"  # from the job file
+    assert config.model.width == 4  # from the job file
+    assert config.train.epochs == 7  # --set beats the job file
+    assert config.train.learning_rate == 0.05
+    assert config.runtime.seed == 9  # dedicated flags beat --set
+    assert config.train.momentum == config_lib.TrainConfig().momentum  # default kept
+
+
+def test_dump_reads_back_to_the_same_config(tmp_path):
+    config = build_config(TINY_JOB, ["data.augmentation=seed"])
+    again = build_config(write(tmp_path, config_lib.dump(config)))
+    assert again == config
+
+
+@pytest.mark.parametrize("text, words", [
+    ("train:\n  epoch: 3\n", ["unknown key 'train.epoch'", "did you mean 'epochs'", "job.yaml"]),
+    ("trian:\n  epochs: 3\n", ["unknown key 'trian'", "did you mean 'train'"]),
+    ("train:\n  epochs: three\n", ["train.epochs must be int", "'three'"]),
+    ("train:\n  epochs: 2.5\n", ["train.epochs must be int"]),
+    ("train:\n  epochs: true\n", ["train.epochs must be int"]),
+    ("runtime:\n  strategy: off\n", ["runtime.strategy must be str", "quote the value"]),
+    ("train:\n  learning_rate: -0.1\n", ["train.learning_rate must be > 0", "-0.1"]),
+    ("train:\n  global_batch_size: 0\n", ["train.global_batch_size must be >= 1"]),
+    ("runtime:\n  strategy: horovod\n", ["runtime.strategy must be one of"]),
+    ("runtime:\n  cpu_replicas: 3\ntrain:\n  global_batch_size: 64\n", ["not divisible by the 3 replicas"]),
+    ("train: 5\n", ["train must be a mapping"]),
+    ("- a\n- b\n", ["must hold a mapping"]),
+    ("train:\n  epochs: [1\n", ["not valid YAML"]),
+])
+def test_bad_job_files_name_the_key(tmp_path, text, words):
+    with pytest.raises(ConfigError) as error:
+        build_config(write(tmp_path, text))
+    for word in words:
+        assert word in str(error.value)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.epochs", ["expected key.path=value"]),
+    ("train.nope=1", ["unknown key 'train.nope'"]),
+    ("model.width=-4", ["model.width must be >= 1"]),
+    ("data.generated.train_examples=10", ["must both be > 0"]),
+])
+def test_bad_overrides_name_the_key(override, words):
+    with pytest.raises(ConfigError) as error:
+        build_config(None, [override])
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_missing_job_file_is_a_config_error():
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_config("jobs/no_such_job.yaml")
+
+
+def test_malicious_yaml_tag_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    job = write(tmp_path, f'name: !!python/object/apply:os.system ["touch {marker}"]\n')
+    result = run_launcher("--job", job, "--dry_run", timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "not valid YAML" in result.stderr and "job.yaml" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--set", "train.epoch=3"], ["unknown key 'train.epoch'"]),
+    (["--gpus", "many"], ["invalid int value"]),
+    (["--strategy", "parameter_server"], ["invalid choice"]),
+    (["--set", "train.global_batch_size=63", "--cpu_replicas", "2", "--strategy", "mirrored"],
+     ["not divisible by the 2 replicas"]),
+])
+def test_cli_usage_errors_exit_2_before_tensorflow(args, words):
+    result = run_launcher("--job", TINY_JOB, *args, "--dry_run", timeout=60)
+    assert result.returncode == 2, result.stderr
+    for word in words:
+        assert word in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_every_job_file_parses_and_validates():
+    jobs_dir = os.path.join(REPO, "jobs")
+    job_files = [name for name in os.listdir(jobs_dir) if name.endswith(".yaml")]
+    assert "cpu_smoke.yaml" in job_files
+    for name in job_files:
+        path = os.path.join(jobs_dir, name)
+        with open(path, encoding="utf-8") as stream:
+            document = yaml.safe_load(stream)
+        if isinstance(document, dict) and "apiVersion" in document:
+            continue  # Kubernetes objects are checked by their own tests
+        build_config(path)

@@ -1,0 +1,106 @@
+"""The strategy factory: every name, auto resolution, and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import tensorflow as tf
+
+from launcher.cluster import read_tf_config
+from launcher.config import RuntimeConfig
+from launcher.errors import SetupError
+from launcher.strategy import is_chief, make_strategy, resolve_strategy_name
+from tests.conftest import TINY_JOB, run_launcher
+
+CLUSTER = read_tf_config({"TF_CONFIG": json.dumps(
+    {"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker", "index": 0}})})
+
+
+@pytest.mark.parametrize("runtime, cluster, gpus_found, expected", [
+    (RuntimeConfig(), None, 0, "one_device"),
+    (RuntimeConfig(), None, 1, "one_device"),
+    (RuntimeConfig(), None, 4, "mirrored"),
+    (RuntimeConfig(gpus=1), None, 4, "one_device"),
+    (RuntimeConfig(gpus=2), None, 4, "mirrored"),
+    (RuntimeConfig(cpu_replicas=2), None, 0, "mirrored"),
+    (RuntimeConfig(tpu="local"), None, 0, "tpu"),
+    (RuntimeConfig(), CLUSTER, 0, "multi_worker"),
+    (RuntimeConfig(strategy="mirrored"), None, 0, "mirrored"),
+])
+def test_auto_resolution(runtime, cluster, gpus_found, expected):
+    assert resolve_strategy_name(runtime, cluster, gpus_found) == expected
+
+
+def test_one_device_on_cpu():
+    strategy = make_strategy(RuntimeConfig(strategy="one_device"))
+    assert isinstance(strategy, tf.distribute.OneDeviceStrategy)
+    assert strategy.num_replicas_in_sync == 1 and is_chief(strategy)
+
+
+def test_auto_without_gpus_is_one_device():
+    assert isinstance(make_strategy(RuntimeConfig()), tf.distribute.OneDeviceStrategy)
+
+
+def test_mirrored_over_two_cpu_replicas():
+    strategy = make_strategy(RuntimeConfig(cpu_replicas=2))
+    assert isinstance(strategy, tf.distribute.MirroredStrategy)
+    assert strategy.num_replicas_in_sync == 2
+    assert [device.split("/")[-1] for device in strategy.extended.worker_devices] == ["device:CPU:0", "device:CPU:1"]
+
+
+def test_more_gpus_than_found_names_the_count():
+    with pytest.raises(SetupError, match=r"--gpus 4 asked for 4 GPU\(s\) but TensorFlow found 0"):
+        make_strategy(RuntimeConfig(gpus=4))
+
+
+def test_multi_worker_without_tf_config():
+    with pytest.raises(SetupError, match="needs TF_CONFIG"):
+        make_strategy(RuntimeConfig(strategy="multi_worker"))
+
+
+def test_single_machine_strategy_with_a_cluster_is_refused():
+    with pytest.raises(SetupError, match="TF_CONFIG describes 2 tasks"):
+        make_strategy(RuntimeConfig(strategy="mirrored"), CLUSTER)
+
+
+def test_unreachable_tpu_is_an_error_not_a_hang():
+    with pytest.raises(SetupError, match="TPU 'local' is not reachable"):
+        make_strategy(RuntimeConfig(strategy="tpu", tpu="local"))
+
+
+def test_optimizer_sums_replica_gradients():
+    """The training loop relies on it: loss / global batch per replica, gradients summed."""
+    import keras
+
+    strategy = make_strategy(RuntimeConfig(cpu_replicas=2))
+    with strategy.scope():
+        variable = keras.Variable(tf.zeros([2]))
+        optimizer = keras.optimizers.SGD(learning_rate=1.0)
+        optimizer.build([variable])
+
+    @tf.function
+    def step():
+        def replica_fn():
+            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+            optimizer.apply_gradients([(tf.cast(replica + 1, tf.float32) * tf.ones([2]), variable)])
+        strategy.run(replica_fn)
+
+    step()
+    values = [value.numpy().tolist() for value in variable.value.values]
+    assert values == [[-3.0, -3.0], [-3.0, -3.0]]
+
+
+@pytest.mark.parametrize("args, code, words", [
+    (["--gpus", "4"], 2, ["found 0"]),
+    (["--strategy", "tpu", "--tpu", "local"], 2, ["TPU 'local' is not reachable"]),
+    (["--strategy", "mirrored", "--cpu_replicas", "2"], 0, ["num_replicas: 2", "MirroredStrategy"]),
+    (["--strategy", "one_device"], 0, ["num_replicas: 1", "OneDeviceStrategy"]),
+])
+def test_dry_run_and_device_errors_through_the_cli(args, code, words):
+    result = run_launcher("--job", TINY_JOB, *args, "--dry_run", timeout=120)
+    assert result.returncode == code, result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    for word in words:
+        assert word in output
+    assert "Traceback" not in output

@@ -1,0 +1,77 @@
+"""train_and_evaluate end to end on tiny data: outputs, replicas, resume, NaN."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import pytest
+
+from launcher.config import RuntimeConfig, build_config
+from launcher.errors import TrainingError
+from launcher.strategy import make_strategy
+from resnet18.train import train_and_evaluate
+from tests.conftest import TINY_JOB, TINY_TEST, TINY_TRAIN
+
+SUMMARY_KEYS = {"test_accuracy", "test_loss", "epochs", "steps", "global_batch_size", "strategy",
+                "num_replicas", "train_images_per_sec", "wall_seconds", "tensorflow_version"}
+
+
+def tiny_config(data_dir: str, *overrides: str):
+    return build_config(TINY_JOB, [f"data.data_dir={data_dir}", *overrides])
+
+
+def test_one_device_run_writes_checkpoint_tensorboard_config_and_summary(tiny_data_dir, tmp_path):
+    config = tiny_config(tiny_data_dir, "train.epochs=6", "model.width=8")
+    workdir = str(tmp_path / "run")
+    summary = train_and_evaluate(config, make_strategy(RuntimeConfig(strategy="one_device")), workdir)
+
+    with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as stream:
+        written = json.load(stream)
+    assert SUMMARY_KEYS <= set(written)
+    assert written["steps"] == 6 * (TINY_TRAIN // 64) and written["num_replicas"] == 1
+    assert written["strategy"] == "OneDeviceStrategy" and written["test_examples"] == TINY_TEST
+    assert written["test_accuracy"] == summary["test_accuracy"] > 0.2  # 10 classes: chance is 0.1
+    assert written["history"][-1]["train_loss"] < written["history"][0]["train_loss"]
+    assert glob.glob(os.path.join(workdir, "checkpoints", "ckpt-60.index"))
+    assert glob.glob(os.path.join(workdir, "tensorboard", "train", "events.out.tfevents.*"))
+    assert glob.glob(os.path.join(workdir, "tensorboard", "test", "events.out.tfevents.*"))
+    assert build_config(os.path.join(workdir, "config.yaml")) == config
+
+
+def test_two_cpu_replicas_match_one_replica_at_the_same_global_batch(tiny_data_dir, tmp_path):
+    config = tiny_config(tiny_data_dir, "data.augmentation=none")
+    one = train_and_evaluate(config, make_strategy(RuntimeConfig(strategy="one_device")), str(tmp_path / "one"))
+    two = train_and_evaluate(config, make_strategy(RuntimeConfig(cpu_replicas=2)), str(tmp_path / "two"))
+    assert two["num_replicas"] == 2 and two["strategy"] == "MirroredStrategy"
+    assert one["steps"] == two["steps"]
+    # Batch norm normalises over 32 examples per replica instead of 64, so the runs
+    # are close, not identical.
+    for first, second in zip(one["history"], two["history"]):
+        assert first["train_loss"] == pytest.approx(second["train_loss"], rel=0.05)
+    assert abs(one["test_accuracy"] - two["test_accuracy"]) < 0.1
+
+
+def test_rerun_resumes_from_the_checkpoint(tiny_data_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    strategy = make_strategy(RuntimeConfig(strategy="one_device"))
+    first = train_and_evaluate(tiny_config(tiny_data_dir, "train.epochs=1"), strategy, workdir)
+    second = train_and_evaluate(tiny_config(tiny_data_dir, "train.epochs=2"), strategy, workdir)
+    steps = TINY_TRAIN // 64
+    assert (first["steps"], second["resumed_from_step"], second["steps"]) == (steps, steps, 2 * steps)
+    assert len(second["history"]) == 1  # only epoch 2 was trained
+    done = train_and_evaluate(tiny_config(tiny_data_dir, "train.epochs=2"), strategy, workdir)
+    assert done["resumed_from_step"] == 2 * steps and done["history"] == []
+    assert done["test_accuracy"] == pytest.approx(second["test_accuracy"])
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny_data_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    strategy = make_strategy(RuntimeConfig(strategy="one_device"))
+    train_and_evaluate(tiny_config(tiny_data_dir, "train.epochs=1"), strategy, workdir)
+    before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    exploding = tiny_config(tiny_data_dir, "train.epochs=2", "train.learning_rate=1.0e+30", "train.lr_scaling=none")
+    with pytest.raises(TrainingError, match=r"loss is (nan|inf) in steps \d+-\d+"):
+        train_and_evaluate(exploding, strategy, workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
