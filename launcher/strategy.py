@@ -61,6 +61,8 @@ def make_strategy(runtime: RuntimeConfig, cluster: ClusterSpec | None = None) ->
                 "strategy multi_worker needs TF_CONFIG describing the cluster; "
                 "on one host use `python -m launcher --workers N`"
             )
+        if runtime.cpu_replicas > 1:
+            raise SetupError("multi_worker uses one CPU device per worker; drop runtime.cpu_replicas")
         return _multi_worker_strategy(gpus)
     if cluster is not None and cluster.num_tasks > 1:
         raise SetupError(
@@ -94,8 +96,11 @@ def describe(strategy: tf.distribute.Strategy) -> dict[str, object]:
     """Name, replica count and devices, for --dry_run and the run summary."""
     extended = strategy.extended
     devices = list(getattr(extended, "worker_devices", []) or [])
+    names = [(tf.distribute.MultiWorkerMirroredStrategy, "MultiWorkerMirroredStrategy"),
+             (tf.distribute.TPUStrategy, "TPUStrategy")]
+    name = next((label for kind, label in names if isinstance(strategy, kind)), type(strategy).__name__)
     return {
-        "strategy": type(strategy).__name__,
+        "strategy": name,
         "num_replicas": strategy.num_replicas_in_sync,
         "devices": devices,
     }

@@ -19,7 +19,9 @@ global batch or the number of replicas.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import math
 import os
 import urllib.error
@@ -76,12 +78,32 @@ def prepare_source(data: DataConfig, workdir: str) -> Source:
     data_dir = data.data_dir
     if data.generated.train_examples:
         data_dir = data_dir or os.path.join(workdir, "generated_data")
+    # Workers sharing a file system take turns: the first prepares, the others reuse.
+    with _preparation_lock(data_dir):
+        if data.generated.train_examples:
+            try:
+                generated_cifar10.prepare(data_dir, data.generated.train_examples, data.generated.test_examples)
+            except ValueError as error:
+                raise SetupError(f"data.generated: {error}") from None
+        return _prepared_tfds_source(data, data_dir)
+
+
+@contextlib.contextmanager
+def _preparation_lock(data_dir: str | None):
+    """An exclusive flock on DATA_DIR/.prepare.lock (local and NFS paths; a no-op for gs://)."""
+    if data_dir is None or "://" in data_dir:
+        yield
+        return
+    os.makedirs(data_dir, exist_ok=True)
+    with open(os.path.join(data_dir, ".prepare.lock"), "w", encoding="utf-8") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            generated_cifar10.prepare(
-                data_dir, data.generated.train_examples, data.generated.test_examples
-            )
-        except ValueError as error:
-            raise SetupError(f"data.generated: {error}") from None
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _prepared_tfds_source(data: DataConfig, data_dir: str | None) -> Source:
     try:
         builder = tfds.builder(data.dataset, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:

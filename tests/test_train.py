@@ -12,7 +12,7 @@ from launcher.config import RuntimeConfig, build_config
 from launcher.errors import TrainingError
 from launcher.strategy import make_strategy
 from resnet18.train import train_and_evaluate
-from tests.conftest import TINY_JOB, TINY_TEST, TINY_TRAIN
+from tests.conftest import TINY_JOB, TINY_TEST, TINY_TRAIN, run_launcher
 
 SUMMARY_KEYS = {"test_accuracy", "test_loss", "epochs", "steps", "global_batch_size", "strategy",
                 "num_replicas", "train_images_per_sec", "wall_seconds", "tensorflow_version"}
@@ -41,9 +41,14 @@ def test_one_device_run_writes_checkpoint_tensorboard_config_and_summary(tiny_da
 
 
 def test_two_cpu_replicas_match_one_replica_at_the_same_global_batch(tiny_data_dir, tmp_path):
-    config = tiny_config(tiny_data_dir, "data.augmentation=none")
-    one = train_and_evaluate(config, make_strategy(RuntimeConfig(strategy="one_device")), str(tmp_path / "one"))
-    two = train_and_evaluate(config, make_strategy(RuntimeConfig(cpu_replicas=2)), str(tmp_path / "two"))
+    # Separate processes: one strategy per process, as in real runs (two MirroredStrategy
+    # objects in one process may reuse collective instance keys).
+    common = ["--job", TINY_JOB, "--set", f"data.data_dir={tiny_data_dir}", "data.augmentation=none"]
+    one = run_launcher(*common, "--strategy", "one_device", "--workdir", str(tmp_path / "one"))
+    two = run_launcher(*common, "--cpu_replicas", "2", "--workdir", str(tmp_path / "two"))
+    assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert two["num_replicas"] == 2 and two["strategy"] == "MirroredStrategy"
     assert one["steps"] == two["steps"]
     # Batch norm normalises over 32 examples per replica instead of 64, so the runs
