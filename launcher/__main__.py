@@ -5,6 +5,7 @@
     python -m launcher --job jobs/cpu_smoke.yaml     # offline CPU smoke job (< 3 min)
     python -m launcher --job JOB --set train.epochs=5 data.data_dir=gs://bucket/tfds
     python -m launcher --job JOB --dry_run           # print config, strategy, devices; exit
+    python -m launcher --workers 2 --job JOB         # 2 local worker processes (MultiWorkerMirrored)
 
 Exit codes: 0 done; 1 failure (bug, NaN loss); 2 usage, config or environment error
 (bad flag or YAML, missing GPUs/TPU/data, bad TF_CONFIG).
@@ -13,13 +14,15 @@ Exit codes: 0 done; 1 failure (bug, NaN loss); 2 usage, config or environment er
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import tempfile
 import traceback
 
 from launcher import config as config_lib
 from launcher.cluster import read_tf_config
-from launcher.errors import EXIT_FAILURE, EXIT_OK, LauncherError
+from launcher.errors import EXIT_FAILURE, EXIT_OK, ConfigError, LauncherError
 
 DEFAULT_RUNS_DIR = "runs"
 
@@ -38,6 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tpu", help='runtime.tpu: TPU name, grpc:// address, or "local" on a TPU VM')
     parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override config keys, e.g. --set train.epochs=5 data.augmentation=seed")
+    parser.add_argument("--workers", type=int,
+                        help="start N local worker processes on 127.0.0.1 (MultiWorkerMirroredStrategy)")
+    parser.add_argument("--gpus_per_worker", type=int,
+                        help="with --workers: GPUs of this host per worker (0 = CPU only; default: all visible)")
     parser.add_argument("--dry_run", action="store_true",
                         help="print the resolved config, strategy, devices and replicas; do not train")
     return parser.parse_args(argv)
@@ -51,9 +58,26 @@ def dedicated_flags(args: argparse.Namespace) -> dict[str, object]:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = config_lib.build_config(args.job, args.overrides, dedicated_flags(args))
-    cluster = read_tf_config()
+    flags = dedicated_flags(args)
+    if args.workers is not None:
+        flags["runtime.strategy"] = "multi_worker"
+    config = config_lib.build_config(args.job, args.overrides, flags)
     workdir = args.workdir or os.path.join(DEFAULT_RUNS_DIR, config.name)
+    if args.workers is not None:
+        return run_local_workers(config, workdir, args)
+    if args.gpus_per_worker is not None:
+        raise ConfigError("--gpus_per_worker goes with --workers N")
+    cluster = read_tf_config()
+    if args.dry_run and cluster is not None and cluster.num_tasks > 1:
+        # Creating MultiWorkerMirroredStrategy would wait for the other tasks: describe, do not connect.
+        print(config_lib.dump(config), end="")
+        print("strategy: MultiWorkerMirroredStrategy (not started in a dry run)")
+        print(f"role: {cluster.task_type} {cluster.task_index} (rank {cluster.rank} of {cluster.num_tasks}, "
+              f"{'chief' if cluster.is_chief else 'not chief'})")
+        print(f"chief: {cluster.chief_address}")
+        print(f"cluster: {json.dumps(cluster.cluster)}")
+        print(f"workdir: {workdir}")
+        return EXIT_OK
 
     # TensorFlow is imported only once the config and TF_CONFIG are known to be valid.
     import tensorflow as tf
@@ -78,6 +102,31 @@ def run(args: argparse.Namespace) -> int:
 
     train_and_evaluate(config, strategy, workdir)
     return EXIT_OK
+
+
+def run_local_workers(config: config_lib.Config, workdir: str, args: argparse.Namespace) -> int:
+    """`--workers N`: validate once here, then start N workers sharing one resolved config."""
+    from launcher import local_workers
+
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+    if config.runtime.cpu_replicas > 1:
+        raise ConfigError("with --workers each worker has one CPU replica; drop --cpu_replicas (or set it to 1)")
+    replicas_per_worker = args.gpus_per_worker or 1
+    config_lib.check_batch_divisible(config, args.workers * replicas_per_worker)
+    if args.dry_run:
+        print(config_lib.dump(config), end="")
+        print(f"workers: {args.workers} x {replicas_per_worker} replica(s) on 127.0.0.1 (MultiWorkerMirroredStrategy)")
+        print(f"workdir: {workdir}")
+        return EXIT_OK
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="launch_", dir=workdir, delete=False) as stream:
+        stream.write(config_lib.dump(config))
+    try:
+        worker_args = ["--job", stream.name, "--workdir", workdir]
+        return local_workers.launch(worker_args, args.workers, args.gpus_per_worker)
+    finally:
+        os.unlink(stream.name)
 
 
 def main(argv: list[str] | None = None) -> int:

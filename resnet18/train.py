@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from launcher import config as config_lib
 from launcher.config import Config
-from launcher.errors import TrainingError
+from launcher.errors import SetupError, TrainingError
 from launcher.strategy import describe, is_chief
 from resnet18 import data as data_lib
 from resnet18.model import build_resnet18, decayed_kernels
@@ -126,15 +126,20 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
         optimizer.build(model.trainable_variables)
         checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
     kernels = decayed_kernels(model)
-    checkpoint_dir = os.path.join(workdir, "checkpoints") if chief else tempfile.mkdtemp(prefix="ckpt_worker_")
+    # Every worker restores the chief's latest checkpoint (WORKDIR must be shared storage);
+    # only the chief keeps what it saves, the others save into a directory they delete.
+    chief_checkpoint_dir = os.path.join(workdir, "checkpoints")
+    checkpoint_dir = chief_checkpoint_dir if chief else tempfile.mkdtemp(prefix="ckpt_worker_")
     manager = tf.train.CheckpointManager(
         checkpoint, checkpoint_dir, max_to_keep=config.train.checkpoint_max_to_keep
     )
-    if manager.latest_checkpoint:
-        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    latest = tf.train.latest_checkpoint(chief_checkpoint_dir)
+    if latest:
+        checkpoint.restore(latest).assert_existing_objects_matched()
     start_step = int(optimizer.iterations.numpy())
+    _check_same_on_every_worker(strategy, start_step, workdir)
     if chief and start_step:
-        print(f"Resuming from {manager.latest_checkpoint} at step {start_step}/{total_steps}", flush=True)
+        print(f"Resuming from {latest} at step {start_step}/{total_steps}", flush=True)
 
     train_dataset = strategy.distribute_datasets_from_function(
         data_lib.train_dataset_fn(
@@ -282,6 +287,26 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
     for writer in writers.values():
         writer.close()
     return summary
+
+
+def _check_same_on_every_worker(strategy: tf.distribute.Strategy, start_step: int, workdir: str) -> None:
+    """All workers must resume from the same step, or their weights would differ."""
+    if _num_input_pipelines(strategy) == 1:
+        return
+    # ReduceOp has no MIN/MAX: equal values are those whose variance is 0, seen alike by all.
+    value = tf.constant(float(start_step), tf.float64)
+
+    @tf.function
+    def mean_moments():
+        moments = strategy.run(lambda: tf.stack([value, value * value]))
+        return strategy.reduce(tf.distribute.ReduceOp.MEAN, moments, axis=None)
+
+    total, total_squares = mean_moments().numpy()
+    if total_squares - total * total > 0.25:
+        raise SetupError(
+            f"workers found different checkpoints in {workdir} (this worker: step {start_step}); "
+            "the work directory must be storage every worker sees (a shared volume or a bucket)"
+        )
 
 
 def _num_input_pipelines(strategy: tf.distribute.Strategy) -> int:
