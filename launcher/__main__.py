@@ -23,6 +23,7 @@ import traceback
 from launcher import config as config_lib
 from launcher.cluster import read_tf_config
 from launcher.errors import EXIT_FAILURE, EXIT_OK, ConfigError, LauncherError
+from launcher.slurm import tf_config_from_slurm
 
 DEFAULT_RUNS_DIR = "runs"
 
@@ -68,6 +69,10 @@ def run(args: argparse.Namespace) -> int:
     if args.gpus_per_worker is not None:
         raise ConfigError("--gpus_per_worker goes with --workers N")
     cluster = read_tf_config()
+    if cluster is None and (slurm_tf_config := tf_config_from_slurm(os.environ)):
+        os.environ["TF_CONFIG"] = slurm_tf_config  # MultiWorkerMirroredStrategy reads it from here
+        cluster = read_tf_config()
+        print(f"TF_CONFIG from Slurm: {slurm_tf_config}", flush=True)
     if args.dry_run and cluster is not None and cluster.num_tasks > 1:
         # Creating MultiWorkerMirroredStrategy would wait for the other tasks: describe, do not connect.
         print(config_lib.dump(config), end="")

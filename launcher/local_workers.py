@@ -148,6 +148,8 @@ def start_workers(worker_args: list[str], num_workers: int, gpus_per_worker: int
         reader = threading.Thread(target=_pump, args=(process.stdout, f"[worker {rank}] ", tail, lock), daemon=True)
         reader.start()
         workers.append(Worker(rank, process, tail, reader))
+        print(f"Started worker {rank} (pid {process.pid}, TF_CONFIG task worker:{rank}, "
+              f"port {ports[rank]})", flush=True)
     return workers
 
 

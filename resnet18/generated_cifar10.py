@@ -104,6 +104,7 @@ def prepare(data_dir: str, train_examples: int, test_examples: int, seed: int = 
         raise ValueError(
             f"{data_dir} already holds generated CIFAR-10 data {found}, not {wanted}; use another data_dir"
         )
+    tfds.disable_progress_bar()
     builder = tfds.builder("cifar10", data_dir=data_dir)
     expected = builder.url_infos[CIFAR10_URL]
     cache_dir = os.path.join(data_dir, "downloads", "cifar10")

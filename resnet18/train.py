@@ -12,6 +12,7 @@ with every strategy.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -22,6 +23,7 @@ import time
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from launcher import config as config_lib
@@ -191,7 +193,23 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
                       for total, value in zip(totals, results)]
         return totals
 
+    # Keras creates BN moving statistics with aggregation NONE: each replica (and worker)
+    # updates only its own copy. Averaging them before every evaluation and save keeps
+    # evaluation, checkpoints and the weights on every worker identical.
+    statistics = model.non_trainable_variables
+
+    @tf.function
+    def sync_moving_statistics():
+        def replica_fn():
+            context = tf.distribute.get_replica_context()
+            means = context.all_reduce(tf.distribute.ReduceOp.MEAN, [tf.identity(variable.value) for variable in statistics])
+            for variable, mean in zip(statistics, means):
+                variable.assign(mean)
+        strategy.run(replica_fn)
+
     def evaluate() -> dict[str, float]:
+        if num_replicas > 1:
+            sync_moving_statistics()
         loss_sum, correct, count = (float(value) for value in eval_loop(iter(eval_dataset)))
         if int(round(count)) != source.num_test:
             raise TrainingError(f"evaluation counted {count:.0f} examples, expected {source.num_test}")
@@ -259,6 +277,8 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
             print(f"Training already complete at step {step}; evaluated the final checkpoint", flush=True)
 
     # --- Summary -----------------------------------------------------------------------
+    fingerprint = weights_fingerprint(model)
+    print(f"Final weights sha256 {fingerprint}", flush=True)  # equal on every worker
     summary = {
         "name": config.name,
         "test_accuracy": metrics["test_accuracy"],
@@ -273,6 +293,7 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
         "wall_seconds": time.time() - wall_start,
         "tensorflow_version": tf.__version__,
         "precision": config.train.precision,
+        "weights_sha256": fingerprint,
         "history": history,
     }
     if chief:
@@ -287,6 +308,14 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
     for writer in writers.values():
         writer.close()
     return summary
+
+
+def weights_fingerprint(model: keras.Model) -> str:
+    """sha256 of every weight's bytes (trainable and BN statistics), to compare runs and workers."""
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        digest.update(np.asarray(weight.numpy()).tobytes())
+    return digest.hexdigest()
 
 
 def _check_same_on_every_worker(strategy: tf.distribute.Strategy, start_step: int, workdir: str) -> None:

@@ -36,7 +36,8 @@ def tiny_data_dir(tmp_path_factory) -> str:
 def run_launcher(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Runs `python -m launcher ARGS` in a fresh process; returns the completed process."""
     full_env = {key: value for key, value in os.environ.items() if key != "TF_CONFIG"}
-    full_env.update(TF_CPP_MIN_LOG_LEVEL="3", **(env or {}))
+    full_env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "launcher", *args],
         cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,

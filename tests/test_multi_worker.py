@@ -1,0 +1,166 @@
+"""Multi-worker training with real processes talking over 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from launcher.cluster import parse_tf_config
+from launcher.local_workers import free_ports
+from launcher.slurm import tf_config_from_slurm
+from tests.conftest import REPO, TINY_JOB, run_launcher
+
+FINGERPRINT = re.compile(r"^\[worker (\d)\] Final weights sha256 ([0-9a-f]{64})$", re.M)
+
+
+def summary(workdir) -> dict:
+    return json.loads((workdir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(tiny_data_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("two_workers")
+    result = run_launcher("--workers", "2", "--job", TINY_JOB, "--set", f"data.data_dir={tiny_data_dir}",
+                          "data.augmentation=none", "--workdir", str(workdir))
+    return result, workdir
+
+
+def test_two_local_workers_train_to_identical_weights(two_worker_run):
+    result, workdir = two_worker_run
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = summary(workdir)
+    assert run["num_replicas"] == 2 and run["strategy"] == "MultiWorkerMirroredStrategy"
+    fingerprints = dict(FINGERPRINT.findall(result.stdout))
+    assert set(fingerprints) == {"0", "1"}
+    assert fingerprints["0"] == fingerprints["1"] == run["weights_sha256"]
+    assert "All 2 workers finished" in result.stdout
+    assert not list(workdir.glob("launch_*.yaml"))  # the shared config file is cleaned up
+    assert list((workdir / "checkpoints").glob("ckpt-*.index"))  # only the chief's directory
+
+
+def test_two_workers_match_one_process_with_two_cpu_replicas(two_worker_run, tiny_data_dir, tmp_path):
+    result, workdir = two_worker_run
+    assert result.returncode == 0
+    single = run_launcher("--cpu_replicas", "2", "--job", TINY_JOB, "--set", f"data.data_dir={tiny_data_dir}",
+                          "data.augmentation=none", "--workdir", str(tmp_path / "single"))
+    assert single.returncode == 0, single.stderr[-3000:]
+    workers, replicas = summary(workdir), summary(tmp_path / "single")
+    assert workers["global_batch_size"] == replicas["global_batch_size"] and workers["steps"] == replicas["steps"]
+    # Each worker reads its own half of the data, so the order differs: close, not equal.
+    for first, second in zip(workers["history"], replicas["history"]):
+        assert first["train_loss"] == pytest.approx(second["train_loss"], rel=0.05)
+    assert abs(workers["test_accuracy"] - replicas["test_accuracy"]) < 0.1
+
+
+def start(args, env_extra):
+    env = {key: value for key, value in os.environ.items() if key != "TF_CONFIG"}
+    env.update(TF_CPP_MIN_LOG_LEVEL="3", **env_extra)
+    return subprocess.Popen([sys.executable, "-m", "launcher", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_explicit_chief_and_worker_started_by_hand(tiny_data_dir, tmp_path):
+    chief_port, worker_port = free_ports(2)
+    cluster = {"chief": [f"127.0.0.1:{chief_port}"], "worker": [f"127.0.0.1:{worker_port}"]}
+    args = ["--job", TINY_JOB, "--set", f"data.data_dir={tiny_data_dir}", "--workdir", str(tmp_path)]
+    processes = [start(args, {"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": role, "index": 0}})})
+                 for role in ("chief", "worker")]
+    outputs = [process.communicate(timeout=300)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert summary(tmp_path)["num_replicas"] == 2
+    assert "Done: test_accuracy" in outputs[0] and "Done:" not in outputs[1]  # only the chief reports
+    fingerprints = [re.findall(r"Final weights sha256 (\w+)", output) for output in outputs]
+    assert fingerprints[0] == fingerprints[1] and len(fingerprints[0]) == 1  # same final weights
+
+
+def test_slurm_variables_make_a_two_task_job(tiny_data_dir, tmp_path):
+    """Two tasks with the variables `srun -n 2` sets on one node."""
+    port_base = free_ports(1)[0]
+    args = ["--job", TINY_JOB, "--set", f"data.data_dir={tiny_data_dir}", "train.epochs=1", "--workdir", str(tmp_path)]
+    slurm = {"SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NODELIST": "localhost", "SLURM_STEP_TASKS_PER_NODE": "2",
+             "SLURMD_NODENAME": "localhost", "LAUNCHER_SLURM_PORT_BASE": str(port_base)}
+    processes = [start(args, {**slurm, "SLURM_PROCID": str(rank)}) for rank in (0, 1)]
+    outputs = [process.communicate(timeout=300)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert "TF_CONFIG from Slurm" in outputs[1]
+    assert summary(tmp_path)["num_replicas"] == 2
+
+
+def test_kill_9_of_one_worker_ends_the_group_within_30_seconds(tiny_data_dir, tmp_path):
+    launcher = start(["--workers", "2", "--job", TINY_JOB, "--set", f"data.data_dir={tiny_data_dir}",
+                      "train.epochs=200", "--workdir", str(tmp_path)], {})
+    lines: list[str] = []
+    training = threading.Event()
+
+    def read():
+        for line in launcher.stdout:
+            lines.append(line)
+            if "[worker 0] Epoch 2/" in line:
+                training.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert training.wait(timeout=240), "".join(lines[-30:])
+        victim = int(re.search(r"Started worker 1 \(pid (\d+)", "".join(lines)).group(1))
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        code = launcher.wait(timeout=60)
+        elapsed = time.monotonic() - killed_at
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    reader.join(timeout=10)
+    output = "".join(lines)
+    assert code != 0
+    assert elapsed < 30, f"took {elapsed:.1f} s"
+    assert "error: worker 1 was killed by SIGKILL" in output
+    assert not list(tmp_path.glob("launch_*.yaml"))
+
+
+@pytest.mark.parametrize("tf_config, words", [
+    ("{oops", ["TF_CONFIG is not valid JSON"]),
+    (json.dumps({"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker", "index": 5}}),
+     ["out of range"]),
+    (json.dumps({"cluster": {"worker": ["127.0.0.1:1"], "ps": ["127.0.0.1:2"]}, "task": {"type": "worker", "index": 0}}),
+     ['["ps"]']),
+])
+def test_bad_tf_config_exits_2_before_tensorflow_starts(tf_config, words):
+    result = run_launcher("--job", TINY_JOB, env={"TF_CONFIG": tf_config, "TF_CPP_MIN_LOG_LEVEL": "0"}, timeout=60)
+    assert result.returncode == 2, result.stderr
+    for word in words:
+        assert word in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "oneDNN" not in result.stderr and "cuda" not in result.stderr.lower()  # TensorFlow never loaded
+
+
+def test_dry_run_in_cluster_mode_names_role_and_chief():
+    cluster = {"chief": ["10.1.0.1:2222"], "worker": ["10.1.0.2:2222", "10.1.0.3:2222"]}
+    tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 1}})
+    result = run_launcher("--job", TINY_JOB, "--dry_run", env={"TF_CONFIG": tf_config}, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "role: worker 1 (rank 2 of 3, not chief)" in result.stdout
+    assert "chief: 10.1.0.1:2222" in result.stdout
+
+
+@pytest.mark.parametrize("nodelist, tasks_per_node, rank, expected_index, expected_address", [
+    ("gpu[01-02]", "2(x2)", 3, 3, "gpu02:8889"),
+    ("a1,b[7-8]", "1,2(x2)", 2, 2, "b7:8889"),
+])
+def test_slurm_tf_config_is_valid(nodelist, tasks_per_node, rank, expected_index, expected_address):
+    tasks = sum(int(part.split("(")[0]) * (int(part.split("x")[1][:-1]) if "x" in part else 1)
+                for part in tasks_per_node.split(","))
+    env = {"SLURM_STEP_NUM_TASKS": str(tasks), "SLURM_STEP_NODELIST": nodelist,
+           "SLURM_STEP_TASKS_PER_NODE": tasks_per_node, "SLURM_PROCID": str(rank)}
+    spec = parse_tf_config(json.loads(tf_config_from_slurm(env)))
+    assert spec.task_index == expected_index and spec.num_tasks == tasks
+    assert spec.cluster["worker"][rank] == expected_address
+    assert tf_config_from_slurm({"SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"}) is None
