@@ -100,9 +100,9 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
     num_replicas = strategy.num_replicas_in_sync
     config_lib.check_batch_divisible(config, num_replicas)
     global_batch = config.train.global_batch_size
-    if chief:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.yaml"), "w", encoding="utf-8") as stream:
+    if chief:  # tf.io.gfile: the work directory may be a bucket (gs://...)
+        tf.io.gfile.makedirs(workdir)
+        with tf.io.gfile.GFile(os.path.join(workdir, "config.yaml"), "w") as stream:
             stream.write(config_lib.dump(config))
 
     # --- Data -------------------------------------------------------------------------
@@ -297,8 +297,8 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
         "history": history,
     }
     if chief:
-        with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as stream:
-            json.dump(summary, stream, indent=2)
+        with tf.io.gfile.GFile(os.path.join(workdir, "summary.json"), "w") as stream:
+            stream.write(json.dumps(summary, indent=2))
         ips = summary["train_images_per_sec"]
         print(f"Done: test_accuracy {summary['test_accuracy']:.4f}  test_loss {summary['test_loss']:.4f}  "
               f"steps {step}  {summary['num_replicas']} replica(s) of {summary['strategy']}  "

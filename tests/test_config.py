@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
-import yaml
 
 from launcher import config as config_lib
 from launcher.config import ConfigError, build_config
-from tests.conftest import REPO, TINY_JOB, run_launcher
+from tests.conftest import TINY_JOB, run_launcher
 
 
 def write(tmp_path, text: str) -> str:
@@ -97,16 +94,3 @@ def test_cli_usage_errors_exit_2_before_tensorflow(args, words):
     for word in words:
         assert word in result.stderr
     assert "Traceback" not in result.stderr
-
-
-def test_every_job_file_parses_and_validates():
-    jobs_dir = os.path.join(REPO, "jobs")
-    job_files = [name for name in os.listdir(jobs_dir) if name.endswith(".yaml")]
-    assert "cpu_smoke.yaml" in job_files
-    for name in job_files:
-        path = os.path.join(jobs_dir, name)
-        with open(path, encoding="utf-8") as stream:
-            document = yaml.safe_load(stream)
-        if isinstance(document, dict) and "apiVersion" in document:
-            continue  # Kubernetes objects are checked by their own tests
-        build_config(path)
