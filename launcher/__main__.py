@@ -7,13 +7,15 @@
     python -m launcher --job JOB --dry_run           # print config, strategy, devices; exit
     python -m launcher --workers 2 --job JOB         # 2 local worker processes (MultiWorkerMirrored)
 
-Exit codes: 0 done; 1 failure (bug, NaN loss); 2 usage, config or environment error
-(bad flag or YAML, missing GPUs/TPU/data, bad TF_CONFIG).
+Exit codes: 0 done; 1 failure a restart would not fix (bug, NaN loss, out of memory);
+2 usage, config or environment error (bad flag or YAML, missing GPUs/TPU/data, bad
+TF_CONFIG); 138 retryable: preempted (SIGTERM, checkpoint saved) or lost a peer.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -22,7 +24,7 @@ import traceback
 
 from launcher import config as config_lib
 from launcher.cluster import read_tf_config
-from launcher.errors import EXIT_FAILURE, EXIT_OK, ConfigError, LauncherError
+from launcher.errors import EXIT_FAILURE, EXIT_OK, ConfigError, LauncherError, RetryableError, TrainingError
 from launcher.slurm import tf_config_from_slurm
 
 DEFAULT_RUNS_DIR = "runs"
@@ -32,7 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m launcher",
         description="Train ResNet18 on CIFAR-10 with tf.distribute on a CPU, GPUs, a cluster or a TPU.",
-        epilog="Exit codes: 0 success, 1 failure, 2 usage/config/environment error.",
+        epilog="Exit codes: 0 success, 1 failure, 2 usage/config/environment error, "
+               "138 retryable (preempted or peer lost).",
     )
     parser.add_argument("--job", help="YAML job file (see jobs/)")
     parser.add_argument("--workdir", help=f"checkpoints, TensorBoard, summary (default: {DEFAULT_RUNS_DIR}/<job name>)")
@@ -46,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="start N local worker processes on 127.0.0.1 (MultiWorkerMirroredStrategy)")
     parser.add_argument("--gpus_per_worker", type=int,
                         help="with --workers: GPUs of this host per worker (0 = CPU only; default: all visible)")
+    parser.add_argument("--max_restarts", type=int, default=0,
+                        help="with --workers: restart the whole group up to N times after a retryable failure")
     parser.add_argument("--dry_run", action="store_true",
                         help="print the resolved config, strategy, devices and replicas; do not train")
     return parser.parse_args(argv)
@@ -66,8 +71,8 @@ def run(args: argparse.Namespace) -> int:
     workdir = args.workdir or os.path.join(DEFAULT_RUNS_DIR, config.name)
     if args.workers is not None:
         return run_local_workers(config, workdir, args)
-    if args.gpus_per_worker is not None:
-        raise ConfigError("--gpus_per_worker goes with --workers N")
+    if args.gpus_per_worker is not None or args.max_restarts:
+        raise ConfigError("--gpus_per_worker and --max_restarts go with --workers N")
     cluster = read_tf_config()
     if cluster is None and (slurm_tf_config := tf_config_from_slurm(os.environ)):
         os.environ["TF_CONFIG"] = slurm_tf_config  # MultiWorkerMirroredStrategy reads it from here
@@ -89,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
 
     from launcher.strategy import describe, make_strategy
 
-    strategy = make_strategy(config.runtime, cluster)
+    with _retryable_tensorflow_errors(tf):
+        strategy = make_strategy(config.runtime, cluster)
     config_lib.check_batch_divisible(config, strategy.num_replicas_in_sync)
     if args.dry_run:
         print(config_lib.dump(config), end="")
@@ -105,8 +111,37 @@ def run(args: argparse.Namespace) -> int:
 
     from resnet18.train import train_and_evaluate
 
-    train_and_evaluate(config, strategy, workdir)
+    with _retryable_tensorflow_errors(tf):
+        train_and_evaluate(config, strategy, workdir)
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def _retryable_tensorflow_errors(tf):
+    """Maps TensorFlow's failures to the launcher's exit codes.
+
+    A lost or frozen peer surfaces as Unavailable/DeadlineExceeded/Cancelled/Aborted
+    (collectives aborted, coordination-service heartbeat missed): retryable (138), so
+    the cluster restarts every worker and they resume. Out of memory is not.
+    """
+    try:
+        yield
+    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+            tf.errors.CancelledError, tf.errors.AbortedError) as error:
+        raise RetryableError(
+            f"lost contact with another worker ({type(error).__name__}: {_first_line(error)}); "
+            "restart every worker to resume from the last checkpoint"
+        ) from None
+    except tf.errors.ResourceExhaustedError as error:
+        raise TrainingError(
+            f"out of memory ({_first_line(error)}); lower train.global_batch_size or use more devices"
+        ) from None
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    interesting = [line for line in lines if "aborted by" in line or "unhealthy" in line]
+    return (interesting or lines or [type(error).__name__])[0][:300]
 
 
 def run_local_workers(config: config_lib.Config, workdir: str, args: argparse.Namespace) -> int:
@@ -115,6 +150,8 @@ def run_local_workers(config: config_lib.Config, workdir: str, args: argparse.Na
 
     if args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+    if args.max_restarts < 0:
+        raise ConfigError(f"--max_restarts must be >= 0, got {args.max_restarts}")
     if config.runtime.cpu_replicas > 1:
         raise ConfigError("with --workers each worker has one CPU replica; drop --cpu_replicas (or set it to 1)")
     replicas_per_worker = args.gpus_per_worker or 1
@@ -129,7 +166,7 @@ def run_local_workers(config: config_lib.Config, workdir: str, args: argparse.Na
         stream.write(config_lib.dump(config))
     try:
         worker_args = ["--job", stream.name, "--workdir", workdir]
-        return local_workers.launch(worker_args, args.workers, args.gpus_per_worker)
+        return local_workers.launch(worker_args, args.workers, args.gpus_per_worker, args.max_restarts)
     finally:
         os.unlink(stream.name)
 

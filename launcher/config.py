@@ -83,7 +83,9 @@ class TrainConfig:
     label_smoothing: float = 0.1
     precision: str = "float32"  # float32, bfloat16 or float16 (loss-scaled)
     steps_per_loop: int = 20  # train steps per tf.function call (host overhead)
+    checkpoint_every_steps: int = 100  # also at every epoch end; 0 = epoch ends only
     checkpoint_max_to_keep: int = 3
+    deterministic: bool = False  # op determinism: same seed -> bitwise-identical weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +226,7 @@ def validate(config: Config) -> None:
         (0 <= config.train.label_smoothing < 1, "train.label_smoothing", "in [0, 1)"),
         (config.train.precision in PRECISIONS, "train.precision", f"one of {PRECISIONS}"),
         (config.train.steps_per_loop >= 1, "train.steps_per_loop", ">= 1"),
+        (config.train.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", ">= 0"),
         (config.train.checkpoint_max_to_keep >= 1, "train.checkpoint_max_to_keep", ">= 1"),
     ]
     for ok, key, expected in checks:

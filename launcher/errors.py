@@ -32,3 +32,9 @@ class TrainingError(LauncherError):
     """Training itself failed in a way a restart would not fix (e.g. NaN loss)."""
 
     exit_code = EXIT_FAILURE
+
+
+class RetryableError(LauncherError):
+    """Preempted or lost a peer: restart every worker and resume from the checkpoint."""
+
+    exit_code = EXIT_RETRYABLE

@@ -30,12 +30,13 @@ import threading
 import time
 from typing import IO
 
-from launcher.errors import SetupError
+from launcher.errors import EXIT_FAILURE, EXIT_RETRYABLE, EXIT_USAGE, SetupError
 
 STOP_GRACE_SECONDS = 10  # SIGTERM -> SIGKILL for the survivors of a failed worker
 FINISH_GRACE_SECONDS = 120  # after one worker succeeds, the others must end within this
 POLL_SECONDS = 0.2
 TAIL_LINES = 20
+RETRYABLE_EXIT_CODES = (EXIT_RETRYABLE, 130, 137, 143)  # Kubeflow's retryable set
 
 
 @dataclasses.dataclass
@@ -66,12 +67,24 @@ class Failure:
         else:
             how = f"exited with code {self.exit_code}"
         lines = "\n".join(f"    {line}" for line in self.last_lines) or "    (no output)"
-        return f"worker {self.rank} {how}; its last lines:\n{lines}"
+        return f"worker {self.rank} {how}: {self.cause}; its last lines:\n{lines}"
 
     @property
-    def launcher_exit_code(self) -> int:
-        """The worker's own code, or 128 + signal for a killed worker (shell convention)."""
-        return 128 - self.exit_code if self.exit_code < 0 else self.exit_code
+    def retryable(self) -> bool:
+        """Killed by a signal, preempted or peer lost: a restart from the checkpoint can fix it.
+
+        Exit 1 (bug, NaN, out of memory) and 2 (config, environment) would fail again.
+        """
+        return self.exit_code < 0 or self.exit_code in RETRYABLE_EXIT_CODES
+
+    @property
+    def cause(self) -> str:
+        if self.exit_code < 0:
+            return "killed (retryable)"
+        return {EXIT_RETRYABLE: "preempted or lost a peer (retryable)",
+                EXIT_USAGE: "config, usage or environment error (not retryable)",
+                EXIT_FAILURE: "failed: bug, NaN loss or out of memory (not retryable)"}.get(
+            self.exit_code, "retryable" if self.retryable else "not retryable")
 
 
 def free_ports(count: int) -> list[int]:
@@ -176,9 +189,11 @@ def _signal(worker: Worker, signum: int) -> None:
         pass
 
 
-def wait_for_workers(workers: list[Worker]) -> Failure | None:
-    """Waits until all workers end; on the first failure stops the rest. Returns it, or None."""
-    forwarded: list[int] = []
+def wait_for_workers(workers: list[Worker], forwarded: list[int]) -> Failure | None:
+    """Waits until all workers end; on the first failure stops the rest. Returns it, or None.
+
+    SIGINT/SIGTERM received meanwhile are forwarded to the workers and appended to `forwarded`.
+    """
 
     def forward(signum, frame):  # noqa: ARG001 - signal handler signature
         forwarded.append(signum)
@@ -193,7 +208,8 @@ def wait_for_workers(workers: list[Worker]) -> Failure | None:
             codes = [worker.process.poll() for worker in workers]
             failed = [worker for worker, code in zip(workers, codes) if code not in (None, 0)]
             if failed:
-                first = min(failed, key=lambda worker: worker.rank)
+                # A worker killed by a signal is the cause more likely than one that saw it die.
+                first = min(failed, key=lambda worker: (worker.process.returncode > 0, worker.rank))
                 stop_workers(workers)
                 return Failure(first.rank, first.process.returncode, tuple(first.tail))
             if all(code == 0 for code in codes):
@@ -213,17 +229,39 @@ def wait_for_workers(workers: list[Worker]) -> Failure | None:
             signal.signal(signum, handler)
 
 
-def launch(worker_args: list[str], num_workers: int, gpus_per_worker: int | None = None) -> int:
-    """Runs a local multi-worker job to the end; returns the launcher's exit code."""
+def launch(worker_args: list[str], num_workers: int, gpus_per_worker: int | None = None,
+           max_restarts: int = 0) -> int:
+    """Runs a local multi-worker job to the end; returns the launcher's exit code.
+
+    After a retryable failure (a worker killed, preempted or cut off from its peers) the
+    whole group is restarted, up to `max_restarts` times; the workers resume from the
+    chief's latest checkpoint. A SIGINT/SIGTERM to the launcher itself is never retried.
+    """
     if num_workers < 1:
         raise SetupError(f"--workers must be >= 1, got {num_workers}")
     if os.environ.get("TF_CONFIG", "").strip():
         raise SetupError("--workers starts its own local cluster; unset TF_CONFIG (it is set by cluster systems)")
-    print(f"Starting {num_workers} local workers on 127.0.0.1", flush=True)
-    workers = start_workers(worker_args, num_workers, gpus_per_worker)
-    failure = wait_for_workers(workers)
-    if failure is None:
-        print(f"All {num_workers} workers finished", flush=True)
-        return 0
-    print(f"error: {failure.describe()}", file=sys.stderr, flush=True)
-    return failure.launcher_exit_code or 1
+    attempt = 0
+    while True:
+        print(f"Starting {num_workers} local workers on 127.0.0.1"
+              + (f" (restart {attempt}/{max_restarts})" if attempt else ""), flush=True)
+        forwarded: list[int] = []
+        failure = wait_for_workers(start_workers(worker_args, num_workers, gpus_per_worker), forwarded)
+        if failure is None:
+            print(f"All {num_workers} workers finished", flush=True)
+            return 0
+        if forwarded:
+            print(f"error: stopped by {signal.Signals(forwarded[0]).name}; {failure.describe()}",
+                  file=sys.stderr, flush=True)
+            return EXIT_RETRYABLE if failure.exit_code == EXIT_RETRYABLE else 128 + forwarded[0]
+        if failure.retryable and attempt < max_restarts:
+            attempt += 1
+            print(f"warning: {failure.describe()}\nRestarting all {num_workers} workers from the latest "
+                  f"checkpoint ({attempt}/{max_restarts})", file=sys.stderr, flush=True)
+            continue
+        if failure.retryable and max_restarts:
+            print(f"error: giving up after {max_restarts} restart(s); last failure: {failure.describe()}",
+                  file=sys.stderr, flush=True)
+            return EXIT_FAILURE
+        print(f"error: {failure.describe()}", file=sys.stderr, flush=True)
+        return failure.exit_code if failure.exit_code > 0 else EXIT_RETRYABLE

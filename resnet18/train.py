@@ -28,9 +28,11 @@ import tensorflow as tf
 
 from launcher import config as config_lib
 from launcher.config import Config
-from launcher.errors import SetupError, TrainingError
+from launcher.errors import RetryableError, SetupError, TrainingError
+from launcher.preemption import PreemptionWatcher
 from launcher.strategy import describe, is_chief
 from resnet18 import data as data_lib
+from resnet18.checkpointing import remove_stale_temporaries, restore_latest_good
 from resnet18.model import build_resnet18, decayed_kernels
 
 DTYPE_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
@@ -96,6 +98,8 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
       TrainingError: the loss became NaN or infinite (exit 1).
     """
     wall_start = time.time()
+    if config.train.deterministic:
+        tf.config.experimental.enable_op_determinism()
     chief = is_chief(strategy)
     num_replicas = strategy.num_replicas_in_sync
     config_lib.check_batch_divisible(config, num_replicas)
@@ -126,22 +130,30 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
         )
         optimizer = make_optimizer(config, steps_per_epoch)
         optimizer.build(model.trainable_variables)
-        checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+        # The global step: with loss scaling, optimizer.iterations skips steps with inf gradients.
+        step_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
+                                   aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_counter)
     kernels = decayed_kernels(model)
-    # Every worker restores the chief's latest checkpoint (WORKDIR must be shared storage);
-    # only the chief keeps what it saves, the others save into a directory they delete.
+    # Every worker restores the chief's latest good checkpoint (WORKDIR must be shared
+    # storage); only the chief keeps what it saves, the others save into a directory they
+    # delete (saving may use collectives, so every worker must take part).
     chief_checkpoint_dir = os.path.join(workdir, "checkpoints")
+    if chief:
+        for path in remove_stale_temporaries(chief_checkpoint_dir):
+            print(f"Removed {path}, left by an interrupted save", flush=True)
+    try:
+        restored = restore_latest_good(checkpoint, chief_checkpoint_dir)
+    except RuntimeError as error:
+        raise SetupError(str(error)) from None
+    start_step = int(step_counter.numpy())
+    _check_same_on_every_worker(strategy, start_step, workdir)
+    if chief and restored:
+        print(f"Resuming from {restored} at step {start_step}/{total_steps}", flush=True)
     checkpoint_dir = chief_checkpoint_dir if chief else tempfile.mkdtemp(prefix="ckpt_worker_")
     manager = tf.train.CheckpointManager(
         checkpoint, checkpoint_dir, max_to_keep=config.train.checkpoint_max_to_keep
     )
-    latest = tf.train.latest_checkpoint(chief_checkpoint_dir)
-    if latest:
-        checkpoint.restore(latest).assert_existing_objects_matched()
-    start_step = int(optimizer.iterations.numpy())
-    _check_same_on_every_worker(strategy, start_step, workdir)
-    if chief and start_step:
-        print(f"Resuming from {latest} at step {start_step}/{total_steps}", flush=True)
 
     train_dataset = strategy.distribute_datasets_from_function(
         data_lib.train_dataset_fn(
@@ -215,99 +227,143 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
             raise TrainingError(f"evaluation counted {count:.0f} examples, expected {source.num_test}")
         return {"test_loss": loss_sum / count, "test_accuracy": correct / count, "test_examples": int(count)}
 
+    @tf.function
+    def weights_are_finite():
+        return tf.reduce_all([tf.reduce_all(tf.math.is_finite(tf.cast(weight, tf.float32)))
+                              for weight in model.weights])
+
+    last_saved = {"path": restored}
+
+    def save(step: int) -> None:
+        """Checkpoints at `step` on every worker; never writes non-finite weights."""
+        if num_replicas > 1:
+            sync_moving_statistics()
+        if not bool(weights_are_finite()):
+            raise TrainingError(
+                f"weights became NaN/Inf by step {step}; stopping without saving "
+                f"(the last good checkpoint, {last_saved['path']}, is kept)"
+            )
+        step_counter.assign(step)
+        last_saved["path"] = manager.save(checkpoint_number=step)
+
+    @tf.function
+    def count_flags(flag):
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.identity(flag)), axis=None)
+
+    def preemption_agreed() -> bool:
+        """True on every worker when any worker got SIGTERM (one all-reduce per loop call)."""
+        if num_input_pipelines == 1:
+            return watcher.requested
+        return float(count_flags(tf.constant(1.0 if watcher.requested else 0.0))) > 0
+
     # --- Loop --------------------------------------------------------------------------
     writers = _summary_writers(workdir) if chief else {}
-    steps_per_loop = config.train.steps_per_loop
-    iterator = iter(train_dataset)
-    step = start_step
-    history: list[dict[str, float]] = []
-    train_seconds = 0.0
-    train_images = 0
-    metrics: dict[str, float] = {}
-    first_call = True
-    while step < total_steps:
-        epoch = step // steps_per_epoch
-        epoch_end = (epoch + 1) * steps_per_epoch
-        progress = keras.utils.Progbar(epoch_end - step, stateful_metrics=["loss", "accuracy", "img/s"],
-                                       verbose=1 if chief and sys.stdout.isatty() else 0)
-        if chief:
-            print(f"Epoch {epoch + 1}/{config.train.epochs}", flush=True)
-        loss_total, correct_total, epoch_steps = 0.0, 0.0, 0
-        while step < epoch_end:
-            chunk = min(steps_per_loop, epoch_end - step)
-            started = time.perf_counter()
-            loss_sum, correct_sum = train_loop(iterator, tf.constant(chunk))
-            loss_sum = float(loss_sum)  # waits for the steps to finish
-            elapsed = time.perf_counter() - started
-            if not math.isfinite(loss_sum):
-                raise TrainingError(
-                    f"loss is {loss_sum} in steps {step + 1}-{step + chunk}; stopping "
-                    f"(the last good checkpoint, {manager.latest_checkpoint}, is kept)"
-                )
-            if not first_call:  # the first call traces and compiles; leave it out of images/s
-                train_seconds += elapsed
-                train_images += chunk * global_batch
-            first_call = False
-            step += chunk
-            loss_total += loss_sum
-            correct_total += float(correct_sum)
-            epoch_steps += chunk
-            images_per_sec = chunk * global_batch / elapsed
-            progress.add(chunk, [("loss", loss_total / epoch_steps),
-                                 ("accuracy", correct_total / (epoch_steps * global_batch)),
-                                 ("img/s", images_per_sec)])
-            _write_scalars(writers.get("train"), step, {
-                "loss": loss_sum / chunk, "accuracy": float(correct_sum) / (chunk * global_batch),
-                "learning_rate": float(optimizer.learning_rate), "images_per_sec": images_per_sec})
+    every = config.train.checkpoint_every_steps
+    watcher = PreemptionWatcher()
+    try:
+        steps_per_loop = config.train.steps_per_loop
+        iterator = iter(train_dataset)
+        step = start_step
+        history: list[dict[str, float]] = []
+        train_seconds = 0.0
+        train_images = 0
+        metrics: dict[str, float] = {}
+        first_call = True
+        while step < total_steps:
+            epoch = step // steps_per_epoch
+            epoch_end = (epoch + 1) * steps_per_epoch
+            progress = keras.utils.Progbar(epoch_end - step, stateful_metrics=["loss", "accuracy", "img/s"],
+                                           verbose=1 if chief and sys.stdout.isatty() else 0)
+            if chief:
+                print(f"Epoch {epoch + 1}/{config.train.epochs}", flush=True)
+            loss_total, correct_total, epoch_steps = 0.0, 0.0, 0
+            while step < epoch_end:
+                next_checkpoint = (step // every + 1) * every if every else epoch_end
+                chunk = min(steps_per_loop, epoch_end - step, next_checkpoint - step)
+                started = time.perf_counter()
+                loss_sum, correct_sum = train_loop(iterator, tf.constant(chunk))
+                loss_sum = float(loss_sum)  # waits for the steps to finish
+                elapsed = time.perf_counter() - started
+                if not math.isfinite(loss_sum):
+                    raise TrainingError(
+                        f"loss is {loss_sum} in steps {step + 1}-{step + chunk}; stopping "
+                        f"(the last good checkpoint, {last_saved['path']}, is kept)"
+                    )
+                if not first_call:  # the first call traces and compiles; leave it out of images/s
+                    train_seconds += elapsed
+                    train_images += chunk * global_batch
+                first_call = False
+                step += chunk
+                loss_total += loss_sum
+                correct_total += float(correct_sum)
+                epoch_steps += chunk
+                images_per_sec = chunk * global_batch / elapsed
+                progress.add(chunk, [("loss", loss_total / epoch_steps),
+                                     ("accuracy", correct_total / (epoch_steps * global_batch)),
+                                     ("img/s", images_per_sec)])
+                _write_scalars(writers.get("train"), step, {
+                    "loss": loss_sum / chunk, "accuracy": float(correct_sum) / (chunk * global_batch),
+                    "learning_rate": float(optimizer.learning_rate), "images_per_sec": images_per_sec})
+                saved = False
+                if every and step % every == 0 and step < epoch_end:
+                    save(step)
+                    saved = True
+                if preemption_agreed():
+                    if not saved:
+                        save(step)
+                    raise RetryableError(f"preempted (SIGTERM): saved {last_saved['path']} at step {step}; "
+                                         "run again to resume")
 
-        metrics = evaluate()
-        metrics.update(epoch=epoch + 1, step=step, train_loss=loss_total / epoch_steps,
-                       train_accuracy=correct_total / (epoch_steps * global_batch))
-        history.append(metrics)
-        _write_scalars(writers.get("test"), step, {"loss": metrics["test_loss"], "accuracy": metrics["test_accuracy"]})
-        manager.save(checkpoint_number=step)  # every worker saves: saving may use collectives
-        if chief:
-            print(f"epoch {epoch + 1}/{config.train.epochs}  step {step}/{total_steps}  "
-                  f"loss {metrics['train_loss']:.4f}  accuracy {metrics['train_accuracy']:.4f}  "
-                  f"test_loss {metrics['test_loss']:.4f}  test_accuracy {metrics['test_accuracy']:.4f}", flush=True)
+            metrics = evaluate()
+            metrics.update(epoch=epoch + 1, step=step, train_loss=loss_total / epoch_steps,
+                           train_accuracy=correct_total / (epoch_steps * global_batch))
+            history.append(metrics)
+            _write_scalars(writers.get("test"), step, {"loss": metrics["test_loss"], "accuracy": metrics["test_accuracy"]})
+            save(step)
+            if chief:
+                print(f"epoch {epoch + 1}/{config.train.epochs}  step {step}/{total_steps}  "
+                      f"loss {metrics['train_loss']:.4f}  accuracy {metrics['train_accuracy']:.4f}  "
+                      f"test_loss {metrics['test_loss']:.4f}  test_accuracy {metrics['test_accuracy']:.4f}", flush=True)
 
-    if not metrics:  # nothing left to train: the work directory already holds the final step
-        metrics = evaluate()
-        if chief:
-            print(f"Training already complete at step {step}; evaluated the final checkpoint", flush=True)
+        if not metrics:  # nothing left to train: the work directory already holds the final step
+            metrics = evaluate()
+            if chief:
+                print(f"Training already complete at step {step}; evaluated the final checkpoint", flush=True)
 
-    # --- Summary -----------------------------------------------------------------------
-    fingerprint = weights_fingerprint(model)
-    print(f"Final weights sha256 {fingerprint}", flush=True)  # equal on every worker
-    summary = {
-        "name": config.name,
-        "test_accuracy": metrics["test_accuracy"],
-        "test_loss": metrics["test_loss"],
-        "test_examples": metrics["test_examples"],
-        "epochs": config.train.epochs,
-        "steps": step,
-        "resumed_from_step": start_step,
-        "global_batch_size": global_batch,
-        **describe(strategy),
-        "train_images_per_sec": train_images / train_seconds if train_seconds else None,
-        "wall_seconds": time.time() - wall_start,
-        "tensorflow_version": tf.__version__,
-        "precision": config.train.precision,
-        "weights_sha256": fingerprint,
-        "history": history,
-    }
-    if chief:
-        with tf.io.gfile.GFile(os.path.join(workdir, "summary.json"), "w") as stream:
-            stream.write(json.dumps(summary, indent=2))
-        ips = summary["train_images_per_sec"]
-        print(f"Done: test_accuracy {summary['test_accuracy']:.4f}  test_loss {summary['test_loss']:.4f}  "
-              f"steps {step}  {summary['num_replicas']} replica(s) of {summary['strategy']}  "
-              f"{'%.0f img/s  ' % ips if ips else ''}{summary['wall_seconds']:.0f} s  -> {workdir}", flush=True)
-    else:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    for writer in writers.values():
-        writer.close()
-    return summary
+        # --- Summary -----------------------------------------------------------------------
+        fingerprint = weights_fingerprint(model)
+        print(f"Final weights sha256 {fingerprint}", flush=True)  # equal on every worker
+        summary = {
+            "name": config.name,
+            "test_accuracy": metrics["test_accuracy"],
+            "test_loss": metrics["test_loss"],
+            "test_examples": metrics["test_examples"],
+            "epochs": config.train.epochs,
+            "steps": step,
+            "resumed_from_step": start_step,
+            "global_batch_size": global_batch,
+            **describe(strategy),
+            "train_images_per_sec": train_images / train_seconds if train_seconds else None,
+            "wall_seconds": time.time() - wall_start,
+            "tensorflow_version": tf.__version__,
+            "precision": config.train.precision,
+            "weights_sha256": fingerprint,
+            "history": history,
+        }
+        if chief:
+            with tf.io.gfile.GFile(os.path.join(workdir, "summary.json"), "w") as stream:
+                stream.write(json.dumps(summary, indent=2))
+            ips = summary["train_images_per_sec"]
+            print(f"Done: test_accuracy {summary['test_accuracy']:.4f}  test_loss {summary['test_loss']:.4f}  "
+                  f"steps {step}  {summary['num_replicas']} replica(s) of {summary['strategy']}  "
+                  f"{'%.0f img/s  ' % ips if ips else ''}{summary['wall_seconds']:.0f} s  -> {workdir}", flush=True)
+        for writer in writers.values():
+            writer.close()
+        return summary
+    finally:
+        watcher.close()
+        if not chief:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
 
 def weights_fingerprint(model: keras.Model) -> str:

@@ -1,0 +1,79 @@
+"""Checkpoint restore that survives a corrupt or partial latest checkpoint.
+
+tf.train.CheckpointManager writes a checkpoint to a temporary name and records it
+in the `checkpoint` state file only once it is complete, so a crash mid-save
+leaves the previous checkpoint as the latest. What it does not do is fall back
+when the latest files are damaged afterwards (truncated copy, full disk, a bad
+sync) or the state file is garbage: restoring then fails with DataLossError and
+a naive job starts again from step 0. Here every checkpoint found is tried,
+newest first, and the first that restores completely wins.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import tensorflow as tf
+from absl import logging
+
+_CHECKPOINT_INDEX = re.compile(r"^(ckpt-(\d+))\.index$")
+
+
+def checkpoint_candidates(directory: str) -> list[str]:
+    """Checkpoint prefixes in `directory`, newest (highest step) first.
+
+    Read from the files themselves rather than from the `checkpoint` state file,
+    which may be the part that is damaged.
+    """
+    if not tf.io.gfile.isdir(directory):
+        return []
+    found = []
+    for name in tf.io.gfile.listdir(directory):
+        match = _CHECKPOINT_INDEX.match(name)
+        if match:
+            found.append((int(match.group(2)), os.path.join(directory, match.group(1))))
+    return [prefix for _, prefix in sorted(found, reverse=True)]
+
+
+def restore_latest_good(checkpoint: tf.train.Checkpoint, directory: str) -> str | None:
+    """Restores the newest checkpoint of `directory` that reads completely.
+
+    Returns its prefix, or None when the directory holds no checkpoint.
+
+    Raises:
+      RuntimeError: checkpoints exist but none can be read (never start over silently).
+    """
+    candidates = checkpoint_candidates(directory)
+    failures = []
+    for prefix in candidates:
+        try:
+            checkpoint.restore(prefix).assert_existing_objects_matched()
+        except (tf.errors.OpError, ValueError, AssertionError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            logging.warning("checkpoint %s is unreadable (%s); trying the previous one", prefix, reason)
+            print(f"warning: checkpoint {prefix} is unreadable ({reason}); trying the previous one", flush=True)
+            failures.append(f"{os.path.basename(prefix)}: {reason}")
+            continue
+        return prefix
+    if candidates:
+        raise RuntimeError(
+            f"no checkpoint in {directory} can be read ({'; '.join(failures)}); "
+            "move the directory away to start from scratch"
+        )
+    return None
+
+
+def remove_stale_temporaries(directory: str) -> list[str]:
+    """Deletes `*_temp*` leftovers of interrupted saves (never restored, safe to remove)."""
+    removed = []
+    if tf.io.gfile.isdir(directory):
+        for name in tf.io.gfile.listdir(directory):
+            if "_temp" in name:
+                path = os.path.join(directory, name.rstrip("/"))
+                if tf.io.gfile.isdir(path):
+                    tf.io.gfile.rmtree(path)
+                else:
+                    tf.io.gfile.remove(path)
+                removed.append(path)
+    return removed
