@@ -49,7 +49,7 @@ def restore_latest_good(checkpoint: tf.train.Checkpoint, directory: str) -> str 
     for prefix in candidates:
         try:
             checkpoint.restore(prefix).assert_existing_objects_matched()
-        except (tf.errors.OpError, ValueError, AssertionError) as error:
+        except Exception as error:  # DataLossError, IndexError, ValueError...: any damage
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             logging.warning("checkpoint %s is unreadable (%s); trying the previous one", prefix, reason)
             print(f"warning: checkpoint {prefix} is unreadable ({reason}); trying the previous one", flush=True)

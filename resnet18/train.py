@@ -245,6 +245,8 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
             )
         step_counter.assign(step)
         last_saved["path"] = manager.save(checkpoint_number=step)
+        if chief:
+            print(f"Checkpoint at step {step}: {last_saved['path']}", flush=True)
 
     @tf.function
     def count_flags(flag):
@@ -311,7 +313,7 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
                 if preemption_agreed():
                     if not saved:
                         save(step)
-                    raise RetryableError(f"preempted (SIGTERM): saved {last_saved['path']} at step {step}; "
+                    raise RetryableError(f"preempted (SIGTERM): checkpoint saved at step {step}; "
                                          "run again to resume")
 
             metrics = evaluate()

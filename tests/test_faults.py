@@ -1,0 +1,284 @@
+"""Faults survived, nothing lost: real kills, signals and damaged checkpoints.
+
+Every run here is a real process (or group of processes on 127.0.0.1) training the
+tiny job with checkpoints every 4 steps (10 steps per epoch). Deterministic mode
+makes "nothing lost, nothing seen twice" checkable bit for bit: a run that is
+killed and resumed must end with exactly the weights of one that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from launcher.local_workers import free_ports
+from tests.conftest import REPO, TINY_JOB, run_launcher
+
+STEPS = 30  # 3 epochs x 10 steps
+FINGERPRINT = re.compile(r"Final weights sha256 ([0-9a-f]{64})")
+
+
+def job_args(data_dir: str, workdir, *extra: str) -> list[str]:
+    return ["--job", TINY_JOB, "--workdir", str(workdir), "--set", f"data.data_dir={data_dir}", "train.epochs=3",
+            "train.checkpoint_every_steps=4", "train.steps_per_loop=2", "train.deterministic=true", *extra]
+
+
+class Running:
+    """A process whose merged output is collected line by line while it runs."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None):
+        full_env = {key: value for key, value in os.environ.items() if key != "TF_CONFIG"}
+        full_env.update(TF_CPP_MIN_LOG_LEVEL="3", **(env or {}))
+        self.process = subprocess.Popen([sys.executable, "-m", "launcher", *args], cwd=REPO, env=full_env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = 240, start: int = 0) -> re.Match:
+        """Blocks until a line from index `start` on matches `pattern`; returns the match."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for line in self.lines[start:]:
+                    match = re.search(pattern, line)
+                    if match:
+                        return match
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.process.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(f"no line matched {pattern!r}:\n" + "\n".join(self.lines[-40:]))
+                self._changed.wait(timeout=min(remaining, 1.0))
+
+    def finish(self, timeout: float = 300) -> int:
+        try:
+            code = self.process.wait(timeout=timeout)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+        self._reader.join(timeout=10)
+        return code
+
+
+def fingerprints(text: str) -> list[str]:
+    return FINGERPRINT.findall(text)
+
+
+def summary(workdir) -> dict:
+    return json.loads((workdir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference_one_device(tiny_data_dir, tmp_path_factory):
+    """The uninterrupted deterministic one-device run every fault run must reproduce."""
+    workdir = tmp_path_factory.mktemp("reference_one_device")
+    result = run_launcher(*job_args(tiny_data_dir, workdir, "--strategy", "one_device"))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return fingerprints(result.stdout)[0]
+
+
+@pytest.fixture(scope="module")
+def reference_two_workers(tiny_data_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reference_two_workers")
+    result = run_launcher("--workers", "2", *job_args(tiny_data_dir, workdir))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    (first, second) = fingerprints(result.stdout)
+    assert first == second
+    return first
+
+
+def test_deterministic_runs_are_bitwise_identical(tiny_data_dir, tmp_path, reference_one_device):
+    again = run_launcher(*job_args(tiny_data_dir, tmp_path, "--strategy", "one_device"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert fingerprints(again.stdout) == [reference_one_device]
+
+
+def test_preempted_one_device_run_resumes_bit_for_bit(tiny_data_dir, tmp_path, reference_one_device):
+    run = Running(job_args(tiny_data_dir, tmp_path, "--strategy", "one_device"))
+    run.wait_for(r"^Checkpoint at step 12:")
+    run.process.send_signal(signal.SIGTERM)
+    assert run.finish() == 138, run.output[-3000:]
+    saved = int(re.search(r"preempted \(SIGTERM\): checkpoint saved at step (\d+)", run.output).group(1))
+    assert 12 <= saved < STEPS
+    assert f"Checkpoint at step {saved}:" in run.output
+    again = run_launcher(*job_args(tiny_data_dir, tmp_path, "--strategy", "one_device"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"at step {saved}/{STEPS}" in again.stdout  # no step lost
+    assert summary(tmp_path)["steps"] == STEPS and summary(tmp_path)["resumed_from_step"] == saved
+    assert fingerprints(again.stdout) == [reference_one_device]
+
+
+def test_killed_two_replica_run_resumes_bit_for_bit(tiny_data_dir, tmp_path):
+    args = job_args(tiny_data_dir, tmp_path / "run", "--cpu_replicas", "2")
+    reference = run_launcher(*job_args(tiny_data_dir, tmp_path / "reference", "--cpu_replicas", "2"))
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    run = Running(args)
+    run.wait_for(r"^Checkpoint at step 16:")
+    run.process.kill()
+    run.finish()
+    again = run_launcher(*args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    resumed = summary(tmp_path / "run")["resumed_from_step"]
+    assert 16 <= resumed < STEPS and summary(tmp_path / "run")["steps"] == STEPS
+    assert fingerprints(again.stdout) == fingerprints(reference.stdout)
+
+
+def test_kill_9_mid_epoch_restarts_the_group_and_ends_exactly(tiny_data_dir, tmp_path, reference_two_workers):
+    run = Running(["--workers", "2", "--max_restarts", "2", *job_args(tiny_data_dir, tmp_path)])
+    run.wait_for(r"Checkpoint at step 12:")  # inside epoch 2
+    victim = int(run.wait_for(r"Started worker 1 \(pid (\d+)").group(1))
+    os.kill(victim, signal.SIGKILL)
+    assert run.finish() == 0, run.output[-4000:]
+    assert "worker 1 was killed by SIGKILL: killed (retryable)" in run.output
+    assert "Restarting all 2 workers from the latest checkpoint (1/2)" in run.output
+    resumed = summary(tmp_path)["resumed_from_step"]
+    assert 12 <= resumed < STEPS and summary(tmp_path)["steps"] == STEPS
+    # Same final weights as the run that never stopped: no example seen twice or skipped.
+    assert set(fingerprints(run.output)) == {reference_two_workers}
+
+
+def test_kill_of_the_chief_right_after_a_save_loses_nothing_saved(tiny_data_dir, tmp_path, reference_two_workers):
+    run = Running(["--workers", "2", "--max_restarts", "1", *job_args(tiny_data_dir, tmp_path)])
+    chief = int(run.wait_for(r"Started worker 0 \(pid (\d+)").group(1))
+    saved = int(run.wait_for(r"\[worker 0\] Checkpoint at step (8|12|16):").group(1))
+    os.kill(chief, signal.SIGKILL)
+    assert run.finish() == 0, run.output[-4000:]
+    assert summary(tmp_path)["resumed_from_step"] >= saved
+    assert set(fingerprints(run.output)) == {reference_two_workers}
+
+
+def test_sigterm_to_one_worker_stops_all_at_one_step_and_resume_loses_none(tiny_data_dir, tmp_path):
+    ports = free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    args = job_args(tiny_data_dir, tmp_path)
+
+    def start_group() -> list[Running]:
+        return [Running(args, {"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})})
+                for i in range(2)]
+
+    group = start_group()
+    group[0].wait_for(r"^Checkpoint at step 8:")
+    group[1].process.send_signal(signal.SIGTERM)
+    codes = [member.finish(timeout=120) for member in group]
+    assert codes == [138, 138], group[0].output[-2000:] + group[1].output[-2000:]
+    steps = {int(re.search(r"checkpoint saved at step (\d+)", member.output).group(1)) for member in group}
+    assert len(steps) == 1  # both workers saved at the same, agreed step
+    (saved,) = steps
+    relaunched = start_group()
+    assert [member.finish() for member in relaunched] == [0, 0], relaunched[0].output[-3000:]
+    assert f"at step {saved}/{STEPS}" in relaunched[0].output
+    assert summary(tmp_path)["resumed_from_step"] == saved and summary(tmp_path)["steps"] == STEPS
+
+
+def test_frozen_peer_is_detected_within_60_seconds(tiny_data_dir, tmp_path):
+    ports = free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    args = job_args(tiny_data_dir, tmp_path, "train.epochs=200")
+    group = [Running(args, {"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})})
+             for i in range(2)]
+    try:
+        group[0].wait_for(r"^Checkpoint at step 8:")
+        group[1].process.send_signal(signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        code = group[0].finish(timeout=90)
+        detected_after = time.monotonic() - frozen_at
+    finally:
+        group[1].process.kill()  # SIGKILL ends a stopped process too
+        group[1].finish(timeout=30)
+    assert code == 138, group[0].output[-2000:]
+    assert detected_after < 60, f"{detected_after:.0f} s"
+    assert "lost contact with another worker" in group[0].output
+
+
+def test_crash_loop_exhausts_max_restarts_and_reports(tiny_data_dir, tmp_path):
+    run = Running(["--workers", "2", "--max_restarts", "2", *job_args(tiny_data_dir, tmp_path)])
+    killed = 0
+    start = 0
+    for _ in range(3):  # the first attempt and two restarts: kill worker 1 each time
+        match = run.wait_for(r"Started worker 1 \(pid (\d+)", start=start)
+        start = next(i for i, line in enumerate(run.lines) if match.group(0) in line) + 1
+        os.kill(int(match.group(1)), signal.SIGKILL)
+        killed += 1
+    code = run.finish()
+    assert killed == 3 and code == 1, run.output[-3000:]
+    assert run.output.count("Starting 2 local workers") == 3
+    assert "giving up after 2 restart(s); last failure: worker 1 was killed by SIGKILL" in run.output
+
+
+def test_nan_loss_exits_1_keeps_checkpoints_and_is_not_retried(tiny_data_dir, tmp_path):
+    first = run_launcher(*job_args(tiny_data_dir, tmp_path, "train.epochs=1"))
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = sorted(os.listdir(tmp_path / "checkpoints"))
+    result = run_launcher("--workers", "2", "--max_restarts", "2",
+                          *job_args(tiny_data_dir, tmp_path, "train.learning_rate=1.0e+30", "train.lr_scaling=none"))
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert re.search(r"loss is (nan|inf) in steps \d+-\d+", result.stdout)
+    assert "not retryable" in result.stderr and "Restarting" not in result.stderr
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+
+
+def corrupt_latest_and_resume(tiny_data_dir, workdir, damage) -> subprocess.CompletedProcess:
+    first = run_launcher(*job_args(tiny_data_dir, workdir, "train.epochs=2"))
+    assert first.returncode == 0, first.stderr[-2000:]
+    checkpoints = workdir / "checkpoints"
+    assert (checkpoints / "ckpt-20.index").exists() and (checkpoints / "ckpt-16.index").exists()
+    damage(checkpoints)
+    return run_launcher(*job_args(tiny_data_dir, workdir))
+
+
+@pytest.mark.parametrize("damage", [
+    pytest.param(lambda d: (d / "ckpt-20.data-00000-of-00001").write_bytes(
+        (d / "ckpt-20.data-00000-of-00001").read_bytes()[:1000]), id="truncated-data"),
+    pytest.param(lambda d: ((d / "ckpt-20.index").write_bytes(os.urandom(300)),
+                            (d / "checkpoint").write_text("garbage {{{")), id="garbage-index-and-state"),
+])
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(tiny_data_dir, tmp_path, damage):
+    result = corrupt_latest_and_resume(tiny_data_dir, tmp_path, damage)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "warning: checkpoint" in result.stdout and "ckpt-20 is unreadable" in result.stdout
+    assert summary(tmp_path)["resumed_from_step"] == 16 and summary(tmp_path)["steps"] == STEPS
+
+
+def test_stale_temporary_from_an_interrupted_save_is_ignored_and_removed(tiny_data_dir, tmp_path):
+    def leave_partial_save(checkpoints):
+        # What a crash inside CheckpointManager.save leaves: shards in a _temp directory,
+        # not yet renamed, and the state file still naming the previous checkpoint.
+        partial = checkpoints / "ckpt-24_temp" / "part-00000-of-00001"
+        partial.parent.mkdir()
+        partial.write_bytes(os.urandom(100))
+
+    result = corrupt_latest_and_resume(tiny_data_dir, tmp_path, leave_partial_save)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "left by an interrupted save" in result.stdout
+    assert summary(tmp_path)["resumed_from_step"] == 20
+    assert not (tmp_path / "checkpoints" / "ckpt-24_temp").exists()
+
+
+def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(tiny_data_dir, tmp_path):
+    def destroy_all(checkpoints):
+        for path in checkpoints.glob("ckpt-*.index"):
+            path.write_bytes(b"not a checkpoint")
+
+    result = corrupt_latest_and_resume(tiny_data_dir, tmp_path, destroy_all)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "no checkpoint in" in result.stderr and "can be read" in result.stderr
