@@ -30,6 +30,7 @@ from launcher import config as config_lib
 from launcher.config import Config
 from launcher.errors import RetryableError, SetupError, TrainingError
 from launcher.preemption import PreemptionWatcher
+from launcher.report import write_report
 from launcher.strategy import describe, is_chief
 from resnet18 import data as data_lib
 from resnet18.checkpointing import remove_stale_temporaries, restore_latest_good
@@ -193,12 +194,14 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
     def eval_step(images, labels, mask):
         logits = tf.cast(model(images, training=False), tf.float32)
         per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
-        correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32)
-        return tf.reduce_sum(per_example * mask), tf.reduce_sum(correct * mask), tf.reduce_sum(mask)
+        predictions = tf.argmax(logits, -1, output_type=tf.int32)
+        correct = tf.cast(tf.equal(predictions, labels), tf.float32)
+        confusion = tf.math.confusion_matrix(labels, predictions, num_classes, weights=mask, dtype=tf.float32)
+        return tf.reduce_sum(per_example * mask), tf.reduce_sum(correct * mask), tf.reduce_sum(mask), confusion
 
     @tf.function
     def eval_loop(iterator):
-        totals = [tf.constant(0.0)] * 3
+        totals = [tf.constant(0.0)] * 3 + [tf.zeros([num_classes, num_classes])]
         for _ in tf.range(eval_steps):
             results = strategy.run(eval_step, args=next(iterator))
             totals = [total + strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
@@ -222,10 +225,12 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
     def evaluate() -> dict[str, float]:
         if num_replicas > 1:
             sync_moving_statistics()
-        loss_sum, correct, count = (float(value) for value in eval_loop(iter(eval_dataset)))
+        loss_sum, correct, count, confusion = eval_loop(iter(eval_dataset))
+        loss_sum, correct, count = float(loss_sum), float(correct), float(count)
         if int(round(count)) != source.num_test:
             raise TrainingError(f"evaluation counted {count:.0f} examples, expected {source.num_test}")
-        return {"test_loss": loss_sum / count, "test_accuracy": correct / count, "test_examples": int(count)}
+        return {"test_loss": loss_sum / count, "test_accuracy": correct / count, "test_examples": int(count),
+                "confusion_matrix": np.rint(confusion.numpy()).astype(int).tolist()}
 
     @tf.function
     def weights_are_finite():
@@ -259,6 +264,7 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
         return float(count_flags(tf.constant(1.0 if watcher.requested else 0.0))) > 0
 
     # --- Loop --------------------------------------------------------------------------
+    earlier_history = [entry for entry in read_history(workdir) if entry["step"] <= start_step] if chief else []
     writers = _summary_writers(workdir) if chief else {}
     every = config.train.checkpoint_every_steps
     watcher = PreemptionWatcher()
@@ -317,9 +323,14 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
                                          "run again to resume")
 
             metrics = evaluate()
+            confusion = metrics.pop("confusion_matrix")
             metrics.update(epoch=epoch + 1, step=step, train_loss=loss_total / epoch_steps,
-                           train_accuracy=correct_total / (epoch_steps * global_batch))
+                           train_accuracy=correct_total / (epoch_steps * global_batch),
+                           learning_rate=float(optimizer.learning_rate))
             history.append(metrics)
+            metrics = dict(metrics, confusion_matrix=confusion)
+            if chief:  # every epoch since step 0, across restarts (the report plots it)
+                _write_history(workdir, earlier_history + history)
             _write_scalars(writers.get("test"), step, {"loss": metrics["test_loss"], "accuracy": metrics["test_accuracy"]})
             save(step)
             if chief:
@@ -350,11 +361,18 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
             "tensorflow_version": tf.__version__,
             "precision": config.train.precision,
             "weights_sha256": fingerprint,
+            "class_names": list(source.class_names),
+            "confusion_matrix": metrics["confusion_matrix"],
             "history": history,
         }
         if chief:
             with tf.io.gfile.GFile(os.path.join(workdir, "summary.json"), "w") as stream:
                 stream.write(json.dumps(summary, indent=2))
+            try:
+                write_report(workdir)
+            except Exception as error:  # the run itself succeeded; say so and how to retry
+                print(f"warning: the report failed ({error}); run python -m launcher.report --workdir {workdir}",
+                      flush=True)
             ips = summary["train_images_per_sec"]
             print(f"Done: test_accuracy {summary['test_accuracy']:.4f}  test_loss {summary['test_loss']:.4f}  "
                   f"steps {step}  {summary['num_replicas']} replica(s) of {summary['strategy']}  "
@@ -366,6 +384,21 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
         watcher.close()
         if not chief:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+
+def read_history(workdir: str) -> list[dict[str, Any]]:
+    """The per-epoch metrics in WORKDIR/history.jsonl (empty if there are none)."""
+    path = os.path.join(workdir, "history.jsonl")
+    if not tf.io.gfile.exists(path):
+        return []
+    with tf.io.gfile.GFile(path) as stream:
+        return [json.loads(line) for line in stream if line.strip()]
+
+
+def _write_history(workdir: str, history: list[dict[str, Any]]) -> None:
+    # Rewritten whole (not appended): object stores such as gs:// cannot append.
+    with tf.io.gfile.GFile(os.path.join(workdir, "history.jsonl"), "w") as stream:
+        stream.write("".join(json.dumps(entry) + "\n" for entry in history))
 
 
 def weights_fingerprint(model: keras.Model) -> str:

@@ -42,3 +42,11 @@ def run_launcher(*args: str, env: dict[str, str] | None = None, timeout: float =
         [sys.executable, "-m", "launcher", *args],
         cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """The CPU smoke job, run once through the CLI: (completed process, work directory)."""
+    workdir = tmp_path_factory.mktemp("smoke") / "run"
+    result = run_launcher("--job", os.path.join(REPO, "jobs", "cpu_smoke.yaml"), "--workdir", str(workdir), timeout=900)
+    return result, workdir

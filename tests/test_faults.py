@@ -205,6 +205,7 @@ def test_frozen_peer_is_detected_within_60_seconds(tiny_data_dir, tmp_path):
     finally:
         group[1].process.kill()  # SIGKILL ends a stopped process too
         group[1].finish(timeout=30)
+    print(f"frozen peer: the other worker exited {code} after {detected_after:.1f} s")
     assert code == 138, group[0].output[-2000:]
     assert detected_after < 60, f"{detected_after:.0f} s"
     assert "lost contact with another worker" in group[0].output

@@ -120,6 +120,7 @@ def test_kill_9_of_one_worker_ends_the_group_within_30_seconds(tiny_data_dir, tm
             launcher.kill()
     reader.join(timeout=10)
     output = "".join(lines)
+    print(f"kill -9 of worker 1: the launcher exited {code} after {elapsed:.1f} s")
     assert code != 0
     assert elapsed < 30, f"took {elapsed:.1f} s"
     assert "error: worker 1 was killed by SIGKILL" in output

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-
-from tests.conftest import REPO, run_launcher
 
 
-def test_cpu_smoke_job_end_to_end(tmp_path):
-    workdir = tmp_path / "smoke"
-    result = run_launcher("--job", os.path.join(REPO, "jobs", "cpu_smoke.yaml"), "--workdir", str(workdir), timeout=900)
+
+def test_cpu_smoke_job_end_to_end(smoke_run):
+    result, workdir = smoke_run
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["strategy"] == "OneDeviceStrategy" and summary["num_replicas"] == 1

@@ -1,0 +1,354 @@
+"""Export a trained run for serving: SavedModel (TF Serving), TFLite float32 and int8, ONNX.
+
+    python -m launcher.export --workdir runs/cpu_smoke
+    python -m launcher.export --workdir runs/cpu_smoke --formats saved_model,tflite_int8
+
+Restores the newest readable checkpoint of WORKDIR into the ResNet18 that
+WORKDIR/config.yaml describes (weights only: no pickled or Keras-deserialised
+code is ever loaded), then writes WORKDIR/export/:
+
+    saved_model/1/             serving_default: uint8 images [N, H, W, 3] ->
+                               probabilities [N, classes], class_ids [N]
+                               (normalisation inside; TF Serving's versioned layout)
+    labels.txt                 class names, one per line, in class-id order
+    model_float32.tflite       same input/outputs, batch 1
+    model_int8.tflite          full-integer: uint8 image in, uint8 probabilities out,
+                               calibrated on training images
+    model.onnx                 through tf2onnx (when it is installed and converts)
+    report.json                per format: file size, test accuracy, change against the
+                               checkpoint, median single-image CPU latency (1 thread)
+
+Exit codes: 0 done; 2 bad --formats, no finished run or checkpoint, or a checkpoint
+that does not fit the configured model; 1 an export failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from typing import Any, Callable
+
+from launcher import config as config_lib
+from launcher.errors import EXIT_FAILURE, EXIT_OK, LauncherError, SetupError
+
+FORMATS = ("saved_model", "tflite", "tflite_int8", "onnx")
+CALIBRATION_IMAGES = 256
+LATENCY_RUNS = 50
+
+
+def parse_formats(text: str) -> list[str]:
+    formats = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in formats if name not in FORMATS]
+    if unknown or not formats:
+        raise config_lib.ConfigError(f"--formats: unknown {unknown or text!r}; choose from {', '.join(FORMATS)}")
+    return formats
+
+
+def rest_request_body(images) -> str:
+    """The JSON a client POSTs to TF Serving's REST API (…/v1/models/resnet18:predict)."""
+    return json.dumps({"signature_name": "serving_default", "instances": [image.tolist() for image in images]})
+
+
+def run_rest_request(signature: Callable, body: str) -> dict[str, Any]:
+    """What TF Serving does with `body`: stack the instances, call the signature."""
+    import numpy as np
+    import tensorflow as tf
+
+    request = json.loads(body)
+    images = tf.constant(np.asarray(request["instances"], dtype=np.uint8))
+    outputs = signature(images=images)
+    return {name: value.numpy().tolist() for name, value in outputs.items()}
+
+
+def grpc_predict_request(images, model_name: str = "resnet18"):
+    """The PredictRequest a gRPC client sends to TF Serving (port 8500), via tensorflow-serving-api."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model_name
+    request.model_spec.signature_name = "serving_default"
+    request.inputs["images"].CopyFrom(tf.make_tensor_proto(images, dtype=tf.uint8))
+    return request
+
+
+def run_grpc_request(signature: Callable, request) -> dict[str, Any]:
+    """What TF Serving does with a PredictRequest: decode the tensors, call the signature."""
+    import tensorflow as tf
+
+    inputs = {name: tf.constant(tf.make_ndarray(proto)) for name, proto in request.inputs.items()}
+    return {name: value.numpy().tolist() for name, value in signature(**inputs).items()}
+
+
+def _confined(workdir: str, path: str) -> str:
+    """`path`, resolved, if it lies inside `workdir`; loading never leaves the run's directory."""
+    root = os.path.realpath(workdir)
+    real = os.path.realpath(path)
+    if os.path.commonpath([root, real]) != root:
+        raise SetupError(f"{path} resolves outside the work directory {workdir}; refusing to load it")
+    return real
+
+
+def load_trained_model(workdir: str):
+    """(config, source, keras model with the checkpoint's weights, checkpoint prefix)."""
+    import tensorflow as tf
+
+    from resnet18 import data as data_lib
+    from resnet18.checkpointing import checkpoint_candidates, restore_latest_good
+    from resnet18.model import build_resnet18
+
+    config_path = _confined(workdir, os.path.join(workdir, "config.yaml"))
+    if not os.path.isfile(config_path):
+        raise SetupError(f"{workdir} holds no run (no config.yaml)")
+    config = config_lib.build_config(config_path)
+    checkpoints = _confined(workdir, os.path.join(workdir, "checkpoints"))
+    candidates = checkpoint_candidates(checkpoints)
+    if not candidates:
+        raise SetupError(f"no checkpoint in {checkpoints}; train first")
+    for prefix in candidates:
+        for suffix in (".index", ".data-00000-of-00001"):
+            if os.path.exists(prefix + suffix):
+                _confined(workdir, prefix + suffix)
+    source = data_lib.prepare_source(config.data, workdir)
+    model = build_resnet18(num_classes=source.num_classes, width=config.model.width,
+                           image_size=config.data.image_size, seed=config.runtime.seed)
+    checkpoint = tf.train.Checkpoint(model=model)  # the optimizer is not needed for inference
+    try:
+        prefix = restore_latest_good(checkpoint, checkpoints)
+    except RuntimeError as error:
+        raise SetupError(
+            f"the checkpoints in {checkpoints} do not fit the model config.yaml describes "
+            f"(width {config.model.width}, {source.num_classes} classes): {error}"
+        ) from None
+    return config, source, model, prefix
+
+
+class ServingModule:
+    """uint8 images -> probabilities and class ids; normalisation inside the graph."""
+
+    def __init__(self, model, image_size: int):
+        import tensorflow as tf
+
+        from resnet18.data import normalise
+
+        self.module = tf.Module()
+        self.module.model = model
+
+        @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.uint8, name="images")])
+        def serve(images):
+            probabilities = tf.nn.softmax(tf.cast(model(normalise(images), training=False), tf.float32))
+            return {"probabilities": probabilities, "class_ids": tf.argmax(probabilities, -1, output_type=tf.int32)}
+
+        self.module.serve = serve
+        self.serve = serve
+        self.keras_model = _keras_inference_model(model, image_size)
+
+
+def _keras_inference_model(model, image_size: int):
+    """float images 0-255 -> probabilities, as one Keras model (what the TFLite converter takes).
+
+    Converting from Keras freezes the weights into the file; converting a tf.function that
+    reads Keras 3 variables leaves unresolved variable reads in the TFLite graph.
+    """
+    import keras
+
+    from resnet18.data import MEAN_RGB, STDDEV_RGB
+
+    images = keras.Input((image_size, image_size, 3), name="images")
+    normalised = keras.layers.Normalization(mean=MEAN_RGB, variance=[s * s for s in STDDEV_RGB])(images)
+    probabilities = keras.layers.Softmax(dtype="float32", name="probabilities")(model(normalised, training=False))
+    return keras.Model(images, probabilities, name="resnet18_inference")
+
+
+def _median_latency_ms(run_once: Callable[[], Any]) -> float:
+    run_once()  # warm-up
+    times = []
+    for _ in range(LATENCY_RUNS):
+        started = time.perf_counter()
+        run_once()
+        times.append((time.perf_counter() - started) * 1000.0)
+    return statistics.median(times)
+
+
+def _test_set(source, image_size: int):
+    import numpy as np
+    import tensorflow as tf
+
+    from resnet18 import data as data_lib
+
+    context = tf.distribute.InputContext(1, 0, 1)
+    pairs = list(data_lib._examples(source, source.test_split, context, image_size).as_numpy_iterator())
+    return np.stack([image for image, _ in pairs]), np.array([label for _, label in pairs])
+
+
+def _calibration_images(source, image_size: int):
+    import tensorflow as tf
+
+    from resnet18 import data as data_lib
+
+    context = tf.distribute.InputContext(1, 0, 1)
+    dataset = data_lib._examples(source, source.train_split, context, image_size)
+    return [image for image, _ in dataset.shuffle(2048, seed=0).take(CALIBRATION_IMAGES).as_numpy_iterator()]
+
+
+def _tflite_predict(path: str):
+    """(predict(images uint8 [N,H,W,3]) -> class ids, latency of one image) for a .tflite file."""
+    import numpy as np
+    import tensorflow as tf
+
+    with warnings.catch_warnings():  # TF 2.21 still ships tf.lite.Interpreter, with a deprecation notice
+        warnings.simplefilter("ignore")
+        interpreter = tf.lite.Interpreter(model_path=path, num_threads=1)
+    interpreter.allocate_tensors()
+    input_detail = interpreter.get_input_details()[0]
+    output_index = interpreter.get_output_details()[0]["index"]
+
+    def one(image):
+        value = image[None].astype(input_detail["dtype"])
+        interpreter.set_tensor(input_detail["index"], value)
+        interpreter.invoke()
+        return interpreter.get_tensor(output_index)[0]
+
+    def predict(images):
+        return np.array([int(np.argmax(one(image))) for image in images])
+
+    return predict, one
+
+
+def export(workdir: str, formats: list[str]) -> dict[str, Any]:
+    """Writes WORKDIR/export/ and its report.json; returns the report."""
+    import numpy as np
+    import tensorflow as tf
+
+    config, source, model, prefix = load_trained_model(workdir)
+    size = config.data.image_size
+    out = os.path.join(workdir, "export")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "labels.txt"), "w", encoding="utf-8") as stream:
+        stream.write("\n".join(source.class_names) + "\n")
+    module = ServingModule(model, size)
+    images, labels = _test_set(source, size)
+    reference = np.concatenate([module.serve(tf.constant(images[i:i + 256]))["class_ids"].numpy()
+                                for i in range(0, len(images), 256)])
+    checkpoint_accuracy = float(np.mean(reference == labels))
+    report: dict[str, Any] = {"checkpoint": prefix, "checkpoint_test_accuracy": checkpoint_accuracy,
+                              "test_examples": int(len(labels)), "latency_threads": 1, "artifacts": []}
+    one_image = tf.constant(images[:1])
+
+    def record(name: str, path: str, predict, latency_ms: float) -> None:
+        predictions = predict(images)
+        accuracy = float(np.mean(predictions == labels))
+        report["artifacts"].append({
+            "format": name, "path": os.path.relpath(path, workdir),
+            "file_bytes": _size(path), "test_accuracy": accuracy,
+            "accuracy_change_points": 100.0 * (accuracy - checkpoint_accuracy),
+            "agreement_with_checkpoint": float(np.mean(predictions == reference)),
+            "latency_ms_median": latency_ms,
+        })
+        print(f"{name:12s} {_size(path) / 1e6:8.2f} MB  test accuracy {accuracy:.4f} "
+              f"({100.0 * (accuracy - checkpoint_accuracy):+.2f} points)  {latency_ms:.2f} ms/image", flush=True)
+
+    failures = []
+    if "saved_model" in formats:
+        path = os.path.join(out, "saved_model", "1")
+        tf.saved_model.save(module.module, path, signatures={"serving_default": module.serve})
+        serving = tf.saved_model.load(path).signatures["serving_default"]
+        record("saved_model", path,
+               lambda batch: np.concatenate([serving(images=tf.constant(batch[i:i + 256]))["class_ids"].numpy()
+                                             for i in range(0, len(batch), 256)]),
+               _median_latency_ms(lambda: serving(images=one_image)))
+    for name in ("tflite", "tflite_int8"):
+        if name not in formats:
+            continue
+        converter = tf.lite.TFLiteConverter.from_keras_model(module.keras_model)
+        if name == "tflite_int8":
+            calibration = _calibration_images(source, size)
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.representative_dataset = lambda: ([image[None].astype(np.float32)] for image in calibration)
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            converter.inference_input_type = tf.uint8
+            converter.inference_output_type = tf.uint8
+        path = os.path.join(out, "model_float32.tflite" if name == "tflite" else "model_int8.tflite")
+        with open(path, "wb") as stream:
+            stream.write(converter.convert())
+        predict, one = _tflite_predict(path)
+        record(name, path, predict, _median_latency_ms(lambda: one(images[0])))
+    if "onnx" in formats:
+        try:
+            path = _export_onnx(module, size, os.path.join(out, "model.onnx"))
+            predict, one = _onnx_predict(path)
+            record("onnx", path, predict, _median_latency_ms(lambda: one(images[:1])))
+        except Exception as error:  # tf2onnx missing or unable to convert this TensorFlow
+            reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+            failures.append(f"onnx: {reason}")
+            report["artifacts"].append({"format": "onnx", "error": reason})
+            print(f"onnx         not exported: {reason}", flush=True)
+    with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as stream:
+        json.dump(report, stream, indent=2)
+    report["failures"] = failures
+    return report
+
+
+def _size(path: str) -> int:
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
+    return os.path.getsize(path)
+
+
+def _export_onnx(module: ServingModule, size: int, path: str) -> str:
+    import tensorflow as tf
+    import tf2onnx  # optional: pip install -e '.[onnx]'
+
+    spec = (tf.TensorSpec([None, size, size, 3], tf.uint8, name="images"),)
+    tf2onnx.convert.from_function(module.serve, input_signature=spec, opset=17, output_path=path)
+    return path
+
+
+def _onnx_predict(path: str):
+    import numpy as np
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    class_ids = next(index for index, output in enumerate(session.get_outputs()) if "class_ids" in output.name)
+
+    def one(batch):
+        return session.run(None, {input_name: batch})
+
+    def predict(images):
+        return np.concatenate([one(images[i:i + 256])[class_ids] for i in range(0, len(images), 256)])
+
+    return predict, one
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    parser = argparse.ArgumentParser(prog="python -m launcher.export", description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", required=True, help="work directory of a trained run")
+    parser.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated: {', '.join(FORMATS)}")
+    args = parser.parse_args(argv)
+    try:
+        formats = parse_formats(args.formats)
+        if not os.path.isdir(args.workdir):
+            raise SetupError(f"--workdir {args.workdir!r} is not a directory")
+        report = export(args.workdir, formats)
+    except LauncherError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return error.exit_code
+    if report["failures"]:
+        print("error: " + "; ".join(report["failures"]), file=sys.stderr, flush=True)
+        return EXIT_FAILURE
+    print(f"Wrote {os.path.join(args.workdir, 'export')}", flush=True)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

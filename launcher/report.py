@@ -1,0 +1,209 @@
+"""Training report: curves, confusion matrix, per-class accuracy and report.md.
+
+Written by the chief at the end of every run, and on demand:
+
+    python -m launcher.report --workdir runs/cpu_smoke
+
+Reads only WORKDIR/config.yaml, summary.json and history.jsonl (no TensorFlow),
+and writes WORKDIR/report/: curves.png, confusion_matrix.png, per_class_accuracy.json
+and report.md. Exit 2 when the work directory holds no finished run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import yaml  # noqa: E402
+
+from launcher.errors import EXIT_OK, SetupError  # noqa: E402
+
+
+def _read_json(path: str) -> Any:
+    import tensorflow as tf  # gfile reads gs:// too; imported only when needed
+
+    with tf.io.gfile.GFile(path) as stream:
+        return json.load(stream)
+
+
+def load_run(workdir: str) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """(config, summary, history) of a finished run in `workdir`."""
+    import tensorflow as tf
+
+    summary_path = os.path.join(workdir, "summary.json")
+    if not tf.io.gfile.exists(summary_path):
+        raise SetupError(f"{workdir} holds no finished run (no summary.json); train first")
+    summary = _read_json(summary_path)
+    with tf.io.gfile.GFile(os.path.join(workdir, "config.yaml")) as stream:
+        config = yaml.safe_load(stream)
+    history_path = os.path.join(workdir, "history.jsonl")
+    history = []
+    if tf.io.gfile.exists(history_path):
+        with tf.io.gfile.GFile(history_path) as stream:
+            history = [json.loads(line) for line in stream if line.strip()]
+    return config, summary, history or summary.get("history", [])
+
+
+def per_class_accuracy(confusion: list[list[int]], class_names: list[str]) -> dict[str, float | None]:
+    """Recall of each class: correct predictions / test examples of that class."""
+    result = {}
+    for index, name in enumerate(class_names):
+        total = sum(confusion[index])
+        result[name] = confusion[index][index] / total if total else None
+    return result
+
+
+def plot_curves(history: list[dict[str, Any]], title: str, path: str) -> None:
+    epochs = [entry["epoch"] for entry in history]
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for axis, metric, label in ((axes[0], "accuracy", "Accuracy"), (axes[1], "loss", "Loss")):
+        train_label = f"train {metric}" + (" (incl. weight decay, label smoothing)" if metric == "loss" else "")
+        axis.plot(epochs, [entry[f"train_{metric}"] for entry in history], "o-", label=train_label)
+        axis.plot(epochs, [entry[f"test_{metric}"] for entry in history], "s-", label=f"test {metric}")
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(label)
+        axis.set_title(label)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    axes[1].set_yscale("log")
+    rates = [entry.get("learning_rate") for entry in history]
+    axes[2].plot(epochs, rates, "o-", color="tab:green", label="learning rate (end of epoch)")
+    axes[2].set_xlabel("epoch")
+    axes[2].set_ylabel("learning rate")
+    axes[2].set_title("Learning rate")
+    axes[2].grid(alpha=0.3)
+    axes[2].legend()
+    figure.suptitle(f"{title}: training curves")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_confusion(confusion: list[list[int]], class_names: list[str], title: str, path: str) -> None:
+    size = max(5.0, 0.6 * len(class_names) + 2)
+    figure, axis = plt.subplots(figsize=(size + 1, size))
+    image = axis.imshow(confusion, cmap="Blues")
+    figure.colorbar(image, ax=axis, label="test examples")
+    ticks = range(len(class_names))
+    axis.set_xticks(list(ticks), class_names, rotation=45, ha="right")
+    axis.set_yticks(list(ticks), class_names)
+    axis.set_xlabel("predicted class")
+    axis.set_ylabel("true class")
+    peak = max(max(row) for row in confusion) or 1
+    if len(class_names) <= 20:
+        for row, values in enumerate(confusion):
+            for column, value in enumerate(values):
+                axis.text(column, row, str(value), ha="center", va="center", fontsize=8,
+                          color="white" if value > peak / 2 else "black")
+    axis.set_title(f"{title}: confusion matrix (test split)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def hardware() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as stream:
+            cpu = next(line.split(":", 1)[1].strip() for line in stream if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
+
+
+def write_report(workdir: str) -> list[str]:
+    """Writes WORKDIR/report/ and returns the paths written."""
+    import tensorflow as tf
+
+    config, summary, history = load_run(workdir)
+    out = os.path.join(workdir, "report")
+    tf.io.gfile.makedirs(out)
+    local = out if "://" not in out else os.path.join("/tmp", f"report-{os.getpid()}")
+    os.makedirs(local, exist_ok=True)
+    title = summary.get("name") or config.get("name", "run")
+    written = []
+    if history:
+        plot_curves(history, title, os.path.join(local, "curves.png"))
+        written.append("curves.png")
+    classes = summary.get("class_names") or [str(index) for index in range(len(summary.get("confusion_matrix", [])))]
+    per_class = {}
+    if summary.get("confusion_matrix"):
+        plot_confusion(summary["confusion_matrix"], classes, title, os.path.join(local, "confusion_matrix.png"))
+        per_class = per_class_accuracy(summary["confusion_matrix"], classes)
+        with open(os.path.join(local, "per_class_accuracy.json"), "w", encoding="utf-8") as stream:
+            json.dump(per_class, stream, indent=2)
+        written += ["confusion_matrix.png", "per_class_accuracy.json"]
+    with open(os.path.join(local, "report.md"), "w", encoding="utf-8") as stream:
+        stream.write(_markdown(config, summary, history, per_class, title))
+    written.append("report.md")
+    if local != out:
+        for name in written:
+            tf.io.gfile.copy(os.path.join(local, name), os.path.join(out, name), overwrite=True)
+    return [os.path.join(out, name) for name in written]
+
+
+def _markdown(config, summary, history, per_class, title) -> str:
+    ips = summary.get("train_images_per_sec")
+    lines = [
+        f"# {title}",
+        "",
+        f"Report written {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| test accuracy | {summary['test_accuracy']:.4f} ({summary.get('test_examples', '?')} test examples) |",
+        f"| test loss | {summary['test_loss']:.4f} |",
+        f"| epochs / steps | {summary['epochs']} / {summary['steps']} |",
+        f"| strategy | {summary['strategy']}, {summary['num_replicas']} replica(s) |",
+        f"| devices | {', '.join(summary.get('devices', []))} |",
+        f"| global batch | {summary['global_batch_size']} |",
+        f"| training images/s | {ips:.0f} |" if ips else "| training images/s | n/a |",
+        f"| wall time | {summary['wall_seconds']:.0f} s (this run; resumed from step {summary.get('resumed_from_step', 0)}) |",
+        f"| precision | {summary.get('precision', 'float32')} |",
+        f"| TensorFlow | {summary['tensorflow_version']} |",
+        f"| hardware | {hardware()} |",
+        "",
+    ]
+    if history:
+        lines += ["## Training curves", "", "![training curves](curves.png)", "",
+                  "| epoch | train loss | train acc | test loss | test acc | learning rate |",
+                  "|---|---|---|---|---|---|"]
+        for entry in history:
+            lines.append(f"| {entry['epoch']} | {entry['train_loss']:.4f} | {entry['train_accuracy']:.4f} | "
+                         f"{entry['test_loss']:.4f} | {entry['test_accuracy']:.4f} | "
+                         f"{entry.get('learning_rate', float('nan')):.5f} |")
+        lines.append("")
+    if per_class:
+        lines += ["## Per-class accuracy", "", "![confusion matrix](confusion_matrix.png)", "",
+                  "| class | accuracy |", "|---|---|"]
+        lines += [f"| {name} | {value:.4f} |" if value is not None else f"| {name} | n/a |"
+                  for name, value in per_class.items()]
+        lines.append("")
+    lines += ["## Resolved config", "", "```yaml", yaml.safe_dump(config, sort_keys=False).rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launcher.report", description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", required=True, help="work directory of a finished run")
+    args = parser.parse_args(argv)
+    try:
+        for path in write_report(args.workdir):
+            print(path)
+    except SetupError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

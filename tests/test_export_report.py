@@ -1,0 +1,129 @@
+"""Export (SavedModel, TFLite float/int8, ONNX) and the training report, on a trained tiny run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from launcher import export as export_lib
+from launcher.config import DataConfig
+from launcher.report import write_report
+from resnet18 import data as data_lib
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def trained(smoke_run):
+    """The smoke job's run (1,000 test images); its report was written by the chief."""
+    result, workdir = smoke_run
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return workdir
+
+
+def run_module(module: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+
+
+@pytest.fixture(scope="module")
+def exported(trained):
+    process = run_module("launcher.export", "--workdir", str(trained))
+    report_path = trained / "export" / "report.json"
+    return process, json.loads(report_path.read_text()) if report_path.exists() else None
+
+
+def png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, f"{path} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_run_writes_a_report_with_readable_plots(trained):
+    report = trained / "report"
+    for name in ("curves.png", "confusion_matrix.png"):
+        width, height = png_size(report / name)
+        assert width >= 600 and height >= 400, (name, width, height)
+    per_class = json.loads((report / "per_class_accuracy.json").read_text())
+    assert list(per_class)[:2] == ["airplane", "automobile"] and len(per_class) == 10
+    markdown = (report / "report.md").read_text()
+    for words in ("test accuracy", "OneDeviceStrategy", "images/s", "wall time", "hardware", "```yaml", "curves.png"):
+        assert words in markdown
+    summary = json.loads((trained / "summary.json").read_text())
+    assert sum(map(sum, summary["confusion_matrix"])) == summary["test_examples"]
+    history = [json.loads(line) for line in (trained / "history.jsonl").read_text().splitlines()]
+    assert [entry["epoch"] for entry in history] == list(range(1, summary["epochs"] + 1))
+
+
+def test_report_on_demand_and_for_a_missing_run(trained, tmp_path):
+    (trained / "report" / "curves.png").unlink()
+    written = write_report(str(trained))
+    assert any(path.endswith("curves.png") for path in written) and (trained / "report" / "curves.png").exists()
+    result = run_module("launcher.report", "--workdir", str(tmp_path), timeout=120)
+    assert result.returncode == 2 and "no finished run" in result.stderr
+
+
+def test_every_format_is_exported_and_evaluated(exported):
+    process, report = exported
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    artifacts = {artifact["format"]: artifact for artifact in report["artifacts"]}
+    assert set(artifacts) == {"saved_model", "tflite", "tflite_int8", "onnx"}
+    assert report["checkpoint_test_accuracy"] > 0.4
+    assert artifacts["saved_model"]["agreement_with_checkpoint"] == 1.0
+    assert artifacts["tflite"]["agreement_with_checkpoint"] > 0.99
+    assert artifacts["onnx"]["agreement_with_checkpoint"] > 0.99
+    int8, float32 = artifacts["tflite_int8"], artifacts["tflite"]
+    assert int8["file_bytes"] <= 0.3 * float32["file_bytes"]
+    assert int8["accuracy_change_points"] >= -1.0  # the target: int8 loses at most 1 point
+    for artifact in artifacts.values():
+        assert artifact["latency_ms_median"] > 0 and artifact["file_bytes"] > 0
+
+
+def test_saved_model_serves_the_exact_rest_and_grpc_requests(trained, exported):
+    process, _ = exported
+    assert process.returncode == 0
+    serving = tf.saved_model.load(str(trained / "export" / "saved_model" / "1")).signatures["serving_default"]
+    source = data_lib.prepare_source(DataConfig(data_dir=str(trained / "generated_data")), "/unused")
+    images = np.stack([image for image, _ in data_lib._examples(
+        source, "test", tf.distribute.InputContext(1, 0, 1), 32).take(3).as_numpy_iterator()])
+    body = export_lib.rest_request_body(images)
+    assert json.loads(body)["signature_name"] == "serving_default"
+    response = export_lib.run_rest_request(serving, body)
+    assert np.asarray(response["probabilities"]).shape == (3, 10)
+    assert np.allclose(np.sum(response["probabilities"], axis=1), 1.0, atol=1e-4)
+    assert response["class_ids"] == np.argmax(response["probabilities"], axis=1).tolist()
+    grpc = export_lib.run_grpc_request(serving, export_lib.grpc_predict_request(images))
+    assert grpc["class_ids"] == response["class_ids"]
+    assert np.allclose(grpc["probabilities"], response["probabilities"])
+    labels = (trained / "export" / "labels.txt").read_text().split()
+    assert labels[0] == "airplane" and len(labels) == 10
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--formats", "saved_model,pickle"], ["unknown ['pickle']"]),
+    ([], ["holds no run"]),
+])
+def test_bad_export_inputs_exit_2(tmp_path, args, words):
+    result = run_module("launcher.export", "--workdir", str(tmp_path), *args, timeout=120)
+    assert result.returncode == 2, result.stderr
+    for word in words:
+        assert word in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_export_of_another_model_shape_exits_2(trained, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy, ignore=shutil.ignore_patterns("export", "report"))
+    config = (copy / "config.yaml").read_text().replace("width: 16", "width: 8")
+    (copy / "config.yaml").write_text(config)
+    result = run_module("launcher.export", "--workdir", str(copy), "--formats", "saved_model", timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "do not fit the model" in result.stderr and "width 8" in result.stderr
