@@ -4,7 +4,7 @@ TensorFlow has no torchrun; this is ours. It starts N worker processes of the
 same job, each with a generated TF_CONFIG on free ports of 127.0.0.1, prefixes
 their output with the worker's rank, forwards SIGINT/SIGTERM to all of them and
 waits. It exits 0 only when every worker exited 0. When one worker fails, the
-others are stopped (SIGTERM, then SIGKILL) within 30 seconds and the launcher
+others are stopped (SIGTERM, then SIGKILL after 5 s) within 30 seconds and the launcher
 exits non-zero, naming the worker, its exit code and its last lines.
 
     python -m launcher --workers 2 --job tests/jobs/tiny.yaml      # 2 CPU workers
@@ -32,7 +32,7 @@ from typing import IO
 
 from launcher.errors import EXIT_FAILURE, EXIT_RETRYABLE, EXIT_USAGE, SetupError
 
-STOP_GRACE_SECONDS = 10  # SIGTERM -> SIGKILL for the survivors of a failed worker
+STOP_GRACE_SECONDS = 5  # SIGTERM -> SIGKILL for the survivors of a failed worker (their group is broken)
 FINISH_GRACE_SECONDS = 120  # after one worker succeeds, the others must end within this
 POLL_SECONDS = 0.2
 TAIL_LINES = 20
