@@ -36,6 +36,7 @@ from resnet18 import data as data_lib
 from resnet18.checkpointing import remove_stale_temporaries, restore_latest_good
 from resnet18.model import build_resnet18, decayed_kernels
 
+_IMPORT_TIME = time.time()
 DTYPE_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 
 
@@ -89,6 +90,36 @@ def make_optimizer(config: Config, steps_per_epoch: int) -> keras.optimizers.Opt
     return optimizer
 
 
+def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, config: Config, num_classes: int):
+    """One replica's training step: (images, labels) -> (loss, correct predictions).
+
+    The loss is averaged over the *global* batch (`compute_average_loss`), so the
+    gradients the optimizer sums across replicas are those of the global batch;
+    weight decay is an L2 term on conv and dense kernels, split across replicas.
+    """
+    smoothing = config.train.label_smoothing
+    weight_decay = config.train.weight_decay
+    global_batch = config.train.global_batch_size
+    kernels = decayed_kernels(model)
+
+    def train_step(images, labels):
+        with tf.GradientTape() as tape:
+            logits = model(images, training=True)
+            targets = tf.one_hot(labels, num_classes) * (1.0 - smoothing) + smoothing / num_classes
+            per_example = tf.nn.softmax_cross_entropy_with_logits(targets, tf.cast(logits, tf.float32))
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+            if weight_decay:
+                l2 = tf.add_n([tf.nn.l2_loss(tf.cast(kernel, tf.float32)) for kernel in kernels])
+                loss += tf.nn.scale_regularization_loss(weight_decay * l2)
+            scaled = optimizer.scale_loss(loss)  # loss scaling for float16; identity otherwise
+        gradients = tape.gradient(scaled, model.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
+        return loss, correct
+
+    return train_step
+
+
 def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir: str) -> dict[str, Any]:
     """Trains and evaluates ResNet18 under `strategy`; resumes from WORKDIR/checkpoints.
 
@@ -135,7 +166,6 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
         step_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
                                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_counter)
-    kernels = decayed_kernels(model)
     # Every worker restores the chief's latest good checkpoint (WORKDIR must be shared
     # storage); only the chief keeps what it saves, the others save into a directory they
     # delete (saving may use collectives, so every worker must take part).
@@ -161,25 +191,8 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
             source, config.data, global_batch, config.train.epochs, config.runtime.seed, start_step
         )
     )
-    smoothing = config.train.label_smoothing
-    weight_decay = config.train.weight_decay
     num_classes = source.num_classes
-
-    # --- Step functions ----------------------------------------------------------------
-    def train_step(images, labels):
-        with tf.GradientTape() as tape:
-            logits = model(images, training=True)
-            targets = tf.one_hot(labels, num_classes) * (1.0 - smoothing) + smoothing / num_classes
-            per_example = tf.nn.softmax_cross_entropy_with_logits(targets, tf.cast(logits, tf.float32))
-            loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
-            if weight_decay:
-                l2 = tf.add_n([tf.nn.l2_loss(tf.cast(kernel, tf.float32)) for kernel in kernels])
-                loss += tf.nn.scale_regularization_loss(weight_decay * l2)
-            scaled = optimizer.scale_loss(loss) if hasattr(optimizer, "scale_loss") else loss
-        gradients = tape.gradient(scaled, model.trainable_variables)
-        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
-        return loss, correct
+    train_step = make_train_step(model, optimizer, config, num_classes)
 
     @tf.function
     def train_loop(iterator, num_steps):
@@ -277,6 +290,7 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
         train_images = 0
         metrics: dict[str, float] = {}
         first_call = True
+        startup_seconds = None  # process start -> end of the first training steps
         while step < total_steps:
             epoch = step // steps_per_epoch
             epoch_end = (epoch + 1) * steps_per_epoch
@@ -284,7 +298,7 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
                                            verbose=1 if chief and sys.stdout.isatty() else 0)
             if chief:
                 print(f"Epoch {epoch + 1}/{config.train.epochs}", flush=True)
-            loss_total, correct_total, epoch_steps = 0.0, 0.0, 0
+            loss_total, correct_total, epoch_steps, epoch_seconds = 0.0, 0.0, 0, 0.0
             while step < epoch_end:
                 next_checkpoint = (step // every + 1) * every if every else epoch_end
                 chunk = min(steps_per_loop, epoch_end - step, next_checkpoint - step)
@@ -300,8 +314,11 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
                 if not first_call:  # the first call traces and compiles; leave it out of images/s
                     train_seconds += elapsed
                     train_images += chunk * global_batch
+                elif startup_seconds is None:
+                    startup_seconds = time.time() - process_start_time()
                 first_call = False
                 step += chunk
+                epoch_seconds += elapsed
                 loss_total += loss_sum
                 correct_total += float(correct_sum)
                 epoch_steps += chunk
@@ -336,7 +353,8 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
             if chief:
                 print(f"epoch {epoch + 1}/{config.train.epochs}  step {step}/{total_steps}  "
                       f"loss {metrics['train_loss']:.4f}  accuracy {metrics['train_accuracy']:.4f}  "
-                      f"test_loss {metrics['test_loss']:.4f}  test_accuracy {metrics['test_accuracy']:.4f}", flush=True)
+                      f"test_loss {metrics['test_loss']:.4f}  test_accuracy {metrics['test_accuracy']:.4f}  "
+                      f"{epoch_steps * global_batch / epoch_seconds:.0f} img/s", flush=True)
 
         if not metrics:  # nothing left to train: the work directory already holds the final step
             metrics = evaluate()
@@ -357,6 +375,7 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
             "global_batch_size": global_batch,
             **describe(strategy),
             "train_images_per_sec": train_images / train_seconds if train_seconds else None,
+            "startup_seconds": startup_seconds,
             "wall_seconds": time.time() - wall_start,
             "tensorflow_version": tf.__version__,
             "precision": config.train.precision,
@@ -384,6 +403,16 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
         watcher.close()
         if not chief:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+
+def process_start_time() -> float:
+    """When this process started (epoch seconds), for start-up time."""
+    try:
+        import psutil  # installed with tensorflow-datasets
+
+        return psutil.Process().create_time()
+    except ImportError:
+        return _IMPORT_TIME
 
 
 def read_history(workdir: str) -> list[dict[str, Any]]:

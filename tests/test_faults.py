@@ -283,3 +283,14 @@ def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(tiny_data_dir, tmp
     result = corrupt_latest_and_resume(tiny_data_dir, tmp_path, destroy_all)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert "no checkpoint in" in result.stderr and "can be read" in result.stderr
+
+
+def test_sigterm_to_the_launcher_is_forwarded_and_never_retried(tiny_data_dir, tmp_path):
+    run = Running(["--workers", "2", "--max_restarts", "3", *job_args(tiny_data_dir, tmp_path)])
+    run.wait_for(r"\[worker 0\] Checkpoint at step 8:")
+    run.process.send_signal(signal.SIGTERM)
+    assert run.finish(timeout=120) == 138, run.output[-3000:]
+    saved = set(re.findall(r"\[worker (\d)\] error: preempted \(SIGTERM\): checkpoint saved at step (\d+)", run.output))
+    assert {rank for rank, _ in saved} == {"0", "1"} and len({step for _, step in saved}) == 1
+    assert "stopped by SIGTERM" in run.output and "Restarting" not in run.output
+    assert run.output.count("Starting 2 local workers") == 1
