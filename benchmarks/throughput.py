@@ -46,8 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=128, help="global batch size")
     parser.add_argument("--precisions", default="float32,bfloat16")
     parser.add_argument("--xla", default="false,true", help="XLA settings for the model step")
-    parser.add_argument("--end_to_end_precision", default="bfloat16",
-                        help="precision of the end-to-end run (the default CPU training configuration)")
+    parser.add_argument("--end_to_end_precision", default="auto",
+                        help="precision of the end-to-end run (auto: the launcher's default)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement")
     parser.add_argument("--pipeline_batches", type=int, default=200)
@@ -105,7 +105,7 @@ def model_step_images_per_sec(config, precision: str, xla: bool, warmup: int, st
 
     batch = config.train.global_batch_size
     model = build_resnet18(width=config.model.width, dtype_policy=DTYPE_POLICIES[precision])
-    optimizer = make_optimizer(config, steps_per_epoch=100)
+    optimizer = make_optimizer(config, steps_per_epoch=100, precision=precision)
     optimizer.build(model.trainable_variables)
     train_step = make_train_step(model, optimizer, config, num_classes=10)
     images = tf.random.stateless_normal([batch, 32, 32, 3], [5, 6])
@@ -199,6 +199,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "date": time.strftime("%Y-%m-%d"), "model_step": [],
     }
 
+    if args.end_to_end_precision == "auto":
+        from resnet18.train import resolve_precision
+
+        args.end_to_end_precision = resolve_precision("auto", strategy)
     # 1 and 4: model step and peak, per precision and XLA setting.
     flops_per_image = model_flops_per_image(build_resnet18(width=args.width))
     results["model_flops_per_image"] = flops_per_image

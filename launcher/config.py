@@ -23,7 +23,7 @@ STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 AUGMENTATIONS = ("crop_flip", "seed", "none")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "constant")
-PRECISIONS = ("float32", "bfloat16", "float16")
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 LR_SCALING = ("linear", "none")
 
 
@@ -81,7 +81,8 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4  # L2 on conv and dense kernels (not BN, not biases)
     label_smoothing: float = 0.1
-    precision: str = "float32"  # float32, bfloat16 or float16 (loss-scaled)
+    precision: str = "auto"  # auto: bfloat16 where the hardware has it (TPU, A100+, AVX512-BF16/AMX CPUs),
+    #                          float16 (loss-scaled) on V100/T4, else float32; or name one
     steps_per_loop: int = 20  # train steps per tf.function call (host overhead)
     checkpoint_every_steps: int = 100  # also at every epoch end; 0 = epoch ends only
     checkpoint_max_to_keep: int = 3

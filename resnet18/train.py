@@ -64,6 +64,26 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
                 "total_steps": self.total_steps, "cosine": self.cosine}
 
 
+def resolve_precision(precision: str, strategy: tf.distribute.Strategy) -> str:
+    """`auto` -> the fastest precision the strategy's devices compute natively."""
+    if precision != "auto":
+        return precision
+    devices = " ".join(strategy.extended.worker_devices)
+    if "TPU" in devices:
+        return "bfloat16"
+    if "GPU" in devices:
+        details = tf.config.experimental.get_device_details(tf.config.list_physical_devices("GPU")[0])
+        capability = details.get("compute_capability", (0, 0))
+        return "bfloat16" if capability >= (8, 0) else "float16" if capability >= (7, 0) else "float32"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as stream:
+            flags = next((line for line in stream if line.startswith("flags")), "").split()
+    except OSError:
+        flags = []
+    # oneDNN runs bfloat16 convolutions natively with AVX512-BF16 or AMX; elsewhere it emulates them slowly.
+    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "float32"
+
+
 def peak_learning_rate(config: Config) -> float:
     """train.learning_rate, scaled linearly by global batch / 256 unless lr_scaling is none."""
     train = config.train
@@ -72,7 +92,7 @@ def peak_learning_rate(config: Config) -> float:
     return train.learning_rate
 
 
-def make_optimizer(config: Config, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+def make_optimizer(config: Config, steps_per_epoch: int, precision: str = "float32") -> keras.optimizers.Optimizer:
     """The optimizer with its warm-up/cosine schedule; float16 gets dynamic loss scaling."""
     train = config.train
     schedule = WarmupCosine(
@@ -85,7 +105,7 @@ def make_optimizer(config: Config, steps_per_epoch: int) -> keras.optimizers.Opt
         optimizer = keras.optimizers.SGD(learning_rate=schedule, momentum=train.momentum, nesterov=True)
     else:
         optimizer = keras.optimizers.Adam(learning_rate=schedule)
-    if train.precision == "float16":
+    if precision == "float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
 
@@ -141,6 +161,10 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
         with tf.io.gfile.GFile(os.path.join(workdir, "config.yaml"), "w") as stream:
             stream.write(config_lib.dump(config))
 
+    precision = resolve_precision(config.train.precision, strategy)
+    if precision != config.train.precision and chief:
+        print(f"Precision: {precision} (train.precision auto)", flush=True)
+
     # --- Data -------------------------------------------------------------------------
     source = data_lib.prepare_source(config.data, workdir)
     steps_per_epoch = data_lib.steps_per_epoch(source, global_batch)
@@ -157,10 +181,10 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
             num_classes=source.num_classes,
             width=config.model.width,
             image_size=config.data.image_size,
-            dtype_policy=DTYPE_POLICIES[config.train.precision],
+            dtype_policy=DTYPE_POLICIES[precision],
             seed=config.runtime.seed,
         )
-        optimizer = make_optimizer(config, steps_per_epoch)
+        optimizer = make_optimizer(config, steps_per_epoch, precision)
         optimizer.build(model.trainable_variables)
         # The global step: with loss scaling, optimizer.iterations skips steps with inf gradients.
         step_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
@@ -378,7 +402,7 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
             "startup_seconds": startup_seconds,
             "wall_seconds": time.time() - wall_start,
             "tensorflow_version": tf.__version__,
-            "precision": config.train.precision,
+            "precision": precision,
             "weights_sha256": fingerprint,
             "class_names": list(source.class_names),
             "confusion_matrix": metrics["confusion_matrix"],
