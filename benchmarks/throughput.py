@@ -28,6 +28,8 @@ import tempfile
 import time
 from typing import Any
 
+from launcher.config import TrainConfig
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGETS = {  # on the project's 2-core CPU machine, as ratios from one run
     "end_to_end_vs_model": 0.95,
@@ -43,7 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--width", type=int, default=64, help="ResNet18 width (64 = the real model)")
-    parser.add_argument("--batch", type=int, default=128, help="global batch size")
+    parser.add_argument("--batch", type=int, default=TrainConfig().global_batch_size,
+                        help="global batch size (default: the launcher's default training configuration)")
+    parser.add_argument("--seed_batch", type=int, default=128, help="batch size of the tutorial's Model.fit baseline")
     parser.add_argument("--precisions", default="float32,bfloat16")
     parser.add_argument("--xla", default="false,true", help="XLA settings for the model step")
     parser.add_argument("--end_to_end_precision", default="auto",
@@ -143,7 +147,8 @@ def seed_baseline(source, width: int, batch: int, warmup: int, steps: int) -> tu
 
     from resnet18.model import build_resnet18
 
-    examples = list(source.builder.as_dataset(split="train").take(batch * 8).as_numpy_iterator())
+    # Enough batches for every step: Keras 3 ends a fit epoch when the generator runs out.
+    examples = list(source.builder.as_dataset(split="train").take(batch * (max(warmup, steps) + 1)).as_numpy_iterator())
     images = np.stack([example["image"] for example in examples]).astype("float32") / 255.0
     labels = tf.keras.utils.to_categorical([example["label"] for example in examples], 10)
     generator = tf.keras.preprocessing.image.ImageDataGenerator(  # the tutorial's augmentation
@@ -195,7 +200,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     source = data_lib.prepare_source(config.data, scratch)
     results: dict[str, Any] = {
         "device": device, "device_kind": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-        "batch": args.batch, "width": args.width, "tensorflow_version": tf.__version__,
+        "batch": args.batch, "seed_batch": args.seed_batch, "width": args.width, "tensorflow_version": tf.__version__,
         "date": time.strftime("%Y-%m-%d"), "model_step": [],
     }
 
@@ -227,7 +232,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # 5: the tutorial's Model.fit + ImageDataGenerator.
     if "seed" not in skip:
-        fit, generator = seed_baseline(source, args.width, args.batch, args.warmup, args.steps)
+        fit, generator = seed_baseline(source, args.width, args.seed_batch, args.warmup, args.steps)
         results["seed_baseline_images_per_sec"] = fit
         results["seed_generator_images_per_sec"] = generator
 
@@ -259,7 +264,8 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
 
 
 def table(results: dict[str, Any]) -> str:
-    lines = [f"ResNet18 width {results['width']}, batch {results['batch']}, {results['device']} "
+    lines = [f"ResNet18 width {results['width']}, batch {results['batch']} (tutorial baseline: "
+             f"{results['seed_batch']}), {results['device']} "
              f"({results['cpu_count']} CPUs), TensorFlow {results['tensorflow_version']}, {results['date']}", "",
              f"{'model step':32s} {'images/s':>10s} {'peak GFLOP/s':>13s} {'MFU':>7s}"]
     for entry in results["model_step"]:

@@ -20,7 +20,7 @@ REQUIRED = ("model_images_per_sec", "pipeline_images_per_sec", "end_to_end_image
 def test_tiny_benchmark_writes_every_key(tmp_path):
     output = tmp_path / "throughput.json"
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.throughput", "--width", "4", "--batch", "32", "--steps", "2",
+        [sys.executable, "-m", "benchmarks.throughput", "--width", "4", "--batch", "32", "--seed_batch", "32", "--steps", "2",
          "--warmup", "1", "--precisions", "float32", "--xla", "false,true", "--end_to_end_precision", "float32",
          "--pipeline_batches", "10", "--skip", "workers", "--json", str(output)],
         cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
