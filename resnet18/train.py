@@ -314,7 +314,7 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
         train_images = 0
         metrics: dict[str, float] = {}
         first_call = True
-        startup_seconds = None  # process start -> end of the first training steps
+        startup_seconds = None  # process start -> end of the first training step
         while step < total_steps:
             epoch = step // steps_per_epoch
             epoch_end = (epoch + 1) * steps_per_epoch
@@ -325,7 +325,8 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
             loss_total, correct_total, epoch_steps, epoch_seconds = 0.0, 0.0, 0, 0.0
             while step < epoch_end:
                 next_checkpoint = (step // every + 1) * every if every else epoch_end
-                chunk = min(steps_per_loop, epoch_end - step, next_checkpoint - step)
+                # The first call runs one step: it traces and compiles, and a user sees progress soon.
+                chunk = min(1 if first_call else steps_per_loop, epoch_end - step, next_checkpoint - step)
                 started = time.perf_counter()
                 loss_sum, correct_sum = train_loop(iterator, tf.constant(chunk))
                 loss_sum = float(loss_sum)  # waits for the steps to finish
