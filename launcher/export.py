@@ -182,7 +182,7 @@ def _test_set(source, image_size: int):
     from resnet18 import data as data_lib
 
     context = tf.distribute.InputContext(1, 0, 1)
-    pairs = list(data_lib._examples(source, source.test_split, context, image_size).as_numpy_iterator())
+    pairs = list(data_lib.decoded_examples(source, source.test_split, context, image_size).as_numpy_iterator())
     return np.stack([image for image, _ in pairs]), np.array([label for _, label in pairs])
 
 
@@ -192,7 +192,7 @@ def _calibration_images(source, image_size: int):
     from resnet18 import data as data_lib
 
     context = tf.distribute.InputContext(1, 0, 1)
-    dataset = data_lib._examples(source, source.train_split, context, image_size)
+    dataset = data_lib.decoded_examples(source, source.train_split, context, image_size)
     return [image for image, _ in dataset.shuffle(2048, seed=0).take(CALIBRATION_IMAGES).as_numpy_iterator()]
 
 

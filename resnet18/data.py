@@ -212,7 +212,7 @@ def eval_steps(source: Source, global_batch_size: int, num_input_pipelines: int)
     return max(1, math.ceil(largest_shard / examples_per_step_per_pipeline))
 
 
-def _examples(source: Source, split: str, context: tf.distribute.InputContext, image_size: int) -> tf.data.Dataset:
+def decoded_examples(source: Source, split: str, context: tf.distribute.InputContext, image_size: int) -> tf.data.Dataset:
     """This pipeline's shard of `split` as (uint8 image [S, S, 3], int32 label)."""
     dataset = source.builder.as_dataset(split=split, shuffle_files=False)
     dataset = dataset.shard(context.num_input_pipelines, context.input_pipeline_id)
@@ -254,7 +254,7 @@ def train_dataset_fn(
         batch_size = context.get_per_replica_batch_size(global_batch_size)
         replicas_per_pipeline = context.num_replicas_in_sync // context.num_input_pipelines
         batches_per_epoch = steps * replicas_per_pipeline
-        examples = _examples(source, source.train_split, context, data.image_size)
+        examples = decoded_examples(source, source.train_split, context, data.image_size)
         pipeline = tf.cast(context.input_pipeline_id, tf.int64)
 
         def one_epoch(epoch):
@@ -294,7 +294,7 @@ def eval_dataset_fn(
         replicas_per_pipeline = context.num_replicas_in_sync // context.num_input_pipelines
         steps = eval_steps(source, global_batch_size, context.num_input_pipelines)
         target = steps * replicas_per_pipeline * batch_size
-        real = _examples(source, source.test_split, context, data.image_size).map(
+        real = decoded_examples(source, source.test_split, context, data.image_size).map(
             lambda image, label: (image, label, tf.constant(1.0))
         )
         padding = tf.data.Dataset.from_tensors(

@@ -276,9 +276,9 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
 
     last_saved = {"path": restored}
 
-    def save(step: int) -> None:
+    def save(step: int, statistics_synced: bool = False) -> None:
         """Checkpoints at `step` on every worker; never writes non-finite weights."""
-        if num_replicas > 1:
+        if num_replicas > 1 and not statistics_synced:
             sync_moving_statistics()
         if not bool(weights_are_finite()):
             raise TrainingError(
@@ -374,7 +374,7 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
             if chief:  # every epoch since step 0, across restarts (the report plots it)
                 _write_history(workdir, earlier_history + history)
             _write_scalars(writers.get("test"), step, {"loss": metrics["test_loss"], "accuracy": metrics["test_accuracy"]})
-            save(step)
+            save(step, statistics_synced=True)  # evaluate() has just averaged them
             if chief:
                 print(f"epoch {epoch + 1}/{config.train.epochs}  step {step}/{total_steps}  "
                       f"loss {metrics['train_loss']:.4f}  accuracy {metrics['train_accuracy']:.4f}  "

@@ -38,7 +38,7 @@ def test_generated_source_is_read_by_the_real_cifar10_builder(source):
 
 def test_two_pipelines_see_disjoint_halves_that_cover_the_data(source):
     shards = [
-        image_keys(np.stack([image for image, _ in data_lib._examples(source, "train", context(2, i), 32).as_numpy_iterator()]))
+        image_keys(np.stack([image for image, _ in data_lib.decoded_examples(source, "train", context(2, i), 32).as_numpy_iterator()]))
         for i in range(2)
     ]
     everything = image_keys(np.stack([example["image"] for example in tfds.as_numpy(

@@ -92,7 +92,7 @@ def test_saved_model_serves_the_exact_rest_and_grpc_requests(trained, exported):
     assert process.returncode == 0
     serving = tf.saved_model.load(str(trained / "export" / "saved_model" / "1")).signatures["serving_default"]
     source = data_lib.prepare_source(DataConfig(data_dir=str(trained / "generated_data")), "/unused")
-    images = np.stack([image for image, _ in data_lib._examples(
+    images = np.stack([image for image, _ in data_lib.decoded_examples(
         source, "test", tf.distribute.InputContext(1, 0, 1), 32).take(3).as_numpy_iterator()])
     body = export_lib.rest_request_body(images)
     assert json.loads(body)["signature_name"] == "serving_default"
