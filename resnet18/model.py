@@ -5,10 +5,21 @@ width x (1, 2, 4, 8) channels, stride 2 at the first block of stages 2-4; a
 1x1 conv + BN projection shortcut where the shape changes; global average
 pooling; a dense head that returns logits (softmax lives in the loss, in float32).
 
+Options, both off by default (then the model, its parameter count and its initial
+weights for a seed are exactly the plain ResNet18's):
+  se=True       squeeze-and-excitation (Hu et al. 2018) on every block's residual
+                branch: channel gates from pooled features, reduction SE_REDUCTION.
+  sync_bn=True  BatchNormalization(synchronized=True): under a tf.distribute
+                strategy the batch moments are all-reduced over all replicas, so
+                every replica normalises (and updates its moving statistics) with
+                the global batch's; without a strategy it is plain BN.
+
     python -c "import resnet18.model as m; m.build_resnet18().summary()"
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import keras
 
@@ -16,6 +27,7 @@ STAGE_MULTIPLIERS = (1, 2, 4, 8)
 BLOCKS_PER_STAGE = 2
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
+SE_REDUCTION = 16  # squeeze width = filters // SE_REDUCTION (the paper's r), at least 1
 
 
 def build_resnet18(
@@ -24,6 +36,8 @@ def build_resnet18(
     image_size: int = 32,
     dtype_policy: str = "float32",
     seed: int = 0,
+    se: bool = False,
+    sync_bn: bool = False,
 ) -> keras.Model:
     """Builds the CIFAR ResNet18 as a functional Keras model returning float32 logits.
 
@@ -35,15 +49,18 @@ def build_resnet18(
         e.g. "mixed_bfloat16"; the logits are always float32.
       seed: initialisation seed; the same seed gives the same weights, without
         touching global random state.
+      se: add a squeeze-and-excitation gate to every basic block.
+      sync_bn: synchronise BatchNormalization batch statistics across replicas.
     """
     seeds = iter(range(seed * 1000, seed * 1000 + 1000))
     inputs = keras.Input(shape=(image_size, image_size, 3), name="images")
-    x = _conv_bn(inputs, width, 3, 1, "stem", dtype_policy, seeds)
+    x = _conv_bn(inputs, width, 3, 1, "stem", dtype_policy, seeds, sync_bn)
     x = keras.layers.ReLU(name="stem_relu", dtype=dtype_policy)(x)
     for stage, multiplier in enumerate(STAGE_MULTIPLIERS, start=1):
         for block in range(1, BLOCKS_PER_STAGE + 1):
             strides = 2 if stage > 1 and block == 1 else 1
-            x = _basic_block(x, width * multiplier, strides, f"stage{stage}_block{block}", dtype_policy, seeds)
+            x = _basic_block(
+                x, width * multiplier, strides, f"stage{stage}_block{block}", dtype_policy, seeds, se, sync_bn)
     x = keras.layers.GlobalAveragePooling2D(name="pool", dtype=dtype_policy)(x)
     logits = keras.layers.Dense(
         num_classes, kernel_initializer=keras.initializers.GlorotUniform(seed=next(seeds)),
@@ -51,7 +68,10 @@ def build_resnet18(
     return keras.Model(inputs, logits, name=f"resnet18_w{width}")
 
 
-def _conv_bn(x, filters: int, kernel_size: int, strides: int, name: str, dtype_policy: str, seeds):
+def _conv_bn(
+    x, filters: int, kernel_size: int, strides: int, name: str, dtype_policy: str, seeds: Iterator[int],
+    sync_bn: bool,
+):
     x = keras.layers.Conv2D(
         filters,
         kernel_size,
@@ -63,19 +83,43 @@ def _conv_bn(x, filters: int, kernel_size: int, strides: int, name: str, dtype_p
         dtype=dtype_policy,
     )(x)
     return keras.layers.BatchNormalization(
-        momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=f"{name}_bn", dtype=dtype_policy
+        momentum=BN_MOMENTUM, epsilon=BN_EPSILON, synchronized=sync_bn, name=f"{name}_bn", dtype=dtype_policy
     )(x)
 
 
-def _basic_block(x, filters: int, strides: int, name: str, dtype_policy: str, seeds):
+def _basic_block(
+    x, filters: int, strides: int, name: str, dtype_policy: str, seeds: Iterator[int], se: bool, sync_bn: bool,
+):
     shortcut = x
     if strides != 1 or x.shape[-1] != filters:
-        shortcut = _conv_bn(x, filters, 1, strides, f"{name}_proj", dtype_policy, seeds)
-    y = _conv_bn(x, filters, 3, strides, f"{name}_a", dtype_policy, seeds)
+        shortcut = _conv_bn(x, filters, 1, strides, f"{name}_proj", dtype_policy, seeds, sync_bn)
+    y = _conv_bn(x, filters, 3, strides, f"{name}_a", dtype_policy, seeds, sync_bn)
     y = keras.layers.ReLU(name=f"{name}_a_relu", dtype=dtype_policy)(y)
-    y = _conv_bn(y, filters, 3, 1, f"{name}_b", dtype_policy, seeds)
+    y = _conv_bn(y, filters, 3, 1, f"{name}_b", dtype_policy, seeds, sync_bn)
+    if se:  # seeds are drawn only when SE is on, so the default model's initial weights are unchanged
+        y = _squeeze_excite(y, filters, name, dtype_policy, seeds)
     y = keras.layers.Add(name=f"{name}_add", dtype=dtype_policy)([shortcut, y])
     return keras.layers.ReLU(name=f"{name}_out", dtype=dtype_policy)(y)
+
+
+def _squeeze_excite(y, filters: int, name: str, dtype_policy: str, seeds: Iterator[int]):
+    """Rescales y's channels by gates in (0, 1) computed from its global average."""
+    # keepdims: the [batch, 1, 1, filters] gate broadcasts in the Multiply, and 1x1
+    # convs act as the paper's two fully connected layers on it.
+    gate = keras.layers.GlobalAveragePooling2D(keepdims=True, name=f"{name}_se_pool", dtype=dtype_policy)(y)
+    gate = keras.layers.Conv2D(
+        max(1, filters // SE_REDUCTION), 1, activation="relu",
+        kernel_initializer=keras.initializers.HeNormal(seed=next(seeds)),  # He: a ReLU follows
+        name=f"{name}_se_squeeze", dtype=dtype_policy,
+    )(gate)
+    # Under a mixed policy this conv computes, and so returns the sigmoid gate, in the
+    # compute dtype (bfloat16), the same dtype as y, so the Multiply needs no cast.
+    gate = keras.layers.Conv2D(
+        filters, 1, activation="sigmoid",
+        kernel_initializer=keras.initializers.GlorotUniform(seed=next(seeds)),
+        name=f"{name}_se_excite", dtype=dtype_policy,
+    )(gate)
+    return keras.layers.Multiply(name=f"{name}_se_scale", dtype=dtype_policy)([y, gate])
 
 
 def decayed_kernels(model: keras.Model) -> list:

@@ -1,11 +1,19 @@
-"""The CIFAR ResNet18: pinned parameter count, logits dtype, width option."""
+"""The CIFAR ResNet18: pinned parameter count, logits dtype, width option, SE and synchronized BN."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
+import keras
 import numpy as np
 import tensorflow as tf
 
-from resnet18.model import build_resnet18, decayed_kernels
+from resnet18.model import BLOCKS_PER_STAGE, SE_REDUCTION, STAGE_MULTIPLIERS, build_resnet18, decayed_kernels
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The reference CIFAR ResNet18 (e.g. kuangliu/pytorch-cifar) has 11,173,962
 # trainable parameters; Keras also counts the 9,600 BN moving means/variances.
@@ -41,3 +49,163 @@ def test_same_seed_same_weights_other_seed_other_weights():
     kernel = lambda model: model.get_layer("stem_conv").kernel.numpy()  # noqa: E731
     assert np.array_equal(kernel(first), kernel(second))
     assert not np.array_equal(kernel(first), kernel(third))
+
+
+
+def test_default_model_draws_one_seed_per_conv_then_the_head():
+    # Pins the seed stream of the default model (options off must draw no seeds): conv
+    # kernels in build order (stem, then per block: projection, a, b), then the head.
+    model = build_resnet18(width=4, seed=3)
+    conv_names = ["stem_conv"]
+    for stage in range(1, len(STAGE_MULTIPLIERS) + 1):
+        for block in range(1, BLOCKS_PER_STAGE + 1):
+            prefix = f"stage{stage}_block{block}"
+            if stage > 1 and block == 1:
+                conv_names.append(f"{prefix}_proj_conv")
+            conv_names += [f"{prefix}_a_conv", f"{prefix}_b_conv"]
+    assert len(conv_names) == len([layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)])
+    for offset, name in enumerate(conv_names):
+        kernel = model.get_layer(name).kernel
+        expected = keras.initializers.HeNormal(seed=3000 + offset)(kernel.shape)
+        assert np.array_equal(kernel.numpy(), expected.numpy()), name
+    head = model.get_layer("logits").kernel
+    expected_head = keras.initializers.GlorotUniform(seed=3000 + len(conv_names))(head.shape)
+    assert np.array_equal(head.numpy(), expected_head.numpy())
+
+def _se_parameters(width: int) -> int:
+    """Kernels + biases of the two 1x1 SE convs, summed over the 8 basic blocks."""
+    total = 0
+    for multiplier in STAGE_MULTIPLIERS:
+        filters = width * multiplier
+        squeezed = max(1, filters // SE_REDUCTION)
+        squeeze = filters * squeezed + squeezed  # filters -> squeezed, ReLU
+        excite = squeezed * filters + filters  # squeezed -> filters, sigmoid
+        total += BLOCKS_PER_STAGE * (squeeze + excite)
+    return total
+
+
+def test_squeeze_excitation_adds_exactly_its_parameters():
+    plain, with_se = build_resnet18(width=16), build_resnet18(width=16, se=True)
+    assert _se_parameters(16) == 5_950  # by hand: 2 x (49 + 162 + 580 + 2184)
+    assert with_se.count_params() - plain.count_params() == _se_parameters(16)
+    assert len(with_se.trainable_weights) - len(plain.trainable_weights) == 8 * 4  # kernel, bias x 2 convs x 8 blocks
+    assert with_se.get_layer("stage4_block2_se_squeeze").kernel.shape == (1, 1, 128, 8)
+    assert with_se.get_layer("stage1_block1_se_squeeze").kernel.shape == (1, 1, 16, 1)  # max(1, 16 // 16)
+    logits = with_se(np.random.default_rng(0).normal(size=[3, 32, 32, 3]).astype(np.float32), training=False)
+    assert logits.shape == (3, 10) and logits.dtype == tf.float32
+    assert np.all(np.isfinite(logits.numpy()))
+
+
+def test_squeeze_excitation_gate_changes_the_output():
+    # Different architecture and different draws from the seed stream: same seed, other logits.
+    images = np.random.default_rng(1).normal(size=[2, 32, 32, 3]).astype(np.float32)
+    plain, with_se = build_resnet18(width=4, seed=3), build_resnet18(width=4, seed=3, se=True)
+    assert not np.allclose(plain(images, training=False), with_se(images, training=False))
+    assert np.array_equal(  # the stem is built before any SE layer draws a seed
+        plain.get_layer("stem_conv").kernel.numpy(), with_se.get_layer("stem_conv").kernel.numpy())
+
+
+def test_squeeze_excitation_under_mixed_bfloat16():
+    model = build_resnet18(width=16, dtype_policy="mixed_bfloat16", se=True)
+    for name in ("pool", "squeeze", "excite", "scale"):
+        assert model.get_layer(f"stage2_block1_se_{name}").compute_dtype == "bfloat16"
+    assert model.get_layer("stage2_block1_se_excite").kernel.dtype == "float32"  # mixed: float32 variables
+    images = np.random.default_rng(2).normal(size=[2, 32, 32, 3]).astype(np.float32)
+    logits = model(images, training=True)
+    assert logits.shape == (2, 10) and logits.dtype == tf.float32
+    assert np.all(np.isfinite(logits.numpy()))
+
+
+def test_sync_bn_changes_no_weights_and_no_inference_output():
+    plain, synced = build_resnet18(width=8, seed=3), build_resnet18(width=8, seed=3, sync_bn=True)
+    batch_norms = lambda model: [  # noqa: E731
+        layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert len(batch_norms(synced)) == 1 + 16 + 3  # stem, block convs, projections
+    assert not any(layer.synchronized for layer in batch_norms(plain))
+    assert all(layer.synchronized for layer in batch_norms(synced))
+    assert plain.count_params() == synced.count_params()
+    assert len(plain.weights) == len(synced.weights)
+    for plain_weight, synced_weight in zip(plain.weights, synced.weights):
+        assert plain_weight.path == synced_weight.path
+        assert np.array_equal(plain_weight.numpy(), synced_weight.numpy()), plain_weight.path
+    images = np.random.default_rng(3).normal(size=[4, 32, 32, 3]).astype(np.float32)
+    assert np.array_equal(plain(images, training=False).numpy(), synced(images, training=False).numpy())
+
+
+# Run in a fresh process: a process gets one set of logical devices and one
+# MirroredStrategy. Replica 0 sees all-zero images, replica 1 all-10 images, so
+# local and global batch moments differ a lot. Prints one JSON line.
+_SYNC_BN_SCRIPT = """
+import json
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+import keras
+import numpy as np
+from resnet18.model import BN_MOMENTUM, build_resnet18
+
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+per_replica_shape = [2, 8, 8, 3]
+images = strategy.experimental_distribute_values_from_function(
+    lambda context: tf.fill(per_replica_shape, 10.0 * context.replica_id_in_sync_group))
+results = {"replicas": strategy.num_replicas_in_sync}
+for sync_bn in (True, False):
+    with strategy.scope():
+        model = build_resnet18(width=4, image_size=8, sync_bn=sync_bn)
+
+    @tf.function
+    def train_forward(images):
+        return strategy.run(lambda x: model(x, training=True), args=(images,))
+
+    train_forward(images)
+    local = lambda variable: [v.numpy().tolist() for v in strategy.experimental_local_results(variable.value)]
+    stem_bn = model.get_layer("stem_bn")
+    # What stem_bn normalised: the stem conv's output on each replica's batch.
+    conv_outputs = [model.get_layer("stem_conv")(tf.fill(per_replica_shape, value)).numpy() for value in (0.0, 10.0)]
+    bn_layers = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    results[str(sync_bn)] = {
+        "moving_mean": local(stem_bn.moving_mean),
+        "moving_variance": local(stem_bn.moving_variance),
+        "local_means": [output.mean(axis=(0, 1, 2)).tolist() for output in conv_outputs],
+        "local_variances": [output.var(axis=(0, 1, 2)).tolist() for output in conv_outputs],
+        "global_mean": np.concatenate(conv_outputs).mean(axis=(0, 1, 2)).tolist(),
+        "global_variance": np.concatenate(conv_outputs).var(axis=(0, 1, 2)).tolist(),
+        "all_bn_replicas_equal": all(
+            np.array_equal(*local(variable)) for layer in bn_layers
+            for variable in (layer.moving_mean, layer.moving_variance)),
+    }
+results["momentum"] = BN_MOMENTUM
+print(json.dumps(results))
+"""
+
+
+def test_sync_bn_all_reduces_batch_moments_across_replicas():
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run(
+        [sys.executable, "-c", _SYNC_BN_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(result.stdout.strip().splitlines()[-1])
+    assert results["replicas"] == 2
+    momentum = results["momentum"]
+    # moving = momentum * initial + (1 - momentum) * batch moment; initial mean 0, variance 1.
+    synced, plain = results["True"], results["False"]
+    assert np.abs(np.subtract(*synced["local_means"])).max() > 1.0  # the replicas' batches really differ
+    for replica in range(2):
+        np.testing.assert_allclose(
+            synced["moving_mean"][replica], (1 - momentum) * np.array(synced["global_mean"]), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            synced["moving_variance"][replica], momentum + (1 - momentum) * np.array(synced["global_variance"]),
+            rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            plain["moving_mean"][replica], (1 - momentum) * np.array(plain["local_means"][replica]),
+            rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            plain["moving_variance"][replica], momentum + (1 - momentum) * np.array(plain["local_variances"][replica]),
+            rtol=1e-4, atol=1e-5)
+    assert synced["all_bn_replicas_equal"]
+    # Plain BN: Keras 3 moving statistics have aggregation NONE, so each replica's copy of
+    # the "mirrored" variable silently keeps its own local statistics.
+    assert not np.allclose(*plain["moving_mean"], atol=1e-3)
+    assert not plain["all_bn_replicas_equal"]
