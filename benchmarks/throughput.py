@@ -19,6 +19,7 @@ Writes --json and prints a table with the ratios the targets are stated in.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -105,17 +106,20 @@ def model_step_images_per_sec(config, precision: str, xla: bool, warmup: int, st
     import tensorflow as tf
 
     from resnet18.model import build_resnet18
-    from resnet18.train import DTYPE_POLICIES, make_optimizer, make_train_step
+    from resnet18.optimization import make_optimizer, make_train_step
+    from resnet18.train import DTYPE_POLICIES
 
     batch = config.train.global_batch_size
     model = build_resnet18(width=config.model.width, dtype_policy=DTYPE_POLICIES[precision])
     optimizer = make_optimizer(config, steps_per_epoch=100, precision=precision)
     optimizer.build(model.trainable_variables)
+    # train.xla compiles the forward and backward pass, exactly as in training.
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, xla=xla))
     train_step = make_train_step(model, optimizer, config, num_classes=10)
     images = tf.random.stateless_normal([batch, 32, 32, 3], [5, 6])
     labels = tf.random.stateless_uniform([batch], [7, 8], 0, 10, dtype=tf.int32)
 
-    @tf.function(jit_compile=xla)
+    @tf.function
     def step():
         loss, _ = train_step(images, labels)
         return loss

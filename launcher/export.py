@@ -2,10 +2,13 @@
 
     python -m launcher.export --workdir runs/cpu_smoke
     python -m launcher.export --workdir runs/cpu_smoke --formats saved_model,tflite_int8
+    python -m launcher.export --workdir runs/seed_recipe --weights best
 
-Restores the newest readable checkpoint of WORKDIR into the ResNet18 that
-WORKDIR/config.yaml describes (weights only: no pickled or Keras-deserialised
-code is ever loaded), then writes WORKDIR/export/:
+Restores the newest readable checkpoint of WORKDIR (or, with --weights best, the
+best epoch's, kept when train.best_checkpoint_metric is set) into the ResNet18
+that WORKDIR/config.yaml describes (weights only: no pickled or Keras-deserialised
+code is ever loaded; the weight average when train.ema_decay is set, as evaluated),
+then writes WORKDIR/export/:
 
     saved_model/1/             serving_default: uint8 images [N, H, W, 3] ->
                                probabilities [N, classes], class_ids [N]
@@ -94,30 +97,36 @@ def _confined(workdir: str, path: str) -> str:
     return real
 
 
-def load_trained_model(workdir: str):
-    """(config, source, keras model with the checkpoint's weights, checkpoint prefix)."""
+def load_trained_model(workdir: str, weights: str = "latest"):
+    """(config, source, keras model with the checkpoint's weights, checkpoint prefix).
+
+    `weights`: latest (WORKDIR/checkpoints) or best (WORKDIR/best).
+    """
     import tensorflow as tf
 
     from resnet18 import data as data_lib
     from resnet18.checkpointing import checkpoint_candidates, restore_latest_good
-    from resnet18.model import build_resnet18
+    from resnet18.train import build_model
 
     config_path = _confined(workdir, os.path.join(workdir, "config.yaml"))
     if not os.path.isfile(config_path):
         raise SetupError(f"{workdir} holds no run (no config.yaml)")
     config = config_lib.build_config(config_path)
-    checkpoints = _confined(workdir, os.path.join(workdir, "checkpoints"))
+    checkpoints = _confined(workdir, os.path.join(workdir, "checkpoints" if weights == "latest" else "best"))
     candidates = checkpoint_candidates(checkpoints)
     if not candidates:
-        raise SetupError(f"no checkpoint in {checkpoints}; train first")
+        hint = ("set train.best_checkpoint_metric to keep one" if weights == "best" else "train first")
+        raise SetupError(f"no checkpoint in {checkpoints}; {hint}")
     for prefix in candidates:
         for suffix in (".index", ".data-00000-of-00001"):
             if os.path.exists(prefix + suffix):
                 _confined(workdir, prefix + suffix)
     source = data_lib.prepare_source(config.data, workdir)
-    model = build_resnet18(num_classes=source.num_classes, width=config.model.width,
-                           image_size=config.data.image_size, seed=config.runtime.seed)
-    checkpoint = tf.train.Checkpoint(model=model)  # the optimizer is not needed for inference
+    model = build_model(config, source.num_classes)
+    # The evaluated weights: the best checkpoint holds them as `model`; training checkpoints
+    # hold the weight average (if any) as `ema_model`. The optimizer is not needed for inference.
+    use_average = weights == "latest" and config.train.ema_decay > 0
+    checkpoint = tf.train.Checkpoint(**{"ema_model" if use_average else "model": model})
     try:
         prefix = restore_latest_good(checkpoint, checkpoints)
     except RuntimeError as error:
@@ -220,12 +229,12 @@ def _tflite_predict(path: str):
     return predict, one
 
 
-def export(workdir: str, formats: list[str]) -> dict[str, Any]:
+def export(workdir: str, formats: list[str], weights: str = "latest") -> dict[str, Any]:
     """Writes WORKDIR/export/ and its report.json; returns the report."""
     import numpy as np
     import tensorflow as tf
 
-    config, source, model, prefix = load_trained_model(workdir)
+    config, source, model, prefix = load_trained_model(workdir, weights)
     size = config.data.image_size
     out = os.path.join(workdir, "export")
     os.makedirs(out, exist_ok=True)
@@ -334,12 +343,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launcher.export", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True, help="work directory of a trained run")
     parser.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated: {', '.join(FORMATS)}")
+    parser.add_argument("--weights", choices=("latest", "best"), default="latest",
+                        help="the newest checkpoint, or the best epoch's (train.best_checkpoint_metric)")
     args = parser.parse_args(argv)
     try:
         formats = parse_formats(args.formats)
         if not os.path.isdir(args.workdir):
             raise SetupError(f"--workdir {args.workdir!r} is not a directory")
-        report = export(args.workdir, formats)
+        report = export(args.workdir, formats, args.weights)
     except LauncherError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return error.exit_code

@@ -34,6 +34,7 @@ import tensorflow_datasets as tfds
 from launcher.config import DataConfig
 from launcher.errors import SetupError
 from resnet18 import generated_cifar10
+from resnet18.cutmix import cutmix
 
 # Per-channel statistics of the CIFAR-10 training set (0-255 scale).
 MEAN_RGB = (125.3, 123.0, 113.9)
@@ -245,7 +246,8 @@ def train_dataset_fn(
     """A dataset function for `strategy.distribute_datasets_from_function` (training).
 
     Yields (images float32 normalised, labels int32) batches of the per-replica size,
-    exactly `steps_per_epoch x replicas_per_pipeline` per epoch, from `start_step` on.
+    exactly `steps_per_epoch x replicas_per_pipeline` per epoch, from `start_step` on;
+    with CutMix (`data.cutmix_prob` > 0) the labels are soft targets [batch, classes].
     """
     steps = steps_per_epoch(source, global_batch_size)
     augment = make_augmentation(data.augmentation)
@@ -272,7 +274,11 @@ def train_dataset_fn(
             images, labels = batch
             # Stateless: the same (seed, epoch, pipeline, batch) always gives the same augmentation.
             batch_seed = tf.stack([tf.cast(seed, tf.int64), _mix(epoch, pipeline, index)])
-            return normalise(augment(images, batch_seed)), labels
+            images = normalise(augment(images, batch_seed))
+            if data.cutmix_prob:
+                mix_seed = tf.random.experimental.stateless_fold_in(batch_seed, 1)
+                return cutmix(images, labels, source.num_classes, mix_seed, data.cutmix_alpha, data.cutmix_prob)
+            return images, labels
 
         dataset = dataset.map(augment_and_normalise, num_parallel_calls=tf.data.AUTOTUNE)
         return dataset.prefetch(tf.data.AUTOTUNE)

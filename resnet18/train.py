@@ -32,36 +32,15 @@ from launcher.errors import RetryableError, SetupError, TrainingError
 from launcher.preemption import PreemptionWatcher
 from launcher.report import write_report
 from launcher.strategy import describe, is_chief
+from resnet18 import callbacks
 from resnet18 import data as data_lib
 from resnet18.checkpointing import remove_stale_temporaries, restore_latest_good
-from resnet18.model import build_resnet18, decayed_kernels
+from resnet18.ema import WeightAverage
+from resnet18.model import build_resnet18
+from resnet18.optimization import learning_rate_schedule, make_optimizer, make_train_step
 
 _IMPORT_TIME = time.time()
 DTYPE_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
-
-
-class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warm-up from 0 to `peak`, then cosine decay to 0 (or constant)."""
-
-    def __init__(self, peak: float, warmup_steps: int, total_steps: int, cosine: bool = True):
-        self.peak = peak
-        self.warmup_steps = warmup_steps
-        self.total_steps = total_steps
-        self.cosine = cosine
-
-    def __call__(self, step):
-        step = tf.cast(step, tf.float32)
-        warmup = tf.cast(max(self.warmup_steps, 1), tf.float32)
-        rate = self.peak * tf.minimum(1.0, (step + 1.0) / warmup) if self.warmup_steps else tf.constant(self.peak)
-        if self.cosine:
-            decay_steps = tf.cast(max(self.total_steps - self.warmup_steps, 1), tf.float32)
-            progress = tf.clip_by_value((step - self.warmup_steps) / decay_steps, 0.0, 1.0)
-            rate = tf.where(step < self.warmup_steps, rate, self.peak * 0.5 * (1.0 + tf.cos(math.pi * progress)))
-        return rate
-
-    def get_config(self) -> dict[str, Any]:
-        return {"peak": self.peak, "warmup_steps": self.warmup_steps,
-                "total_steps": self.total_steps, "cosine": self.cosine}
 
 
 def resolve_precision(precision: str, strategy: tf.distribute.Strategy) -> str:
@@ -82,62 +61,6 @@ def resolve_precision(precision: str, strategy: tf.distribute.Strategy) -> str:
         flags = []
     # oneDNN runs bfloat16 convolutions natively with AVX512-BF16 or AMX; elsewhere it emulates them slowly.
     return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "float32"
-
-
-def peak_learning_rate(config: Config) -> float:
-    """train.learning_rate, scaled linearly by global batch / 256 unless lr_scaling is none."""
-    train = config.train
-    if train.lr_scaling == "linear":
-        return train.learning_rate * train.global_batch_size / 256.0
-    return train.learning_rate
-
-
-def make_optimizer(config: Config, steps_per_epoch: int, precision: str = "float32") -> keras.optimizers.Optimizer:
-    """The optimizer with its warm-up/cosine schedule; float16 gets dynamic loss scaling."""
-    train = config.train
-    schedule = WarmupCosine(
-        peak=peak_learning_rate(config),
-        warmup_steps=int(round(train.warmup_epochs * steps_per_epoch)),
-        total_steps=train.epochs * steps_per_epoch,
-        cosine=train.lr_schedule == "cosine",
-    )
-    if train.optimizer == "sgd":
-        optimizer = keras.optimizers.SGD(learning_rate=schedule, momentum=train.momentum, nesterov=True)
-    else:
-        optimizer = keras.optimizers.Adam(learning_rate=schedule)
-    if precision == "float16":
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    return optimizer
-
-
-def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, config: Config, num_classes: int):
-    """One replica's training step: (images, labels) -> (loss, correct predictions).
-
-    The loss is averaged over the *global* batch (`compute_average_loss`), so the
-    gradients the optimizer sums across replicas are those of the global batch;
-    weight decay is an L2 term on conv and dense kernels, split across replicas.
-    """
-    smoothing = config.train.label_smoothing
-    weight_decay = config.train.weight_decay
-    global_batch = config.train.global_batch_size
-    kernels = decayed_kernels(model)
-
-    def train_step(images, labels):
-        with tf.GradientTape() as tape:
-            logits = model(images, training=True)
-            targets = tf.one_hot(labels, num_classes) * (1.0 - smoothing) + smoothing / num_classes
-            per_example = tf.nn.softmax_cross_entropy_with_logits(targets, tf.cast(logits, tf.float32))
-            loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
-            if weight_decay:
-                l2 = tf.add_n([tf.nn.l2_loss(tf.cast(kernel, tf.float32)) for kernel in kernels])
-                loss += tf.nn.scale_regularization_loss(weight_decay * l2)
-            scaled = optimizer.scale_loss(loss)  # loss scaling for float16; identity otherwise
-        gradients = tape.gradient(scaled, model.trainable_variables)
-        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
-        return loss, correct
-
-    return train_step
 
 
 def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir: str) -> dict[str, Any]:
@@ -177,19 +100,20 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
 
     # --- Model, optimizer and checkpoint (every variable inside the strategy scope) -----
     with strategy.scope():
-        model = build_resnet18(
-            num_classes=source.num_classes,
-            width=config.model.width,
-            image_size=config.data.image_size,
-            dtype_policy=DTYPE_POLICIES[precision],
-            seed=config.runtime.seed,
-        )
-        optimizer = make_optimizer(config, steps_per_epoch, precision)
+        model = build_model(config, source.num_classes, precision)
+        optimizer = make_optimizer(config, steps_per_epoch, precision, model)
         optimizer.build(model.trainable_variables)
         # The global step: with loss scaling, optimizer.iterations skips steps with inf gradients.
         step_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
                                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_counter)
+        average = None
+        if config.train.ema_decay:  # same seed: the average starts equal to the model
+            average = WeightAverage(model, build_model(config, source.num_classes, precision),
+                                    config.train.ema_decay, strategy)
+            checkpoint.ema_model = average.model
+    # What evaluation, the best checkpoint and exports use.
+    evaluated_model = average.model if average else model
     # Every worker restores the chief's latest good checkpoint (WORKDIR must be shared
     # storage); only the chief keeps what it saves, the others save into a directory they
     # delete (saving may use collectives, so every worker must take part).
@@ -209,6 +133,9 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
     manager = tf.train.CheckpointManager(
         checkpoint, checkpoint_dir, max_to_keep=config.train.checkpoint_max_to_keep
     )
+    best_metric = config.train.best_checkpoint_metric
+    best_dir = os.path.join(workdir, "best") if chief else os.path.join(checkpoint_dir, "best")
+    best_manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=evaluated_model), best_dir, max_to_keep=1)
 
     train_dataset = strategy.distribute_datasets_from_function(
         data_lib.train_dataset_fn(
@@ -224,12 +151,17 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
         correct_sum = tf.constant(0.0)
         for _ in tf.range(num_steps):
             loss, correct = strategy.run(train_step, args=next(iterator))
+            if average:
+                average.update(optimizer.iterations)
             loss_sum += strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
             correct_sum += strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None)
         return loss_sum, correct_sum
 
     def eval_step(images, labels, mask):
-        logits = tf.cast(model(images, training=False), tf.float32)
+        logits = tf.cast(evaluated_model(images, training=False), tf.float32)
+        if config.train.tta_flip:  # mean logits of the image and its mirror image
+            mirrored = tf.cast(evaluated_model(tf.reverse(images, axis=[2]), training=False), tf.float32)
+            logits = (logits + mirrored) / 2.0
         per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
         predictions = tf.argmax(logits, -1, output_type=tf.int32)
         correct = tf.cast(tf.equal(predictions, labels), tf.float32)
@@ -248,7 +180,7 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
     # Keras creates BN moving statistics with aggregation NONE: each replica (and worker)
     # updates only its own copy. Averaging them before every evaluation and save keeps
     # evaluation, checkpoints and the weights on every worker identical.
-    statistics = model.non_trainable_variables
+    statistics = model.non_trainable_variables + (average.model.non_trainable_variables if average else [])
 
     @tf.function
     def sync_moving_statistics():
@@ -300,8 +232,36 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
             return watcher.requested
         return float(count_flags(tf.constant(1.0 if watcher.requested else 0.0))) > 0
 
+    # The tutorial's callbacks (ReduceLROnPlateau, EarlyStopping, best checkpoint) decide from
+    # every epoch's test metrics so far, so a resumed run replays the recorded epochs (callbacks.py).
+    schedule = learning_rate_schedule(optimizer)
+
+    def apply_epoch_rules(epochs_so_far: list[dict[str, Any]]) -> int | None:
+        """Sets the plateau learning-rate scale; returns the early-stopping epoch, if reached."""
+        losses = [entry["test_loss"] for entry in epochs_so_far]
+        train = config.train
+        if train.lr_schedule == "plateau":
+            scale = callbacks.plateau_scale(losses, train.plateau_factor, train.plateau_patience,
+                                            train.plateau_min_delta)
+            if chief and scale != float(schedule.scale.numpy()) and epochs_so_far:
+                print(f"ReduceLROnPlateau: learning rate x{scale:g} of its schedule (test_loss has not "
+                      f"improved by {train.plateau_min_delta:g} for {train.plateau_patience} epochs)", flush=True)
+            schedule.scale.assign(scale)
+        if train.early_stopping_patience:
+            return callbacks.early_stop_epoch(losses, train.early_stopping_patience, train.early_stopping_min_delta)
+        return None
+
+    def save_if_best(epochs_so_far: list[dict[str, Any]]) -> None:
+        if best_metric and callbacks.best_epoch(epochs_so_far, best_metric) == len(epochs_so_far) - 1:
+            path = best_manager.save(checkpoint_number=epochs_so_far[-1]["step"])  # every worker takes part
+            if chief:
+                print(f"Best {best_metric} so far ({epochs_so_far[-1][best_metric]:.4f}): {path}", flush=True)
+
     # --- Loop --------------------------------------------------------------------------
-    earlier_history = [entry for entry in read_history(workdir) if entry["step"] <= start_step] if chief else []
+    # Every worker reads the history (shared WORKDIR): the epoch rules must decide alike everywhere.
+    earlier_history = [entry for entry in read_history(workdir) if entry["step"] <= start_step]
+    stopped_at_epoch = apply_epoch_rules(earlier_history)
+    previous_seconds = earlier_history[-1].get("train_seconds", 0.0) if earlier_history else 0.0
     writers = _summary_writers(workdir) if chief else {}
     every = config.train.checkpoint_every_steps
     watcher = PreemptionWatcher()
@@ -315,7 +275,8 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
         metrics: dict[str, float] = {}
         first_call = True
         startup_seconds = None  # process start -> end of the first training step
-        while step < total_steps:
+        all_train_seconds = previous_seconds  # every training call, compilation included, across restarts
+        while step < total_steps and stopped_at_epoch is None:
             epoch = step // steps_per_epoch
             epoch_end = (epoch + 1) * steps_per_epoch
             progress = keras.utils.Progbar(epoch_end - step, stateful_metrics=["loss", "accuracy", "img/s"],
@@ -342,6 +303,7 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
                 elif startup_seconds is None:
                     startup_seconds = time.time() - process_start_time()
                 first_call = False
+                all_train_seconds += elapsed
                 step += chunk
                 epoch_seconds += elapsed
                 loss_total += loss_sum
@@ -368,13 +330,19 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
             confusion = metrics.pop("confusion_matrix")
             metrics.update(epoch=epoch + 1, step=step, train_loss=loss_total / epoch_steps,
                            train_accuracy=correct_total / (epoch_steps * global_batch),
-                           learning_rate=float(optimizer.learning_rate))
+                           learning_rate=float(optimizer.learning_rate),
+                           train_seconds=all_train_seconds, elapsed_seconds=time.time() - wall_start)
             history.append(metrics)
             metrics = dict(metrics, confusion_matrix=confusion)
             if chief:  # every epoch since step 0, across restarts (the report plots it)
                 _write_history(workdir, earlier_history + history)
             _write_scalars(writers.get("test"), step, {"loss": metrics["test_loss"], "accuracy": metrics["test_accuracy"]})
             save(step, statistics_synced=True)  # evaluate() has just averaged them
+            save_if_best(earlier_history + history)
+            stopped_at_epoch = apply_epoch_rules(earlier_history + history)
+            if stopped_at_epoch and chief:
+                print(f"EarlyStopping: test_loss has not improved for {config.train.early_stopping_patience} "
+                      f"epochs; stopping after epoch {stopped_at_epoch}", flush=True)
             if chief:
                 print(f"epoch {epoch + 1}/{config.train.epochs}  step {step}/{total_steps}  "
                       f"loss {metrics['train_loss']:.4f}  accuracy {metrics['train_accuracy']:.4f}  "
@@ -384,7 +352,8 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
         if not metrics:  # nothing left to train: the work directory already holds the final step
             metrics = evaluate()
             if chief:
-                print(f"Training already complete at step {step}; evaluated the final checkpoint", flush=True)
+                reason = f"early stopping after epoch {stopped_at_epoch}" if stopped_at_epoch else f"step {step}"
+                print(f"Training already complete ({reason}); evaluated the final checkpoint", flush=True)
 
         # --- Summary -----------------------------------------------------------------------
         fingerprint = weights_fingerprint(model)
@@ -397,6 +366,8 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
             "epochs": config.train.epochs,
             "steps": step,
             "resumed_from_step": start_step,
+            "stopped_early_after_epoch": stopped_at_epoch,
+            "best_checkpoint": _best_checkpoint_entry(earlier_history + history, best_metric, workdir),
             "global_batch_size": global_batch,
             **describe(strategy),
             "train_images_per_sec": train_images / train_seconds if train_seconds else None,
@@ -428,6 +399,28 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
         watcher.close()
         if not chief:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+
+def build_model(config: Config, num_classes: int, precision: str = "float32") -> keras.Model:
+    """The ResNet18 a config describes (architecture, precision, seed)."""
+    return build_resnet18(
+        num_classes=num_classes,
+        width=config.model.width,
+        image_size=config.data.image_size,
+        dtype_policy=DTYPE_POLICIES[precision],
+        seed=config.runtime.seed,
+        se=config.model.se,
+        sync_bn=config.model.sync_bn,
+    )
+
+
+def _best_checkpoint_entry(history: list[dict[str, Any]], metric: str | None, workdir: str) -> dict[str, Any] | None:
+    index = callbacks.best_epoch(history, metric) if metric else None
+    if index is None:
+        return None
+    entry = history[index]
+    return {"metric": metric, "value": entry[metric], "epoch": entry["epoch"],
+            "path": os.path.join(workdir, "best", f"ckpt-{entry['step']}")}
 
 
 def process_start_time() -> float:
