@@ -273,6 +273,11 @@ def validate(config: Config) -> None:
         raise ConfigError("data.generated works only with data.dataset: cifar10")
     if generated.train_examples and config.data.image_folder:
         raise ConfigError("data.generated and data.image_folder cannot be used together")
+    if config.train.xla and config.model.sync_bn:
+        # XLA compiles the pass as a nested function; synchronized BN all-reduces inside it,
+        # which TensorFlow's mirrored strategies refuse ("merge_call called while defining a new graph").
+        raise ConfigError("train.xla and model.sync_bn cannot be used together: choose one "
+                          "(on TPUs everything is compiled anyway: set train.xla false there)")
     if config.runtime.cpu_replicas and config.runtime.gpus:
         raise ConfigError("runtime.cpu_replicas and runtime.gpus cannot be used together")
     if config.runtime.strategy == "one_device" and config.runtime.cpu_replicas > 1:

@@ -147,17 +147,20 @@ def make_train_step(
         if accumulation == 1:
             loss, gradients, correct = loss_and_gradients(images, targets)
         else:
-            # [N, batch/N, ...]: a while loop over micro-batches keeps only one in memory.
-            micro_images = tf.reshape(images, [accumulation, -1, *images.shape[1:]])
-            micro_targets = tf.reshape(targets, [accumulation, -1, num_classes])
-            loss, correct = tf.constant(0.0), tf.constant(0.0)
-            gradients = [tf.zeros_like(variable) for variable in variables]
-            for index in tf.range(accumulation):
-                micro_loss, micro_gradients, micro_correct = loss_and_gradients(
-                    micro_images[index], micro_targets[index])
+            # Unrolled, not a tf.while_loop: synchronized batch norm all-reduces inside the pass,
+            # which MirroredStrategy cannot do inside control flow. Each micro-batch waits for the
+            # previous one's gradients, so only one micro-batch's activations are alive at a time.
+            micro_images = tf.split(images, accumulation)
+            micro_targets = tf.split(targets, accumulation)
+            loss, correct, gradients = 0.0, 0.0, None
+            for micro_batch, micro_target in zip(micro_images, micro_targets):
+                with tf.control_dependencies(gradients or []):
+                    micro_batch = tf.identity(micro_batch)
+                micro_loss, micro_gradients, micro_correct = loss_and_gradients(micro_batch, micro_target)
                 loss += micro_loss
                 correct += micro_correct
-                gradients = [total + part for total, part in zip(gradients, micro_gradients)]
+                gradients = micro_gradients if gradients is None else [
+                    total + part for total, part in zip(gradients, micro_gradients)]
         optimizer.apply_gradients(zip(gradients, variables))
         return loss, correct
 

@@ -94,3 +94,23 @@ def test_cli_usage_errors_exit_2_before_tensorflow(args, words):
     for word in words:
         assert word in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.grad_accum_steps=3", "train.grad_accum_steps 3 does not divide the per-replica batch 64"),
+    ("train.best_checkpoint_metric=val_acc", "train.best_checkpoint_metric must be null or one of"),
+    ("train.lr_schedule=onecycle", "train.lr_schedule must be one of"),
+    ("train.ema_decay=1.0", "train.ema_decay must be in [0, 1)"),
+    ("data.cutmix_prob=1.5", "data.cutmix_prob must be in [0, 1]"),
+    ("train.weight_decay_mode=adamw", "train.weight_decay_mode must be one of"),
+    ("model.se=yes please", "model.se must be bool"),
+])
+def test_recipe_options_are_checked_and_named(override, message):
+    with pytest.raises(ConfigError) as raised:
+        build_config(TINY_JOB, [override])
+    assert message in str(raised.value)
+
+
+def test_xla_with_sync_batch_norm_is_refused_before_tensorflow_starts():
+    with pytest.raises(ConfigError, match="train.xla and model.sync_bn cannot be used together"):
+        build_config(TINY_JOB, ["train.xla=true", "model.sync_bn=true"])

@@ -228,9 +228,11 @@ def test_option_trains_and_lowers_the_loss(tiny_data_dir, tmp_path, option):
     assert summary["test_accuracy"] > 0.2  # 10 classes: chance is 0.1
 
 
-def test_sync_batch_norm_over_two_replicas_trains_with_replicas_in_step(tiny_data_dir, tmp_path):
+def test_sync_batch_norm_ema_cutmix_and_accumulation_train_over_two_replicas(tiny_data_dir, tmp_path):
     result = run_launcher("--job", TINY_JOB, "--cpu_replicas", "2", "--workdir", str(tmp_path / "run"),
-                          "--set", f"data.data_dir={tiny_data_dir}", "model.sync_bn=true", "train.epochs=3")
+                          "--set", f"data.data_dir={tiny_data_dir}", "model.sync_bn=true", "train.epochs=3",
+                          "train.ema_decay=0.9", "data.cutmix_prob=0.5", "train.grad_accum_steps=2",
+                          "train.tta_flip=true")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["num_replicas"] == 2
