@@ -153,7 +153,7 @@ def seed_baseline(source, width: int, batch: int, warmup: int, steps: int) -> tu
 
     # Enough batches for every step: Keras 3 ends a fit epoch when the generator runs out.
     examples = list(source.builder.as_dataset(split="train").take(batch * (max(warmup, steps) + 1)).as_numpy_iterator())
-    images = np.stack([example["image"] for example in examples]).astype("float32") / 255.0
+    images = np.stack([example["image"] for example in examples]).astype("float32")  # RGB 0-255: the model standardises
     labels = tf.keras.utils.to_categorical([example["label"] for example in examples], 10)
     generator = tf.keras.preprocessing.image.ImageDataGenerator(  # the tutorial's augmentation
         rotation_range=15, width_shift_range=0.1, height_shift_range=0.1, horizontal_flip=True, zoom_range=0.1)

@@ -138,19 +138,17 @@ def load_trained_model(workdir: str, weights: str = "latest"):
 
 
 class ServingModule:
-    """uint8 images -> probabilities and class ids; normalisation inside the graph."""
+    """uint8 images -> probabilities and class ids (the model standardises its input itself)."""
 
     def __init__(self, model, image_size: int):
         import tensorflow as tf
-
-        from resnet18.data import normalise
 
         self.module = tf.Module()
         self.module.model = model
 
         @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.uint8, name="images")])
         def serve(images):
-            probabilities = tf.nn.softmax(tf.cast(model(normalise(images), training=False), tf.float32))
+            probabilities = tf.nn.softmax(tf.cast(model(images, training=False), tf.float32))
             return {"probabilities": probabilities, "class_ids": tf.argmax(probabilities, -1, output_type=tf.int32)}
 
         self.module.serve = serve
@@ -166,11 +164,8 @@ def _keras_inference_model(model, image_size: int):
     """
     import keras
 
-    from resnet18.data import MEAN_RGB, STDDEV_RGB
-
     images = keras.Input((image_size, image_size, 3), name="images")
-    normalised = keras.layers.Normalization(mean=MEAN_RGB, variance=[s * s for s in STDDEV_RGB])(images)
-    probabilities = keras.layers.Softmax(dtype="float32", name="probabilities")(model(normalised, training=False))
+    probabilities = keras.layers.Softmax(dtype="float32", name="probabilities")(model(images, training=False))
     return keras.Model(images, probabilities, name="resnet18_inference")
 
 

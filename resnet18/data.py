@@ -36,9 +36,6 @@ from launcher.errors import SetupError
 from resnet18 import generated_cifar10
 from resnet18.cutmix import cutmix
 
-# Per-channel statistics of the CIFAR-10 training set (0-255 scale).
-MEAN_RGB = (125.3, 123.0, 113.9)
-STDDEV_RGB = (63.0, 62.1, 66.7)
 CACHE_LIMIT_BYTES = 4 << 30  # keep decoded images in memory below this size
 REACHABLE_TIMEOUT_SECONDS = 15
 CIFAR10_MANUAL_HELP = """\
@@ -245,12 +242,13 @@ def train_dataset_fn(
 ) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
     """A dataset function for `strategy.distribute_datasets_from_function` (training).
 
-    Yields (images float32 normalised, labels int32) batches of the per-replica size,
+    Yields (images float32 RGB 0-255, labels int32) batches of the per-replica size (the model
+    standardises its input),
     exactly `steps_per_epoch x replicas_per_pipeline` per epoch, from `start_step` on;
     with CutMix (`data.cutmix_prob` > 0) the labels are soft targets [batch, classes].
     """
     steps = steps_per_epoch(source, global_batch_size)
-    augment = make_augmentation(data.augmentation)
+    augmentation = make_augmentation(data.augmentation)
 
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
         batch_size = context.get_per_replica_batch_size(global_batch_size)
@@ -270,17 +268,17 @@ def train_dataset_fn(
         dataset = tf.data.Dataset.range(start_epoch, epochs).flat_map(one_epoch)
         dataset = dataset.skip(skip_steps * replicas_per_pipeline)
 
-        def augment_and_normalise(epoch, index, batch):
+        def augment(epoch, index, batch):
             images, labels = batch
             # Stateless: the same (seed, epoch, pipeline, batch) always gives the same augmentation.
             batch_seed = tf.stack([tf.cast(seed, tf.int64), _mix(epoch, pipeline, index)])
-            images = normalise(augment(images, batch_seed))
+            images = tf.cast(augmentation(images, batch_seed), tf.float32)
             if data.cutmix_prob:
                 mix_seed = tf.random.experimental.stateless_fold_in(batch_seed, 1)
                 return cutmix(images, labels, source.num_classes, mix_seed, data.cutmix_alpha, data.cutmix_prob)
             return images, labels
 
-        dataset = dataset.map(augment_and_normalise, num_parallel_calls=tf.data.AUTOTUNE)
+        dataset = dataset.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
         return dataset.prefetch(tf.data.AUTOTUNE)
 
     return dataset_fn
@@ -307,7 +305,6 @@ def eval_dataset_fn(
             (tf.zeros([data.image_size, data.image_size, 3], tf.uint8), tf.constant(0), tf.constant(0.0))
         ).repeat()
         dataset = real.concatenate(padding).take(target).batch(batch_size, drop_remainder=True)
-        dataset = dataset.map(lambda images, labels, mask: (normalise(images), labels, mask))
         return dataset.prefetch(tf.data.AUTOTUNE)
 
     return dataset_fn
@@ -319,12 +316,6 @@ def _mix(*values) -> tf.Tensor:
     for value in values:
         result = result * 1_000_003 + tf.cast(value, tf.int64)
     return result % (2**31 - 1)
-
-
-def normalise(images: tf.Tensor) -> tf.Tensor:
-    """uint8 or float 0-255 images -> float32, zero mean and unit variance per channel."""
-    images = tf.cast(images, tf.float32)
-    return (images - tf.constant(MEAN_RGB)) / tf.constant(STDDEV_RGB)
 
 
 def make_augmentation(name: str) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
@@ -384,4 +375,4 @@ def _affine(images, *, scale_x, scale_y, angle, shift_x, shift_y, fill_mode, int
         interpolation=interpolation,
         fill_mode=fill_mode,
     )
-    return output  # float32 in 0-255: `normalise` is next, a round trip through uint8 would cost 10 %
+    return output  # float32 in 0-255: the model takes floats, a round trip through uint8 would cost 10 %

@@ -133,7 +133,7 @@ def test_sync_bn_changes_no_weights_and_no_inference_output():
 
 
 # Run in a fresh process: a process gets one set of logical devices and one
-# MirroredStrategy. Replica 0 sees all-zero images, replica 1 all-10 images, so
+# MirroredStrategy. Replica 0 sees all-black images, replica 1 all-white (255), so
 # local and global batch moments differ a lot. Prints one JSON line.
 _SYNC_BN_SCRIPT = """
 import json
@@ -149,7 +149,7 @@ from resnet18.model import BN_MOMENTUM, build_resnet18
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 per_replica_shape = [2, 8, 8, 3]
 images = strategy.experimental_distribute_values_from_function(
-    lambda context: tf.fill(per_replica_shape, 10.0 * context.replica_id_in_sync_group))
+    lambda context: tf.fill(per_replica_shape, 255.0 * context.replica_id_in_sync_group))
 results = {"replicas": strategy.num_replicas_in_sync}
 for sync_bn in (True, False):
     with strategy.scope():
@@ -162,8 +162,9 @@ for sync_bn in (True, False):
     train_forward(images)
     local = lambda variable: [v.numpy().tolist() for v in strategy.experimental_local_results(variable.value)]
     stem_bn = model.get_layer("stem_bn")
-    # What stem_bn normalised: the stem conv's output on each replica's batch.
-    conv_outputs = [model.get_layer("stem_conv")(tf.fill(per_replica_shape, value)).numpy() for value in (0.0, 10.0)]
+    # What stem_bn normalised: the stem conv's output on each replica's (standardised) batch.
+    standardize, stem_conv = model.get_layer("standardize"), model.get_layer("stem_conv")
+    conv_outputs = [stem_conv(standardize(tf.fill(per_replica_shape, value))).numpy() for value in (0.0, 255.0)]
     bn_layers = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
     results[str(sync_bn)] = {
         "moving_mean": local(stem_bn.moving_mean),

@@ -191,8 +191,6 @@ def test_seed_recipe_rules_end_to_end_and_across_a_restart(tiny_data_dir, tmp_pa
 
 def test_weight_average_and_flip_tta_are_what_is_evaluated_and_exported(tiny_data_dir, tmp_path):
     from launcher.export import _test_set, load_trained_model
-    from resnet18.data import normalise
-
     workdir = str(tmp_path / "run")
     config = tiny_config(tiny_data_dir, "train.ema_decay=0.9", "train.tta_flip=true", "model.se=true",
                          "train.precision=float32",
@@ -200,7 +198,7 @@ def test_weight_average_and_flip_tta_are_what_is_evaluated_and_exported(tiny_dat
     summary = train_and_evaluate(config, make_strategy(RuntimeConfig(strategy="one_device")), workdir)
     _, source, model, _ = load_trained_model(workdir)
     images, labels = _test_set(source, config.data.image_size)
-    inputs = normalise(tf.constant(images))
+    inputs = tf.cast(tf.constant(images), tf.float32)
     logits = (model(inputs, training=False) + model(tf.reverse(inputs, axis=[2]), training=False)) / 2.0
     accuracy = float(np.mean(np.argmax(logits.numpy(), -1) == labels))
     assert accuracy == pytest.approx(summary["test_accuracy"], abs=0.5 / len(labels))
