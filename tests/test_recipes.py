@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 
 import keras
 import numpy as np
@@ -260,3 +261,17 @@ def test_recipe_job_runs_shrunk_to_tiny_data(tiny_data_dir, tmp_path, job):
         "model.width=4", "train.epochs=2", "train.global_batch_size=64", "train.steps_per_loop=5"])
     summary = train_and_evaluate(config, make_strategy(RuntimeConfig(strategy="one_device")), str(tmp_path / "run"))
     assert summary["steps"] == 2 * STEPS_PER_EPOCH and summary["test_examples"] == 250
+
+
+def test_two_workers_take_the_epoch_rules_together_with_averaged_weights(tiny_data_dir, tmp_path):
+    # Every worker decides plateau / early stop / best epoch from the same (all-reduced) test
+    # metrics; one deciding otherwise would leave the other waiting in a collective.
+    result = run_launcher("--workers", "2", "--job", TINY_JOB, "--workdir", str(tmp_path / "run"),
+                          "--set", f"data.data_dir={tiny_data_dir}", *SEED_LIKE, "train.ema_decay=0.9")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["strategy"] == "MultiWorkerMirroredStrategy" and summary["stopped_early_after_epoch"] == 4
+    assert [entry["learning_rate"] for entry in summary["history"]] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-5])
+    fingerprints = dict(re.findall(r"\[worker (\d)\] Final weights sha256 (\w+)", result.stdout))
+    assert set(fingerprints) == {"0", "1"} and fingerprints["0"] == fingerprints["1"]
+    assert os.path.exists(summary["best_checkpoint"]["path"] + ".index")
