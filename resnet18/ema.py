@@ -30,8 +30,17 @@ class WeightAverage:
                       for average, weight in zip(average_model.weights, model.weights)]
         self.model = average_model
 
-    def update(self, step: tf.Tensor) -> None:
-        """One EMA step, in cross-replica context (inside the loop's tf.function)."""
+    def update_from_replica(self, step: tf.Variable) -> None:
+        """One EMA step, called inside `strategy.run` after the optimizer's update.
+
+        merge_call hands it to cross-replica context once per step, the way Keras
+        optimizers update variables: on a TPU it stays inside the compiled step.
+        """
+        # `step` is a variable, read in cross-replica context: a replica's tensor must not cross over.
+        tf.distribute.get_replica_context().merge_call(lambda _: self.update(step))
+
+    def update(self, step: tf.Tensor | tf.Variable) -> None:
+        """One EMA step, in cross-replica context."""
         step = tf.cast(step, tf.float32)
         decay = tf.minimum(self.decay, (1.0 + step) / (10.0 + step))
 

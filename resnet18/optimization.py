@@ -20,6 +20,7 @@ import keras
 import tensorflow as tf
 
 from launcher.config import Config
+from resnet18.ema import WeightAverage
 from resnet18.model import decayed_kernels
 
 
@@ -101,7 +102,8 @@ def learning_rate_schedule(optimizer: keras.optimizers.Optimizer) -> WarmupDecay
 
 
 def make_train_step(
-    model: keras.Model, optimizer: keras.optimizers.Optimizer, config: Config, num_classes: int
+    model: keras.Model, optimizer: keras.optimizers.Optimizer, config: Config, num_classes: int,
+    weight_average: WeightAverage | None = None,
 ) -> Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
     """One replica's training step: (images, labels) -> (loss, correct predictions).
 
@@ -162,6 +164,8 @@ def make_train_step(
                 gradients = micro_gradients if gradients is None else [
                     total + part for total, part in zip(gradients, micro_gradients)]
         optimizer.apply_gradients(zip(gradients, variables))
+        if weight_average is not None:  # after the update: the average follows the new weights
+            weight_average.update_from_replica(optimizer.iterations)
         return loss, correct
 
     return train_step

@@ -143,7 +143,7 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
         )
     )
     num_classes = source.num_classes
-    train_step = make_train_step(model, optimizer, config, num_classes)
+    train_step = make_train_step(model, optimizer, config, num_classes, average)
 
     @tf.function
     def train_loop(iterator, num_steps):
@@ -151,8 +151,6 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
         correct_sum = tf.constant(0.0)
         for _ in tf.range(num_steps):
             loss, correct = strategy.run(train_step, args=next(iterator))
-            if average:
-                average.update(optimizer.iterations)
             loss_sum += strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
             correct_sum += strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None)
         return loss_sum, correct_sum

@@ -203,7 +203,13 @@ def test_weight_average_and_flip_tta_are_what_is_evaluated_and_exported(tiny_dat
     logits = (model(inputs, training=False) + model(tf.reverse(inputs, axis=[2]), training=False)) / 2.0
     accuracy = float(np.mean(np.argmax(logits.numpy(), -1) == labels))
     assert accuracy == pytest.approx(summary["test_accuracy"], abs=0.5 / len(labels))
-    # The live weights are not the average: they evaluate differently.
+    # The average moved away from the initial weights (it was updated every step) ...
+    from resnet18.train import build_model
+
+    initial = build_model(config, source.num_classes)
+    moved = [not np.allclose(a.numpy(), b.numpy()) for a, b in zip(model.trainable_weights, initial.trainable_weights)]
+    assert all(moved)
+    # ... and is not the live weights: they evaluate differently.
     live, _ = load_live_model(workdir, config, source.num_classes)
     live_logits = live(inputs, training=False) + live(tf.reverse(inputs, axis=[2]), training=False)
     assert not np.allclose(live_logits.numpy() / 2.0, logits.numpy(), atol=1e-4)
