@@ -97,7 +97,7 @@ class TrainConfig:
     grad_accum_steps: int = 1  # micro-batches per update: same effective batch, 1/N activation memory
     ema_decay: float = 0.0  # >0: evaluate, checkpoint and export an exponential moving average of the weights
     tta_flip: bool = False  # evaluate on the mean logits of each test image and its mirror image
-    xla: bool = False  # XLA-compile the forward+backward pass (faster on GPUs; slower on our CPUs)
+    xla: bool = False  # XLA-compile the forward+backward pass (meant for GPUs; slower on our CPUs; ignored on TPUs)
     precision: str = "auto"  # auto: bfloat16 where the hardware has it (TPU, A100+, AVX512-BF16/AMX CPUs),
     #                          float16 (loss-scaled) on V100/T4, else float32; or name one
     steps_per_loop: int = 20  # train steps per tf.function call (host overhead)
@@ -273,11 +273,11 @@ def validate(config: Config) -> None:
         raise ConfigError("data.generated works only with data.dataset: cifar10")
     if generated.train_examples and config.data.image_folder:
         raise ConfigError("data.generated and data.image_folder cannot be used together")
-    if config.train.xla and config.model.sync_bn:
+    if config.train.xla and config.model.sync_bn and not config.runtime.tpu:
         # XLA compiles the pass as a nested function; synchronized BN all-reduces inside it,
         # which TensorFlow's mirrored strategies refuse ("merge_call called while defining a new graph").
-        raise ConfigError("train.xla and model.sync_bn cannot be used together: choose one "
-                          "(on TPUs everything is compiled anyway: set train.xla false there)")
+        raise ConfigError("train.xla and model.sync_bn cannot be used together on GPUs and CPUs: choose one "
+                          "(on TPUs train.xla is ignored: every step is compiled)")
     if config.runtime.cpu_replicas and config.runtime.gpus:
         raise ConfigError("runtime.cpu_replicas and runtime.gpus cannot be used together")
     if config.runtime.strategy == "one_device" and config.runtime.cpu_replicas > 1:

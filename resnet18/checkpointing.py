@@ -46,22 +46,59 @@ def restore_latest_good(checkpoint: tf.train.Checkpoint, directory: str) -> str 
     """
     candidates = checkpoint_candidates(directory)
     failures = []
+    mismatched = 0
     for prefix in candidates:
         try:
             checkpoint.restore(prefix).assert_existing_objects_matched()
         except Exception as error:  # DataLossError, IndexError, ValueError...: any damage
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            logging.warning("checkpoint %s is unreadable (%s); trying the previous one", prefix, reason)
-            print(f"warning: checkpoint {prefix} is unreadable ({reason}); trying the previous one", flush=True)
+            intact = _files_read(prefix)
+            mismatched += intact
+            what = "does not fit this model and optimizer" if intact else "is unreadable"
+            logging.warning("checkpoint %s %s (%s); trying the previous one", prefix, what, reason)
+            print(f"warning: checkpoint {prefix} {what} ({reason}); trying the previous one", flush=True)
             failures.append(f"{os.path.basename(prefix)}: {reason}")
             continue
         return prefix
+    if candidates and mismatched == len(candidates):
+        raise RuntimeError(
+            f"the checkpoints in {directory} are intact but do not fit this job's model and optimizer: "
+            "they were written with other settings (model.width, model.se, train.optimizer, ...) or by a "
+            "launcher version with another checkpoint layout. Nothing was deleted: finish or export them "
+            "with the settings and version that wrote them (WORKDIR/config.yaml), or use another --workdir"
+        )
     if candidates:
         raise RuntimeError(
             f"no checkpoint in {directory} can be read ({'; '.join(failures)}); "
             "move the directory away to start from scratch"
         )
     return None
+
+
+def holds_object(directory: str, name: str) -> bool:
+    """Whether the newest checkpoint in `directory` saved an object `name` (e.g. ema_model).
+
+    True when it cannot tell (no checkpoint, or an unreadable one): the normal restore
+    then decides.
+    """
+    candidates = checkpoint_candidates(directory)
+    if not candidates:
+        return True
+    try:
+        return any(key.startswith(f"{name}/") for key, _ in tf.train.list_variables(candidates[0]))
+    except Exception:  # damaged: restore_latest_good will fall back and explain
+        return True
+
+
+def _files_read(prefix: str) -> bool:
+    """True if the checkpoint's files read completely (so a failed restore means a layout mismatch)."""
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+        for key in reader.get_variable_to_shape_map():
+            reader.get_tensor(key)
+        return True
+    except Exception:
+        return False
 
 
 def remove_stale_temporaries(directory: str) -> list[str]:

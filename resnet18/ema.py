@@ -5,10 +5,14 @@ weights (kernels and batch-norm statistics alike) moves towards the trained
 one: average = d * average + (1 - d) * weight, with d warmed up as
 min(decay, (1 + t) / (10 + t)) so early averages are not dominated by the
 random initialisation. Evaluation, the best checkpoint and the exports use the
-twin; being a whole model it needs no weight swapping, and each replica updates
-its own copy on its own device (no cross-device traffic).
+twin; being a whole model it needs no weight swapping.
 
-    python -m launcher --job jobs/cifar10_fast.yaml    # train.ema_decay: 0.999
+The update runs in replica context, inside the train step: Keras variables have
+aggregation NONE, so each replica's assign updates only its own copy (as batch
+norm updates its moving statistics) - no merge_call, no cross-device traffic, and
+on a TPU it is part of the compiled step.
+
+    python -m launcher --job jobs/cifar10_fast.yaml --set train.ema_decay=0.99
 """
 
 from __future__ import annotations
@@ -20,39 +24,22 @@ import tensorflow as tf
 class WeightAverage:
     """Keeps `average_model`'s weights an EMA of `model`'s; create both in the strategy scope."""
 
-    def __init__(self, model: keras.Model, average_model: keras.Model, decay: float,
-                 strategy: tf.distribute.Strategy):
+    def __init__(self, model: keras.Model, average_model: keras.Model, decay: float):
         if len(model.weights) != len(average_model.weights):
             raise ValueError("the average model must have the trained model's architecture")
         self.decay = decay
-        self.strategy = strategy
-        self.pairs = [(_tf_variable(average), _tf_variable(weight))
-                      for average, weight in zip(average_model.weights, model.weights)]
+        self.pairs = list(zip(average_model.weights, model.weights))
         self.model = average_model
 
-    def update_from_replica(self, step: tf.Variable) -> None:
-        """One EMA step, called inside `strategy.run` after the optimizer's update.
-
-        merge_call hands it to cross-replica context once per step, the way Keras
-        optimizers update variables: on a TPU it stays inside the compiled step.
-        """
-        # `step` is a variable, read in cross-replica context: a replica's tensor must not cross over.
-        tf.distribute.get_replica_context().merge_call(lambda _: self.update(step))
-
     def update(self, step: tf.Tensor | tf.Variable) -> None:
-        """One EMA step, in cross-replica context."""
+        """One EMA step, in replica context (the train step; eagerly, the default strategy's)."""
         step = tf.cast(step, tf.float32)
         decay = tf.minimum(self.decay, (1.0 + step) / (10.0 + step))
-
-        def move(average, weight):
-            return average.assign(average * tf.cast(decay, average.dtype)
-                                  + tf.cast(weight, average.dtype) * tf.cast(1.0 - decay, average.dtype))
-
         for average, weight in self.pairs:
-            # Runs on every device with that device's copies of both variables.
-            self.strategy.extended.update(average, move, args=(weight,))
+            average.assign(average * tf.cast(decay, average.dtype)
+                           + tf.cast(weight, average.dtype) * tf.cast(1.0 - decay, average.dtype))
 
-
-def _tf_variable(variable):
-    """The tf.Variable (distributed under a strategy) behind a Keras 3 variable."""
-    return variable.value if isinstance(variable, keras.Variable) else variable
+    def copy_weights(self) -> None:
+        """Starts the average at the model's current weights (a run that turned the average on late)."""
+        for average, weight in self.pairs:
+            average.assign(weight)

@@ -165,7 +165,7 @@ def make_train_step(
                     total + part for total, part in zip(gradients, micro_gradients)]
         optimizer.apply_gradients(zip(gradients, variables))
         if weight_average is not None:  # after the update: the average follows the new weights
-            weight_average.update_from_replica(optimizer.iterations)
+            weight_average.update(optimizer.iterations)
         return loss, correct
 
     return train_step

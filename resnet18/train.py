@@ -12,6 +12,7 @@ with every strategy.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -34,7 +35,7 @@ from launcher.report import write_report
 from launcher.strategy import describe, is_chief
 from resnet18 import callbacks
 from resnet18 import data as data_lib
-from resnet18.checkpointing import remove_stale_temporaries, restore_latest_good
+from resnet18.checkpointing import holds_object, remove_stale_temporaries, restore_latest_good
 from resnet18.ema import WeightAverage
 from resnet18.model import build_resnet18
 from resnet18.optimization import learning_rate_schedule, make_optimizer, make_train_step
@@ -84,6 +85,11 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
         with tf.io.gfile.GFile(os.path.join(workdir, "config.yaml"), "w") as stream:
             stream.write(config_lib.dump(config))
 
+    if config.train.xla and isinstance(strategy, tf.distribute.TPUStrategy):
+        # A TPU compiles every step with XLA anyway; a nested jit_compile function would only get in the way.
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, xla=False))
+        if chief:
+            print("train.xla: ignored on TPUs (every step is compiled already)", flush=True)
     precision = resolve_precision(config.train.precision, strategy)
     if precision != config.train.precision and chief:
         print(f"Precision: {precision} (train.precision auto)", flush=True)
@@ -110,7 +116,7 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
         average = None
         if config.train.ema_decay:  # same seed: the average starts equal to the model
             average = WeightAverage(model, build_model(config, source.num_classes, precision),
-                                    config.train.ema_decay, strategy)
+                                    config.train.ema_decay)
             checkpoint.ema_model = average.model
     # What evaluation, the best checkpoint and exports use.
     evaluated_model = average.model if average else model
@@ -122,7 +128,17 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
         for path in remove_stale_temporaries(chief_checkpoint_dir):
             print(f"Removed {path}, left by an interrupted save", flush=True)
     try:
-        restored = restore_latest_good(checkpoint, chief_checkpoint_dir)
+        # A weight average turned on for a run whose checkpoints have none starts from the restored weights.
+        average_is_new = average is not None and not holds_object(chief_checkpoint_dir, "ema_model")
+        restore_target = checkpoint
+        if average_is_new:
+            restore_target = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_counter)
+        restored = restore_latest_good(restore_target, chief_checkpoint_dir)
+        if average_is_new and restored:
+            average.copy_weights()
+            if chief:
+                print("train.ema_decay is new for this run: the weight average starts from the restored weights",
+                      flush=True)
     except RuntimeError as error:
         raise SetupError(str(error)) from None
     start_step = int(step_counter.numpy())
@@ -258,6 +274,9 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
     # --- Loop --------------------------------------------------------------------------
     # Every worker reads the history (shared WORKDIR): the epoch rules must decide alike everywhere.
     earlier_history = [entry for entry in read_history(workdir) if entry["step"] <= start_step]
+    if chief and len(earlier_history) != start_step // steps_per_epoch:
+        print(f"warning: {workdir}/history.jsonl holds {len(earlier_history)} of the {start_step // steps_per_epoch} "
+              "finished epochs; plateau, early stopping and the best epoch replay only those", flush=True)
     stopped_at_epoch = apply_epoch_rules(earlier_history)
     previous_seconds = earlier_history[-1].get("train_seconds", 0.0) if earlier_history else 0.0
     writers = _summary_writers(workdir) if chief else {}
@@ -335,8 +354,10 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
             if chief:  # every epoch since step 0, across restarts (the report plots it)
                 _write_history(workdir, earlier_history + history)
             _write_scalars(writers.get("test"), step, {"loss": metrics["test_loss"], "accuracy": metrics["test_accuracy"]})
-            save(step, statistics_synced=True)  # evaluate() has just averaged them
+            # Best first: a crash between the two saves then replays this epoch on resume (the newest
+            # checkpoint is the previous one), so WORKDIR/best never misses a recorded best epoch.
             save_if_best(earlier_history + history)
+            save(step, statistics_synced=True)  # evaluate() has just averaged them
             stopped_at_epoch = apply_epoch_rules(earlier_history + history)
             if stopped_at_epoch and chief:
                 print(f"EarlyStopping: test_loss has not improved for {config.train.early_stopping_patience} "
@@ -417,8 +438,9 @@ def _best_checkpoint_entry(history: list[dict[str, Any]], metric: str | None, wo
     if index is None:
         return None
     entry = history[index]
-    return {"metric": metric, "value": entry[metric], "epoch": entry["epoch"],
-            "path": os.path.join(workdir, "best", f"ckpt-{entry['step']}")}
+    path = os.path.join(workdir, "best", f"ckpt-{entry['step']}")
+    return {"metric": metric, "value": entry[metric], "epoch": entry["epoch"], "path": path,
+            "on_disk": tf.io.gfile.exists(path + ".index")}
 
 
 def process_start_time() -> float:
@@ -436,14 +458,23 @@ def read_history(workdir: str) -> list[dict[str, Any]]:
     path = os.path.join(workdir, "history.jsonl")
     if not tf.io.gfile.exists(path):
         return []
+    entries = []
     with tf.io.gfile.GFile(path) as stream:
-        return [json.loads(line) for line in stream if line.strip()]
+        for number, line in enumerate(stream, start=1):
+            try:
+                entries.append(json.loads(line)) if line.strip() else None
+            except json.JSONDecodeError:  # a torn write on storage without atomic rename
+                print(f"warning: {path} line {number} is not JSON; ignoring it", flush=True)
+    return entries
 
 
 def _write_history(workdir: str, history: list[dict[str, Any]]) -> None:
-    # Rewritten whole (not appended): object stores such as gs:// cannot append.
-    with tf.io.gfile.GFile(os.path.join(workdir, "history.jsonl"), "w") as stream:
+    # Rewritten whole (object stores such as gs:// cannot append), into a temporary file renamed
+    # over the old one: a crash mid-write leaves the previous history, which the epoch rules replay.
+    path = os.path.join(workdir, "history.jsonl")
+    with tf.io.gfile.GFile(path + ".tmp", "w") as stream:
         stream.write("".join(json.dumps(entry) + "\n" for entry in history))
+    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
 
 
 def weights_fingerprint(model: keras.Model) -> str:

@@ -143,7 +143,7 @@ def test_best_epoch_picks_the_first_of_the_best():
 
 def test_weight_average_follows_its_formula_with_warm_up():
     model, average_model = small_model(seed=3, batch_norm=True), small_model(seed=4, batch_norm=True)
-    average = WeightAverage(model, average_model, decay=0.9, strategy=tf.distribute.get_strategy())
+    average = WeightAverage(model, average_model, decay=0.9)
     before = [weight.numpy() for weight in average_model.weights]
     current = [weight.numpy() for weight in model.weights]
     average.update(tf.constant(0))  # warm-up: decay min(0.9, 1/10) = 0.1
@@ -281,3 +281,45 @@ def test_two_workers_take_the_epoch_rules_together_with_averaged_weights(tiny_da
     fingerprints = dict(re.findall(r"\[worker (\d)\] Final weights sha256 (\w+)", result.stdout))
     assert set(fingerprints) == {"0", "1"} and fingerprints["0"] == fingerprints["1"]
     assert os.path.exists(summary["best_checkpoint"]["path"] + ".index")
+
+
+def test_checkpoints_of_another_model_are_named_as_such_and_kept(tiny_data_dir, tmp_path):
+    from launcher.errors import SetupError
+
+    workdir = str(tmp_path / "run")
+    strategy = make_strategy(RuntimeConfig(strategy="one_device"))
+    train_and_evaluate(tiny_config(tiny_data_dir, "train.epochs=1"), strategy, workdir)
+    before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    with pytest.raises(SetupError, match="intact but do not fit this job's model and optimizer"):
+        train_and_evaluate(tiny_config(tiny_data_dir, "train.epochs=2", "model.width=8"), strategy, workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+
+
+def test_weight_average_turned_on_later_starts_from_the_restored_weights(tiny_data_dir, tmp_path, capsys):
+    workdir = str(tmp_path / "run")
+    strategy = make_strategy(RuntimeConfig(strategy="one_device"))
+    first = train_and_evaluate(tiny_config(tiny_data_dir, "train.epochs=2", "train.precision=float32"),
+                               strategy, workdir)
+    # Decay 0.99 at step ~20 warms up to ~0.7; started from the trained weights it evaluates close to them.
+    second = train_and_evaluate(tiny_config(tiny_data_dir, "train.epochs=3", "train.precision=float32",
+                                            "train.ema_decay=0.99"), strategy, workdir)
+    assert "the weight average starts from the restored weights" in capsys.readouterr().out
+    assert second["resumed_from_step"] == first["steps"] and second["steps"] == 3 * STEPS_PER_EPOCH
+    assert second["test_accuracy"] > 0.5 * first["test_accuracy"]
+
+
+def test_a_torn_history_line_is_ignored_with_a_warning(tmp_path, capsys):
+    from resnet18.train import read_history
+
+    (tmp_path / "history.jsonl").write_text('{"epoch": 1, "step": 10}\n{"epoch": 2, "st')
+    assert read_history(str(tmp_path)) == [{"epoch": 1, "step": 10}]
+    assert "line 2 is not JSON" in capsys.readouterr().out
+
+
+def test_xla_trains_over_two_replicas(tiny_data_dir, tmp_path):
+    result = run_launcher("--job", TINY_JOB, "--cpu_replicas", "2", "--workdir", str(tmp_path / "run"),
+                          "--set", f"data.data_dir={tiny_data_dir}", "train.xla=true", "train.epochs=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["num_replicas"] == 2
+    assert summary["history"][-1]["train_loss"] < summary["history"][0]["train_loss"]
