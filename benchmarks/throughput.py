@@ -106,12 +106,12 @@ def model_step_images_per_sec(config, precision: str, xla: bool, warmup: int, st
     import tensorflow as tf
 
     from resnet18.model import build_resnet18
-    from resnet18.optimization import make_optimizer, make_train_step
+    from resnet18.optimization import make_optimizer, make_schedule, make_train_step
     from resnet18.train import DTYPE_POLICIES
 
     batch = config.train.global_batch_size
     model = build_resnet18(width=config.model.width, dtype_policy=DTYPE_POLICIES[precision])
-    optimizer = make_optimizer(config, steps_per_epoch=100, precision=precision)
+    optimizer = make_optimizer(config, make_schedule(config, steps_per_epoch=100), precision=precision)
     optimizer.build(model.trainable_variables)
     # train.xla compiles the forward and backward pass, exactly as in training.
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, xla=xla))

@@ -63,21 +63,26 @@ def peak_learning_rate(config: Config) -> float:
     return train.learning_rate
 
 
-def make_optimizer(
-    config: Config, steps_per_epoch: int, precision: str = "float32", model: keras.Model | None = None
-) -> keras.optimizers.Optimizer:
-    """The optimizer with its schedule; float16 gets dynamic loss scaling.
-
-    With `weight_decay_mode: decoupled`, `model` is required: its kernels are
-    decayed by the optimizer (w -= lr * weight_decay * w), BN and biases are not.
-    """
+def make_schedule(config: Config, steps_per_epoch: int) -> WarmupDecay:
+    """The learning-rate schedule of train.* (create it in the strategy scope: it holds a variable)."""
     train = config.train
-    schedule = WarmupDecay(
+    return WarmupDecay(
         peak=peak_learning_rate(config),
         warmup_steps=int(round(train.warmup_epochs * steps_per_epoch)),
         total_steps=train.epochs * steps_per_epoch,
         decay="cosine" if train.lr_schedule == "cosine" else "constant",
     )
+
+
+def make_optimizer(
+    config: Config, schedule: WarmupDecay, precision: str = "float32", model: keras.Model | None = None
+) -> keras.optimizers.Optimizer:
+    """The optimizer following `schedule`; float16 gets dynamic loss scaling.
+
+    With `weight_decay_mode: decoupled`, `model` is required: its kernels are
+    decayed by the optimizer (w -= lr * weight_decay * w), BN and biases are not.
+    """
+    train = config.train
     decoupled = train.weight_decay if train.weight_decay_mode == "decoupled" else None
     if train.optimizer == "sgd":
         optimizer = keras.optimizers.SGD(learning_rate=schedule, momentum=train.momentum, nesterov=True,
@@ -93,12 +98,6 @@ def make_optimizer(
     if precision == "float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
-
-
-def learning_rate_schedule(optimizer: keras.optimizers.Optimizer) -> WarmupDecay:
-    """The schedule inside `optimizer` (unwrapping the float16 loss-scale wrapper)."""
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    return inner._learning_rate  # the schedule object itself; .learning_rate evaluates it
 
 
 def make_train_step(

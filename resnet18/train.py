@@ -38,7 +38,7 @@ from resnet18 import data as data_lib
 from resnet18.checkpointing import holds_object, remove_stale_temporaries, restore_latest_good
 from resnet18.ema import WeightAverage
 from resnet18.model import build_resnet18
-from resnet18.optimization import learning_rate_schedule, make_optimizer, make_train_step
+from resnet18.optimization import make_optimizer, make_schedule, make_train_step
 
 _IMPORT_TIME = time.time()
 DTYPE_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
@@ -107,7 +107,8 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
     # --- Model, optimizer and checkpoint (every variable inside the strategy scope) -----
     with strategy.scope():
         model = build_model(config, source.num_classes, precision)
-        optimizer = make_optimizer(config, steps_per_epoch, precision, model)
+        schedule = make_schedule(config, steps_per_epoch)  # the loop lowers its scale on a plateau
+        optimizer = make_optimizer(config, schedule, precision, model)
         optimizer.build(model.trainable_variables)
         # The global step: with loss scaling, optimizer.iterations skips steps with inf gradients.
         step_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
@@ -248,7 +249,6 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
 
     # The tutorial's callbacks (ReduceLROnPlateau, EarlyStopping, best checkpoint) decide from
     # every epoch's test metrics so far, so a resumed run replays the recorded epochs (callbacks.py).
-    schedule = learning_rate_schedule(optimizer)
 
     def apply_epoch_rules(epochs_so_far: list[dict[str, Any]]) -> int | None:
         """Sets the plateau learning-rate scale; returns the early-stopping epoch, if reached."""

@@ -24,7 +24,7 @@ from launcher.config import Config, RuntimeConfig, TrainConfig, build_config
 from launcher.strategy import make_strategy
 from resnet18 import callbacks
 from resnet18.ema import WeightAverage
-from resnet18.optimization import make_optimizer, make_train_step
+from resnet18.optimization import make_optimizer, make_schedule, make_train_step
 from resnet18.train import train_and_evaluate
 from tests.conftest import REPO, TINY_JOB, TINY_TRAIN, run_launcher
 
@@ -46,7 +46,7 @@ def small_model(seed: int, batch_norm: bool = False) -> keras.Model:
 def run_steps(train: TrainConfig, images, labels, steps: int = 2, batch_norm: bool = False) -> list[np.ndarray]:
     config = Config(train=train)
     model = small_model(seed=3, batch_norm=batch_norm)
-    optimizer = make_optimizer(config, steps_per_epoch=10, model=model)
+    optimizer = make_optimizer(config, make_schedule(config, steps_per_epoch=10), model=model)
     optimizer.build(model.trainable_variables)
     step = tf.function(make_train_step(model, optimizer, config, num_classes=10))
     for _ in range(steps):
