@@ -162,7 +162,7 @@ def tiny_config(data_dir: str, *overrides: str) -> Config:
 SEED_LIKE = ("train.optimizer=adam", "train.learning_rate=0.001", "train.lr_scaling=none", "train.warmup_epochs=0",
              "train.lr_schedule=plateau", "train.plateau_patience=1", "train.plateau_min_delta=100",
              "train.early_stopping_patience=3", "train.early_stopping_min_delta=100",
-             "train.best_checkpoint_metric=test_accuracy", "train.epochs=8")
+             "train.best_checkpoint_metric=test_accuracy", "train.epochs=8", "train.precision=float32")
 
 
 def test_seed_recipe_rules_end_to_end_and_across_a_restart(tiny_data_dir, tmp_path):
@@ -178,6 +178,8 @@ def test_seed_recipe_rules_end_to_end_and_across_a_restart(tiny_data_dir, tmp_pa
     assert best["epoch"] == accuracies.index(max(accuracies)) + 1 and best["value"] == max(accuracies)
     assert os.listdir(tmp_path / "whole" / "best") and os.path.exists(best["path"] + ".index")
     assert len([name for name in os.listdir(tmp_path / "whole" / "best") if name.endswith(".index")]) == 1
+    # The kept weights are the best epoch's: evaluated again, they give its accuracy.
+    assert exported_accuracy(str(tmp_path / "whole"), "best") == pytest.approx(best["value"], abs=1e-9)
 
     # Interrupted after epoch 2, then resumed: the replayed history gives the same decisions.
     resumed_dir = str(tmp_path / "resumed")
@@ -188,6 +190,26 @@ def test_seed_recipe_rules_end_to_end_and_across_a_restart(tiny_data_dir, tmp_pa
     assert resumed["stopped_early_after_epoch"] == 4
     again = train_and_evaluate(tiny_config(tiny_data_dir, *SEED_LIKE), strategy, resumed_dir)
     assert again["history"] == [] and again["steps"] == 4 * STEPS_PER_EPOCH  # stays stopped
+
+
+def exported_accuracy(workdir: str, weights: str) -> float:
+    """Test accuracy of the weights `launcher.export` would export (one view, no TTA)."""
+    from launcher.export import _test_set, load_trained_model
+
+    config, source, model, _ = load_trained_model(workdir, weights)
+    images, labels = _test_set(source, config.data.image_size)
+    logits = model(tf.constant(images), training=False).numpy()
+    return float(np.mean(np.argmax(logits, -1) == labels))
+
+
+def test_export_of_best_weights_without_a_best_checkpoint_exits_2_saying_how(tiny_data_dir, tmp_path, capsys):
+    from launcher import export
+
+    workdir = str(tmp_path / "run")
+    train_and_evaluate(tiny_config(tiny_data_dir, "train.epochs=1"), make_strategy(RuntimeConfig(strategy="one_device")),
+                       workdir)
+    assert export.main(["--workdir", workdir, "--weights", "best", "--formats", "saved_model"]) == 2
+    assert "set train.best_checkpoint_metric to keep one" in capsys.readouterr().err
 
 
 def test_weight_average_and_flip_tta_are_what_is_evaluated_and_exported(tiny_data_dir, tmp_path):
