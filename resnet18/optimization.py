@@ -140,7 +140,8 @@ def make_train_step(
 
     if train.xla:
         # The forward and backward pass only: the update's cross-replica all-reduce stays outside XLA,
-        # which works under every strategy (TPUStrategy compiles everything anyway).
+        # so it runs under one device and the mirrored strategies (not with synchronized BN, whose
+        # all-reduce would be inside: config refuses that; train.py drops xla on TPUs, compiled anyway).
         loss_and_gradients = tf.function(loss_and_gradients, jit_compile=True)
 
     def train_step(images, labels):
