@@ -202,8 +202,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     strategy = make_strategy(RuntimeConfig(strategy="one_device"))
     device = strategy.extended.worker_devices[0]
     source = data_lib.prepare_source(config.data, scratch)
+    from resnet18 import hardware
+
     results: dict[str, Any] = {
         "device": device, "device_kind": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "cpu": hardware.cpu_summary(), "cpu_flags": sorted(set(hardware.PRECISION_CPU_FLAGS) & hardware.cpu_flags()),
         "batch": args.batch, "seed_batch": args.seed_batch, "width": args.width, "tensorflow_version": tf.__version__,
         "date": time.strftime("%Y-%m-%d"), "model_step": [],
     }
@@ -215,7 +218,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # 1 and 4: model step and peak, per precision and XLA setting.
     flops_per_image = model_flops_per_image(build_resnet18(width=args.width))
     results["model_flops_per_image"] = flops_per_image
-    for precision in args.precisions.split(","):
+    precisions = [name.strip() for name in args.precisions.split(",") if name.strip()]
+    if "CPU" in device and not hardware.has_native_bfloat16(hardware.cpu_flags()) and "bfloat16" in precisions:
+        precisions.remove("bfloat16")  # the launcher refuses it here: emulated, several times slower
+        results["skipped"] = "bfloat16: this CPU has no native bfloat16 (AVX512_BF16/AMX_BF16)"
+        print(f"skipped {results['skipped']}", flush=True)
+    for precision in precisions:
         peak = peak_flops(precision)
         for xla in (value.strip() == "true" for value in args.xla.split(",")):
             images_per_sec = model_step_images_per_sec(config, precision, xla, args.warmup, args.steps)
@@ -269,8 +277,8 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
 
 def table(results: dict[str, Any]) -> str:
     lines = [f"ResNet18 width {results['width']}, batch {results['batch']} (tutorial baseline: "
-             f"{results['seed_batch']}), {results['device']} "
-             f"({results['cpu_count']} CPUs), TensorFlow {results['tensorflow_version']}, {results['date']}", "",
+             f"{results['seed_batch']}), {results['device']}: "
+             f"{results['cpu']}, TensorFlow {results['tensorflow_version']}, {results['date']}", "",
              f"{'model step':32s} {'images/s':>10s} {'peak GFLOP/s':>13s} {'MFU':>7s}"]
     for entry in results["model_step"]:
         name = f"  {entry['precision']}{' + XLA' if entry['xla'] else ''}"

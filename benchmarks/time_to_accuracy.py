@@ -56,7 +56,7 @@ import time
 from typing import Any
 
 from launcher import config as config_lib
-from launcher.errors import ConfigError
+from resnet18.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_JOB = os.path.join("jobs", "cifar10_fast.yaml")

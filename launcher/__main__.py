@@ -24,7 +24,7 @@ import traceback
 
 from launcher import config as config_lib
 from launcher.cluster import read_tf_config
-from launcher.errors import EXIT_FAILURE, EXIT_OK, ConfigError, LauncherError, RetryableError, TrainingError
+from resnet18.errors import EXIT_FAILURE, EXIT_OK, ConfigError, LauncherError, RetryableError, TrainingError
 from launcher.slurm import tf_config_from_slurm
 
 DEFAULT_RUNS_DIR = "runs"

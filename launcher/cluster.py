@@ -13,7 +13,7 @@ import json
 import os
 from typing import Mapping
 
-from launcher.errors import SetupError
+from resnet18.errors import SetupError
 
 # Roles MultiWorkerMirroredStrategy trains with. `ps` belongs to
 # ParameterServerStrategy and `evaluator` to a side-car evaluator; neither runs here.

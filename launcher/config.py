@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from launcher.errors import ConfigError
+from resnet18.errors import ConfigError
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 AUGMENTATIONS = ("crop_flip", "seed", "none")

@@ -37,7 +37,7 @@ import warnings
 from typing import Any, Callable
 
 from launcher import config as config_lib
-from launcher.errors import EXIT_FAILURE, EXIT_OK, LauncherError, SetupError
+from resnet18.errors import EXIT_FAILURE, EXIT_OK, LauncherError, SetupError
 
 FORMATS = ("saved_model", "tflite", "tflite_int8", "onnx")
 CALIBRATION_IMAGES = 256

@@ -30,7 +30,7 @@ import threading
 import time
 from typing import IO
 
-from launcher.errors import EXIT_FAILURE, EXIT_RETRYABLE, EXIT_USAGE, SetupError
+from resnet18.errors import EXIT_FAILURE, EXIT_RETRYABLE, EXIT_USAGE, SetupError
 
 STOP_GRACE_SECONDS = 5  # SIGTERM -> SIGKILL for the survivors of a failed worker (their group is broken)
 FINISH_GRACE_SECONDS = 120  # after one worker succeeds, the others must end within this

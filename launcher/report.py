@@ -25,7 +25,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
-from launcher.errors import EXIT_OK, SetupError  # noqa: E402
+from resnet18.errors import EXIT_OK, SetupError  # noqa: E402
 
 
 def _read_json(path: str) -> Any:
@@ -111,13 +111,9 @@ def plot_confusion(confusion: list[list[int]], class_names: list[str], title: st
 
 
 def hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as stream:
-            cpu = next(line.split(":", 1)[1].strip() for line in stream if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
+    from resnet18.hardware import cpu_summary
+
+    return f"{cpu_summary()}, {platform.system()} {platform.release()}"
 
 
 def write_report(workdir: str) -> list[str]:

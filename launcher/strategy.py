@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from launcher.cluster import ClusterSpec
 from launcher.config import RuntimeConfig
-from launcher.errors import SetupError
+from resnet18.errors import SetupError
 
 TPU_CONNECT_TIMEOUT_SECONDS = 120
 T = TypeVar("T")

@@ -32,7 +32,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from launcher.config import DataConfig
-from launcher.errors import SetupError
+from resnet18.errors import SetupError
 from resnet18 import generated_cifar10
 from resnet18.cutmix import cutmix
 

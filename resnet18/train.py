@@ -29,12 +29,13 @@ import tensorflow as tf
 
 from launcher import config as config_lib
 from launcher.config import Config
-from launcher.errors import RetryableError, SetupError, TrainingError
+from resnet18.errors import RetryableError, SetupError, TrainingError
 from launcher.preemption import PreemptionWatcher
 from launcher.report import write_report
 from launcher.strategy import describe, is_chief
 from resnet18 import callbacks
 from resnet18 import data as data_lib
+from resnet18 import hardware
 from resnet18.checkpointing import holds_object, remove_stale_temporaries, restore_latest_good
 from resnet18.ema import WeightAverage
 from resnet18.model import build_resnet18
@@ -45,23 +46,14 @@ DTYPE_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16":
 
 
 def resolve_precision(precision: str, strategy: tf.distribute.Strategy) -> str:
-    """`auto` -> the fastest precision the strategy's devices compute natively."""
-    if precision != "auto":
-        return precision
+    """`auto` -> the fastest precision the strategy's devices compute natively (hardware.py)."""
     devices = " ".join(strategy.extended.worker_devices)
-    if "TPU" in devices:
-        return "bfloat16"
-    if "GPU" in devices:
+    kind = "TPU" if "TPU" in devices else "GPU" if "GPU" in devices else "CPU"
+    capability = None
+    if kind == "GPU":
         details = tf.config.experimental.get_device_details(tf.config.list_physical_devices("GPU")[0])
         capability = details.get("compute_capability", (0, 0))
-        return "bfloat16" if capability >= (8, 0) else "float16" if capability >= (7, 0) else "float32"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as stream:
-            flags = next((line for line in stream if line.startswith("flags")), "").split()
-    except OSError:
-        flags = []
-    # oneDNN runs bfloat16 convolutions natively with AVX512-BF16 or AMX; elsewhere it emulates them slowly.
-    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "float32"
+    return hardware.resolve_precision(precision, kind, capability)
 
 
 def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir: str) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from launcher.config import DataConfig, GeneratedDataConfig
-from launcher.errors import SetupError
+from resnet18.errors import SetupError
 from resnet18 import data as data_lib
 from resnet18 import generated_cifar10
 from tests.conftest import REPO, TINY_JOB, TINY_TEST, TINY_TRAIN, run_launcher

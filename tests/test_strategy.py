@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from launcher.cluster import read_tf_config
 from launcher.config import RuntimeConfig
-from launcher.errors import SetupError
+from resnet18.errors import SetupError
 from launcher.strategy import is_chief, make_strategy, resolve_strategy_name
 from tests.conftest import TINY_JOB, run_launcher
 
@@ -104,3 +104,24 @@ def test_dry_run_and_device_errors_through_the_cli(args, code, words):
     for word in words:
         assert word in output
     assert "Traceback" not in output
+
+
+def test_precision_follows_what_the_hardware_computes_natively():
+    from resnet18.errors import ConfigError
+    from resnet18.hardware import resolve_precision
+
+    native, avx512_only, avx2_only = {"avx512f", "avx512_bf16"}, {"avx512f"}, {"avx2", "fma"}
+    assert resolve_precision("auto", "CPU", flags=native) == "bfloat16"
+    assert resolve_precision("auto", "CPU", flags={"amx_bf16"}) == "bfloat16"
+    assert resolve_precision("auto", "CPU", flags=avx512_only) == "float32"
+    assert resolve_precision("auto", "CPU", flags=avx2_only) == "float32"
+    assert resolve_precision("bfloat16", "CPU", flags=native) == "bfloat16"
+    for flags in (avx512_only, avx2_only, set()):
+        with pytest.raises(ConfigError, match="no native bfloat16"):
+            resolve_precision("bfloat16", "CPU", flags=flags)
+    assert resolve_precision("float32", "CPU", flags=avx2_only) == "float32"
+    assert resolve_precision("auto", "GPU", (8, 0)) == "bfloat16"
+    assert resolve_precision("auto", "GPU", (7, 5)) == "float16"
+    assert resolve_precision("auto", "GPU", (6, 1)) == "float32"
+    assert resolve_precision("bfloat16", "GPU", (7, 0)) == "bfloat16"  # a GPU runs it; the user asked
+    assert resolve_precision("auto", "TPU") == "bfloat16"

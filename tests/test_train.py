@@ -9,7 +9,7 @@ import os
 import pytest
 
 from launcher.config import RuntimeConfig, build_config
-from launcher.errors import TrainingError
+from resnet18.errors import TrainingError
 from launcher.strategy import make_strategy
 from resnet18.train import train_and_evaluate
 from tests.conftest import TINY_JOB, TINY_TEST, TINY_TRAIN, run_launcher

@@ -1,0 +1,83 @@
+"""What the hardware computes natively, read once: CPU flags, GPU generation, the precision to train in.
+
+`train.precision: auto` picks the fastest precision the devices compute natively:
+bfloat16 on TPUs, A100-class GPUs and newer (compute capability >= 8.0) and CPUs
+with AVX512_BF16 or AMX_BF16; float16 with loss scaling on V100/T4 (7.x); float32
+elsewhere. An explicit `bfloat16` on a CPU without native support is refused:
+TensorFlow would emulate it, and the emulation is far slower than float32
+(measured on the smoke model, batch 128, 2 cores: 61 against 735 images/s where
+oneDNN has no AVX-512 path for it, 495 against 1,027 with AVX-512 but no BF16).
+
+    python -c "from resnet18 import hardware; print(hardware.cpu_summary())"
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+
+from resnet18.errors import ConfigError
+
+NATIVE_BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+PRECISION_CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16", "amx_fp16", "avx2", "fma")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as stream:
+            line = next((line for line in stream if line.startswith("flags")), "")
+    except OSError:
+        return frozenset()
+    return frozenset(line.partition(":")[2].split())
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as stream:
+            return next(line.split(":", 1)[1].strip() for line in stream if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def cpu_summary() -> str:
+    """Model, logical CPUs and the flags that decide speed and precision, for reports and benchmarks."""
+    flags = cpu_flags()
+    present = [flag for flag in PRECISION_CPU_FLAGS if flag in flags]
+    kind = "AVX512-BF16" if has_native_bfloat16(flags) else "AVX-512, no BF16" if "avx512f" in flags else "no AVX-512"
+    return f"{cpu_model()}, {os.cpu_count()} logical CPUs, {kind} ({' '.join(present) or 'flags unknown'})"
+
+
+def has_native_bfloat16(flags: frozenset[str] | set[str]) -> bool:
+    """Whether a CPU with these flags computes bfloat16 convolutions natively (oneDNN)."""
+    return bool(set(NATIVE_BFLOAT16_CPU_FLAGS) & set(flags))
+
+
+def resolve_precision(requested: str, device_kind: str, gpu_capability: tuple[int, int] | None = None,
+                      flags: frozenset[str] | set[str] | None = None) -> str:
+    """The precision to train in on `device_kind` ("TPU", "GPU" or "CPU").
+
+    Raises:
+      ConfigError: bfloat16 asked for on a CPU that would only emulate it (exit 2).
+    """
+    flags = cpu_flags() if flags is None else flags
+    if device_kind == "TPU":
+        return "bfloat16" if requested == "auto" else requested
+    if device_kind == "GPU":
+        if requested != "auto":
+            return requested
+        capability = gpu_capability or (0, 0)
+        return "bfloat16" if capability >= (8, 0) else "float16" if capability >= (7, 0) else "float32"
+    native = has_native_bfloat16(flags)
+    if requested == "auto":
+        return "bfloat16" if native else "float32"
+    if requested == "bfloat16" and not native:
+        raise ConfigError(
+            "train.precision bfloat16: this CPU has no native bfloat16 (neither of the CPU flags "
+            f"{' nor '.join(NATIVE_BFLOAT16_CPU_FLAGS)}), so TensorFlow would emulate it, several times slower "
+            "than float32; use train.precision auto (float32 here) or float32")
+    return requested
