@@ -9,7 +9,8 @@ Measures, in one run so the figures compare as ratios (shared machines are noisy
   3. end to end: train_and_evaluate through the real strategy, pipeline and loop;
   4. peak: a large matmul in the same precision -> FLOP/s; the model's training FLOPs per
      image counted from its layers (3 x forward); MFU = model images/s x FLOPs / peak;
-  5. the tutorial's way: Keras Model.fit on ImageDataGenerator.flow (its augmentation), float32;
+  5. the Keras way (the tutorial this project grew from): Model.fit on ImageDataGenerator.flow with
+     rotation/shift/zoom/flip, float32;
      and ImageDataGenerator alone;
   6. start-up: process start -> end of the first training steps (a fresh `python -m launcher`);
   7. 2 local workers x 1 replica against one process with --cpu_replicas 2, same global batch.
@@ -29,14 +30,15 @@ import tempfile
 import time
 from typing import Any
 
-from launcher.config import TrainConfig
+from launcher.cluster import environment_without_cluster
+from resnet18.config import TrainConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGETS = {  # on the project's 2-core CPU machine, as ratios from one run
     "end_to_end_vs_model": 0.95,
     "pipeline_vs_model": 20.0,
-    "pipeline_vs_seed_generator": 10.0,
-    "end_to_end_vs_seed_baseline": 2.0,
+    "pipeline_vs_image_data_generator": 10.0,
+    "end_to_end_vs_keras_fit": 2.0,
     "workers_vs_cpu_replicas": 0.85,
 }
 STARTUP_TARGET_SECONDS = 30.0
@@ -48,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=64, help="ResNet18 width (64 = the real model)")
     parser.add_argument("--batch", type=int, default=TrainConfig().global_batch_size,
                         help="global batch size (default: the launcher's default training configuration)")
-    parser.add_argument("--seed_batch", type=int, default=128, help="batch size of the tutorial's Model.fit baseline")
+    parser.add_argument("--baseline_batch", type=int, default=128, help="batch size of the Keras Model.fit baseline")
     parser.add_argument("--precisions", default="float32,bfloat16")
     parser.add_argument("--xla", default="false,true", help="XLA settings for the model step")
     parser.add_argument("--end_to_end_precision", default="auto",
@@ -56,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement")
     parser.add_argument("--pipeline_batches", type=int, default=200)
-    parser.add_argument("--skip", default="", help="comma-separated: seed, workers, startup")
+    parser.add_argument("--skip", default="", help="comma-separated: keras_fit, workers, startup")
     return parser.parse_args(argv)
 
 
@@ -107,7 +109,7 @@ def model_step_images_per_sec(config, precision: str, xla: bool, warmup: int, st
 
     from resnet18.model import build_resnet18
     from resnet18.optimization import make_optimizer, make_schedule, make_train_step
-    from resnet18.train import DTYPE_POLICIES
+    from resnet18.model import DTYPE_POLICIES
 
     batch = config.train.global_batch_size
     model = build_resnet18(width=config.model.width, dtype_policy=DTYPE_POLICIES[precision])
@@ -144,7 +146,7 @@ def pipeline_images_per_sec(source, config, batches: int) -> float:
     return batches * config.train.global_batch_size / (time.perf_counter() - started)
 
 
-def seed_baseline(source, width: int, batch: int, warmup: int, steps: int) -> tuple[float, float]:
+def keras_fit_baseline(source, width: int, batch: int, warmup: int, steps: int) -> tuple[float, float]:
     """(Model.fit on ImageDataGenerator.flow images/s, ImageDataGenerator alone images/s), float32."""
     import numpy as np
     import tensorflow as tf
@@ -155,7 +157,7 @@ def seed_baseline(source, width: int, batch: int, warmup: int, steps: int) -> tu
     examples = list(source.builder.as_dataset(split="train").take(batch * (max(warmup, steps) + 1)).as_numpy_iterator())
     images = np.stack([example["image"] for example in examples]).astype("float32")  # RGB 0-255: the model standardises
     labels = tf.keras.utils.to_categorical([example["label"] for example in examples], 10)
-    generator = tf.keras.preprocessing.image.ImageDataGenerator(  # the tutorial's augmentation
+    generator = tf.keras.preprocessing.image.ImageDataGenerator(  # rotation/shift/zoom/flip
         rotation_range=15, width_shift_range=0.1, height_shift_range=0.1, horizontal_flip=True, zoom_range=0.1)
     flow = generator.flow(images, labels, batch_size=batch, seed=0)
     generator_seconds = _timed(lambda: next(flow), 2, 20)
@@ -170,7 +172,7 @@ def seed_baseline(source, width: int, batch: int, warmup: int, steps: int) -> tu
 
 def launcher_summary(args: list[str], workdir: str) -> dict[str, Any]:
     """Runs `python -m launcher ARGS` in a fresh process and returns its summary.json."""
-    env = {key: value for key, value in os.environ.items() if key != "TF_CONFIG"}
+    env = environment_without_cluster()
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     result = subprocess.run([sys.executable, "-m", "launcher", *args, "--workdir", workdir], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=3600)
@@ -183,9 +185,9 @@ def launcher_summary(args: list[str], workdir: str) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import tensorflow as tf
 
-    from launcher.config import build_config
+    from resnet18.config import build_config
     from launcher.strategy import make_strategy
-    from launcher.config import RuntimeConfig
+    from resnet18.config import RuntimeConfig
     from resnet18 import data as data_lib
     from resnet18.model import build_resnet18
     from resnet18.train import train_and_evaluate
@@ -207,14 +209,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "device": device, "device_kind": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "cpu": hardware.cpu_summary(), "cpu_flags": sorted(set(hardware.PRECISION_CPU_FLAGS) & hardware.cpu_flags()),
-        "batch": args.batch, "seed_batch": args.seed_batch, "width": args.width, "tensorflow_version": tf.__version__,
+        "batch": args.batch, "baseline_batch": args.baseline_batch, "width": args.width, "tensorflow_version": tf.__version__,
         "date": time.strftime("%Y-%m-%d"), "model_step": [],
     }
 
     if args.end_to_end_precision == "auto":
-        from resnet18.train import resolve_precision
-
-        args.end_to_end_precision = resolve_precision("auto", strategy)
+        args.end_to_end_precision = hardware.strategy_precision("auto", strategy)
     # 1 and 4: model step and peak, per precision and XLA setting.
     flops_per_image = model_flops_per_image(build_resnet18(width=args.width))
     results["model_flops_per_image"] = flops_per_image
@@ -242,11 +242,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     summary = train_and_evaluate(e2e_config, strategy, os.path.join(scratch, "end_to_end"))
     results["end_to_end_images_per_sec"] = summary["train_images_per_sec"]
 
-    # 5: the tutorial's Model.fit + ImageDataGenerator.
-    if "seed" not in skip:
-        fit, generator = seed_baseline(source, args.width, args.seed_batch, args.warmup, args.steps)
-        results["seed_baseline_images_per_sec"] = fit
-        results["seed_generator_images_per_sec"] = generator
+    # 5: the Keras Model.fit + ImageDataGenerator baseline.
+    if "keras_fit" not in skip:
+        fit, generator = keras_fit_baseline(source, args.width, args.baseline_batch, args.warmup, args.steps)
+        results["keras_fit_images_per_sec"] = fit
+        results["image_data_generator_images_per_sec"] = generator
 
     # 6 and 7: fresh processes.
     common = ["--set", *overrides, f"train.precision={args.end_to_end_precision}"]
@@ -267,25 +267,25 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
         "end_to_end_vs_model": results["end_to_end_images_per_sec"] / model,
         "pipeline_vs_model": results["pipeline_images_per_sec"] / model,
     }
-    if "seed_baseline_images_per_sec" in results:
-        found["pipeline_vs_seed_generator"] = results["pipeline_images_per_sec"] / results["seed_generator_images_per_sec"]
-        found["end_to_end_vs_seed_baseline"] = results["end_to_end_images_per_sec"] / results["seed_baseline_images_per_sec"]
+    if "keras_fit_images_per_sec" in results:
+        found["pipeline_vs_image_data_generator"] = results["pipeline_images_per_sec"] / results["image_data_generator_images_per_sec"]
+        found["end_to_end_vs_keras_fit"] = results["end_to_end_images_per_sec"] / results["keras_fit_images_per_sec"]
     if "workers_2_images_per_sec" in results:
         found["workers_vs_cpu_replicas"] = results["workers_2_images_per_sec"] / results["cpu_replicas_2_images_per_sec"]
     return found
 
 
 def table(results: dict[str, Any]) -> str:
-    lines = [f"ResNet18 width {results['width']}, batch {results['batch']} (tutorial baseline: "
-             f"{results['seed_batch']}), {results['device']}: "
+    lines = [f"ResNet18 width {results['width']}, batch {results['batch']} (Keras fit baseline: "
+             f"{results['baseline_batch']}), {results['device']}: "
              f"{results['cpu']}, TensorFlow {results['tensorflow_version']}, {results['date']}", "",
              f"{'model step':32s} {'images/s':>10s} {'peak GFLOP/s':>13s} {'MFU':>7s}"]
     for entry in results["model_step"]:
         name = f"  {entry['precision']}{' + XLA' if entry['xla'] else ''}"
         lines.append(f"{name:32s} {entry['images_per_sec']:10.1f} {entry['peak_flops'] / 1e9:13.1f} {entry['mfu']:7.1%}")
     lines.append(f"{'model training GFLOP per image':32s} {results['model_flops_per_image'] / 1e9:10.3f}")
-    for key in ("pipeline_images_per_sec", "end_to_end_images_per_sec", "seed_baseline_images_per_sec",
-                "seed_generator_images_per_sec", "cpu_replicas_2_images_per_sec", "workers_2_images_per_sec"):
+    for key in ("pipeline_images_per_sec", "end_to_end_images_per_sec", "keras_fit_images_per_sec",
+                "image_data_generator_images_per_sec", "cpu_replicas_2_images_per_sec", "workers_2_images_per_sec"):
         if key in results:
             lines.append(f"{key:32s} {results[key]:10.1f}")
     if results.get("startup_seconds") is not None:

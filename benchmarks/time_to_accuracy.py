@@ -55,7 +55,9 @@ import tempfile
 import time
 from typing import Any
 
-from launcher import config as config_lib
+from launcher.cluster import environment_without_cluster
+from resnet18.history import read_history
+from resnet18 import config as config_lib
 from resnet18.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -136,7 +138,7 @@ def launcher_command(args: argparse.Namespace, workdir: str) -> list[str]:
 
 def launcher_env() -> dict[str, str]:
     """This environment, minus TF_CONFIG (a run is one machine), with this checkout importable first."""
-    env = {key: value for key, value in os.environ.items() if key != "TF_CONFIG"}
+    env = environment_without_cluster()
     env["PYTHONPATH"] = os.pathsep.join([REPO, *filter(None, [env.get("PYTHONPATH")])])
     env["PYTHONUNBUFFERED"] = "1"  # stream the child's lines as they come
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -171,17 +173,12 @@ def run_launcher(command: list[str], label: str) -> tuple[int, float, list[str]]
 
 def read_run(workdir: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """(history.jsonl entries, summary.json) of a finished run."""
-    history_path = os.path.join(workdir, "history.jsonl")
     summary_path = os.path.join(workdir, "summary.json")
     if not os.path.isfile(summary_path):
         raise RuntimeError(f"the launcher exited 0 but wrote no {summary_path}")
     with open(summary_path, encoding="utf-8") as stream:
         summary = json.load(stream)
-    history = []
-    if os.path.isfile(history_path):
-        with open(history_path, encoding="utf-8") as stream:
-            history = [json.loads(line) for line in stream if line.strip()]
-    return history, summary
+    return read_history(workdir), summary
 
 
 def first_epoch_reaching(epochs: list[dict[str, Any]], target: float) -> dict[str, Any] | None:

@@ -1,33 +1,36 @@
-"""Command line: flags -> config -> strategy -> train_and_evaluate.
+"""Command line: flags -> config -> strategy -> train_and_evaluate -> report.
 
     python -m launcher                               # CPU or all GPUs of this machine
     python -m launcher --gpus 4                      # MirroredStrategy over 4 GPUs
-    python -m launcher --job jobs/cpu_smoke.yaml     # offline CPU smoke job (< 3 min)
+    python -m launcher --job jobs/cpu_smoke.yaml     # offline CPU smoke job
     python -m launcher --job JOB --set train.epochs=5 data.data_dir=gs://bucket/tfds
     python -m launcher --job JOB --dry_run           # print config, strategy, devices; exit
     python -m launcher --workers 2 --job JOB         # 2 local worker processes (MultiWorkerMirrored)
 
-Exit codes: 0 done; 1 failure a restart would not fix (bug, NaN loss, out of memory);
-2 usage, config or environment error (bad flag or YAML, missing GPUs/TPU/data, bad
-TF_CONFIG); 138 retryable: preempted (SIGTERM, checkpoint saved) or lost a peer.
+This module is the only one that parses the command line. Exit codes: 0 done;
+1 failure a restart would not fix (bug, NaN loss, out of memory); 2 usage, config
+or environment error (bad flag or YAML, missing GPUs/TPU/data, bad TF_CONFIG);
+138 retryable: preempted (SIGTERM, checkpoint saved) or lost a peer; 130 Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import tempfile
 import traceback
 
-from launcher import config as config_lib
-from launcher.cluster import read_tf_config
-from resnet18.errors import EXIT_FAILURE, EXIT_OK, ConfigError, LauncherError, RetryableError, TrainingError
+from launcher.cluster import ClusterSpec, read_tf_config
+from launcher.plan import STRATEGY_CLASSES, Plan, describe
 from launcher.slurm import tf_config_from_slurm
+from resnet18 import config as config_lib
+from resnet18.errors import (EXIT_FAILURE, EXIT_OK, ConfigError, LauncherError, RetryableError, TrainingError,
+                             first_line)
 
 DEFAULT_RUNS_DIR = "runs"
+PEER_LOSS_WORDS = ("aborted by", "unhealthy")  # the line of a peer-loss error that names the cause
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,16 +38,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m launcher",
         description="Train ResNet18 on CIFAR-10 with tf.distribute on a CPU, GPUs, a cluster or a TPU.",
         epilog="Exit codes: 0 success, 1 failure, 2 usage/config/environment error, "
-               "138 retryable (preempted or peer lost).",
+               "138 retryable (preempted or peer lost), 130 interrupted.",
     )
     parser.add_argument("--job", help="YAML job file (see jobs/)")
     parser.add_argument("--workdir", help=f"checkpoints, TensorBoard, summary (default: {DEFAULT_RUNS_DIR}/<job name>)")
-    parser.add_argument("--strategy", choices=config_lib.STRATEGIES, help="runtime.strategy (default auto)")
+    parser.add_argument("--strategy", choices=config_lib.choices(config_lib.RuntimeConfig, "strategy"),
+                        help="runtime.strategy (default auto)")
     parser.add_argument("--gpus", type=int, help="runtime.gpus: GPUs of this machine to use (default all)")
     parser.add_argument("--cpu_replicas", type=int, help="runtime.cpu_replicas: split the CPU into N replicas")
     parser.add_argument("--tpu", help='runtime.tpu: TPU name, grpc:// address, or "local" on a TPU VM')
     parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="override config keys, e.g. --set train.epochs=5 data.augmentation=seed")
+                        help="override config keys, e.g. --set train.epochs=5 data.augmentation=none")
     parser.add_argument("--workers", type=int,
                         help="start N local worker processes on 127.0.0.1 (MultiWorkerMirroredStrategy)")
     parser.add_argument("--gpus_per_worker", type=int,
@@ -60,60 +64,82 @@ def dedicated_flags(args: argparse.Namespace) -> dict[str, object]:
     """The flags that override one config key each (applied last)."""
     keys = {"strategy": "runtime.strategy", "gpus": "runtime.gpus",
             "cpu_replicas": "runtime.cpu_replicas", "tpu": "runtime.tpu"}
-    return {key: getattr(args, flag) for flag, key in keys.items() if getattr(args, flag) is not None}
+    flags = {key: getattr(args, flag) for flag, key in keys.items() if getattr(args, flag) is not None}
+    if args.workers is not None:
+        flags["runtime.strategy"] = "multi_worker"
+    return flags
 
 
 def run(args: argparse.Namespace) -> int:
-    flags = dedicated_flags(args)
-    if args.workers is not None:
-        flags["runtime.strategy"] = "multi_worker"
-    config = config_lib.build_config(args.job, args.overrides, flags)
+    config = config_lib.build_config(args.job, args.overrides, dedicated_flags(args))
     workdir = args.workdir or os.path.join(DEFAULT_RUNS_DIR, config.name)
     if args.workers is not None:
         return run_local_workers(config, workdir, args)
     if args.gpus_per_worker is not None or args.max_restarts:
         raise ConfigError("--gpus_per_worker and --max_restarts go with --workers N")
-    cluster = read_tf_config()
-    if cluster is None and (slurm_tf_config := tf_config_from_slurm(os.environ)):
-        os.environ["TF_CONFIG"] = slurm_tf_config  # MultiWorkerMirroredStrategy reads it from here
-        cluster = read_tf_config()
-        print(f"TF_CONFIG from Slurm: {slurm_tf_config}", flush=True)
-    if args.dry_run and cluster is not None and cluster.num_tasks > 1:
-        # Creating MultiWorkerMirroredStrategy would wait for the other tasks: describe, do not connect.
-        print(config_lib.dump(config), end="")
-        print("strategy: MultiWorkerMirroredStrategy (not started in a dry run)")
-        print(f"role: {cluster.task_type} {cluster.task_index} (rank {cluster.rank} of {cluster.num_tasks}, "
-              f"{'chief' if cluster.is_chief else 'not chief'})")
-        print(f"chief: {cluster.chief_address}")
-        print(f"cluster: {json.dumps(cluster.cluster)}")
-        print(f"workdir: {workdir}")
-        return EXIT_OK
+    cluster = _cluster_from_environment()
+    from launcher.strategy import resolve_strategy_name
+
+    if cluster is not None and cluster.num_tasks > 1:
+        # Decided without TensorFlow: a dry run must not start a server that waits for the other tasks.
+        name = resolve_strategy_name(config.runtime, cluster, gpus_found=0)
+        plan = Plan(config, workdir, STRATEGY_CLASSES[name], cluster)
+        if args.dry_run:
+            return _print_dry_run(plan)
 
     # TensorFlow is imported only once the config and TF_CONFIG are known to be valid.
     import tensorflow as tf
 
-    from launcher.strategy import describe, make_strategy
+    from launcher.strategy import make_strategy
+    from resnet18.topology import describe as describe_strategy
+    from resnet18.topology import topology_of
 
     with _retryable_tensorflow_errors(tf):
         strategy = make_strategy(config.runtime, cluster)
     config_lib.check_batch_divisible(config, strategy.num_replicas_in_sync)
+    info = describe_strategy(strategy)
+    plan = Plan(config, workdir, info["strategy"], cluster, num_replicas=info["num_replicas"],
+                devices=tuple(info["devices"]), started=True)
     if args.dry_run:
-        print(config_lib.dump(config), end="")
-        info = describe(strategy)
-        print(f"strategy: {info['strategy']}")
-        print(f"num_replicas: {info['num_replicas']}")
-        print(f"devices: {', '.join(info['devices'])}")
-        if cluster is not None:
-            print(f"role: {cluster.task_type} {cluster.task_index} (chief: {cluster.chief_address})")
-        print(f"workdir: {workdir}")
         print(f"tensorflow: {tf.__version__}")
-        return EXIT_OK
+        return _print_dry_run(plan)
+    chief = topology_of(strategy).is_chief
+    if chief:
+        print(describe(plan), flush=True)
 
     from resnet18.train import train_and_evaluate
 
     with _retryable_tensorflow_errors(tf):
         train_and_evaluate(config, strategy, workdir)
+    if chief:
+        _write_report(workdir)
     return EXIT_OK
+
+
+def _cluster_from_environment() -> ClusterSpec | None:
+    """TF_CONFIG as set by the cluster system, or built from Slurm's variables."""
+    cluster = read_tf_config()
+    if cluster is None and (slurm_tf_config := tf_config_from_slurm(os.environ)):
+        os.environ["TF_CONFIG"] = slurm_tf_config  # MultiWorkerMirroredStrategy reads it from here
+        cluster = read_tf_config()
+        print(f"TF_CONFIG from Slurm: {slurm_tf_config}", flush=True)
+    return cluster
+
+
+def _print_dry_run(plan: Plan) -> int:
+    print(config_lib.dump(plan.config), end="")
+    print(describe(plan), flush=True)
+    return EXIT_OK
+
+
+def _write_report(workdir: str) -> None:
+    from launcher.report import write_report
+
+    try:
+        write_report(workdir)
+    except Exception as error:  # the run itself succeeded; say so and how to retry
+        print(f"warning: the report failed ({first_line(error)}); run python -m launcher.report --workdir {workdir}",
+              flush=True)
 
 
 @contextlib.contextmanager
@@ -129,19 +155,13 @@ def _retryable_tensorflow_errors(tf):
     except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
             tf.errors.CancelledError, tf.errors.AbortedError) as error:
         raise RetryableError(
-            f"lost contact with another worker ({type(error).__name__}: {_first_line(error)}); "
+            f"lost contact with another worker ({type(error).__name__}: {first_line(error, PEER_LOSS_WORDS)}); "
             "restart every worker to resume from the last checkpoint"
         ) from None
     except tf.errors.ResourceExhaustedError as error:
         raise TrainingError(
-            f"out of memory ({_first_line(error)}); lower train.global_batch_size or use more devices"
+            f"out of memory ({first_line(error)}); lower train.global_batch_size or use more devices"
         ) from None
-
-
-def _first_line(error: Exception) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    interesting = [line for line in lines if "aborted by" in line or "unhealthy" in line]
-    return (interesting or lines or [type(error).__name__])[0][:300]
 
 
 def run_local_workers(config: config_lib.Config, workdir: str, args: argparse.Namespace) -> int:
@@ -157,10 +177,9 @@ def run_local_workers(config: config_lib.Config, workdir: str, args: argparse.Na
     replicas_per_worker = args.gpus_per_worker or 1
     config_lib.check_batch_divisible(config, args.workers * replicas_per_worker)
     if args.dry_run:
-        print(config_lib.dump(config), end="")
-        print(f"workers: {args.workers} x {replicas_per_worker} replica(s) on 127.0.0.1 (MultiWorkerMirroredStrategy)")
-        print(f"workdir: {workdir}")
-        return EXIT_OK
+        return _print_dry_run(Plan(config, workdir, STRATEGY_CLASSES["multi_worker"], local_workers=args.workers,
+                                   gpus_per_worker=args.gpus_per_worker,
+                                   num_replicas=args.workers * replicas_per_worker))
     os.makedirs(workdir, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="launch_", dir=workdir, delete=False) as stream:
         stream.write(config_lib.dump(config))

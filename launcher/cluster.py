@@ -14,10 +14,10 @@ import os
 from typing import Mapping
 
 from resnet18.errors import SetupError
+from resnet18.topology import TRAINING_ROLES, chief_task
 
 # Roles MultiWorkerMirroredStrategy trains with. `ps` belongs to
 # ParameterServerStrategy and `evaluator` to a side-car evaluator; neither runs here.
-TRAINING_ROLES = ("chief", "worker")
 UNSUPPORTED_ROLES = {
     "ps": "parameter servers belong to ParameterServerStrategy, which this launcher does not run",
     "evaluator": "a side-car evaluator is not supported; every worker evaluates in-line",
@@ -39,16 +39,13 @@ class ClusterSpec:
 
     @property
     def is_chief(self) -> bool:
-        """The chief task, or worker 0 when the cluster has no chief."""
-        if "chief" in self.cluster:
-            return self.task_type == "chief"
-        return self.task_type == "worker" and self.task_index == 0
+        """The chief task, or worker 0 when the cluster has no chief (topology.chief_task)."""
+        return (self.task_type, self.task_index) == chief_task(self.cluster)
 
     @property
     def chief_address(self) -> str:
-        if "chief" in self.cluster:
-            return self.cluster["chief"][0]
-        return self.cluster["worker"][0]
+        task_type, index = chief_task(self.cluster)
+        return self.cluster[task_type][index]
 
     @property
     def rank(self) -> int:
@@ -125,3 +122,16 @@ def _check_address(address: object, where: str) -> None:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise SetupError(f'{where} is {address!r}; expected "host:port" with a port in 1..65535')
+
+
+def environment_without_cluster(environ: Mapping[str, str] | None = None, **updates: str) -> dict[str, str]:
+    """A copy of the environment for a process that must run alone: no TF_CONFIG, no Slurm task variables.
+
+    Tests and benchmarks start launcher processes of their own; inside a cluster task
+    (a TFJob pod, a Slurm step) they would otherwise join the cluster's job.
+    """
+    environ = os.environ if environ is None else environ
+    cleaned = {key: value for key, value in environ.items()
+               if key != "TF_CONFIG" and not key.startswith(("SLURM_STEP_", "SLURM_PROCID", "SLURM_NTASKS"))}
+    cleaned.update(updates)
+    return cleaned

@@ -2,7 +2,7 @@
 
     python -m launcher.export --workdir runs/cpu_smoke
     python -m launcher.export --workdir runs/cpu_smoke --formats saved_model,tflite_int8
-    python -m launcher.export --workdir runs/seed_recipe --weights best
+    python -m launcher.export --workdir runs/keras_tutorial_recipe --weights best
 
 Restores the newest readable checkpoint of WORKDIR (or, with --weights best, the
 best epoch's, kept when train.best_checkpoint_metric is set) into the ResNet18
@@ -36,8 +36,8 @@ import time
 import warnings
 from typing import Any, Callable
 
-from launcher import config as config_lib
-from resnet18.errors import EXIT_FAILURE, EXIT_OK, LauncherError, SetupError
+from resnet18 import config as config_lib
+from resnet18.errors import EXIT_FAILURE, EXIT_OK, LauncherError, SetupError, first_line
 
 FORMATS = ("saved_model", "tflite", "tflite_int8", "onnx")
 CALIBRATION_IMAGES = 256
@@ -50,42 +50,6 @@ def parse_formats(text: str) -> list[str]:
     if unknown or not formats:
         raise config_lib.ConfigError(f"--formats: unknown {unknown or text!r}; choose from {', '.join(FORMATS)}")
     return formats
-
-
-def rest_request_body(images) -> str:
-    """The JSON a client POSTs to TF Serving's REST API (…/v1/models/resnet18:predict)."""
-    return json.dumps({"signature_name": "serving_default", "instances": [image.tolist() for image in images]})
-
-
-def run_rest_request(signature: Callable, body: str) -> dict[str, Any]:
-    """What TF Serving does with `body`: stack the instances, call the signature."""
-    import numpy as np
-    import tensorflow as tf
-
-    request = json.loads(body)
-    images = tf.constant(np.asarray(request["instances"], dtype=np.uint8))
-    outputs = signature(images=images)
-    return {name: value.numpy().tolist() for name, value in outputs.items()}
-
-
-def grpc_predict_request(images, model_name: str = "resnet18"):
-    """The PredictRequest a gRPC client sends to TF Serving (port 8500), via tensorflow-serving-api."""
-    import tensorflow as tf
-    from tensorflow_serving.apis import predict_pb2
-
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = model_name
-    request.model_spec.signature_name = "serving_default"
-    request.inputs["images"].CopyFrom(tf.make_tensor_proto(images, dtype=tf.uint8))
-    return request
-
-
-def run_grpc_request(signature: Callable, request) -> dict[str, Any]:
-    """What TF Serving does with a PredictRequest: decode the tensors, call the signature."""
-    import tensorflow as tf
-
-    inputs = {name: tf.constant(tf.make_ndarray(proto)) for name, proto in request.inputs.items()}
-    return {name: value.numpy().tolist() for name, value in signature(**inputs).items()}
 
 
 def _confined(workdir: str, path: str) -> str:
@@ -106,7 +70,7 @@ def load_trained_model(workdir: str, weights: str = "latest"):
 
     from resnet18 import data as data_lib
     from resnet18.checkpointing import checkpoint_candidates, restore_latest_good
-    from resnet18.train import build_model
+    from resnet18.model import build_model
 
     config_path = _confined(workdir, os.path.join(workdir, "config.yaml"))
     if not os.path.isfile(config_path):
@@ -288,7 +252,7 @@ def export(workdir: str, formats: list[str], weights: str = "latest") -> dict[st
             predict, one = _onnx_predict(path)
             record("onnx", path, predict, _median_latency_ms(lambda: one(images[:1])))
         except Exception as error:  # tf2onnx missing or unable to convert this TensorFlow
-            reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+            reason = f"{type(error).__name__}: {first_line(error)}"
             failures.append(f"onnx: {reason}")
             report["artifacts"].append({"format": "onnx", "error": reason})
             print(f"onnx         not exported: {reason}", flush=True)

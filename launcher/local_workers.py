@@ -48,10 +48,6 @@ class Worker:
     tail: collections.deque
     reader: threading.Thread
 
-    @property
-    def name(self) -> str:
-        return f"worker {self.rank}"
-
 
 @dataclasses.dataclass(frozen=True)
 class Failure:

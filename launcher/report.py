@@ -16,7 +16,9 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import sys
+import tempfile
 from typing import Any
 
 import matplotlib
@@ -26,6 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
 from resnet18.errors import EXIT_OK, SetupError  # noqa: E402
+from resnet18.history import read_history  # noqa: E402
 
 
 def _read_json(path: str) -> Any:
@@ -45,12 +48,7 @@ def load_run(workdir: str) -> tuple[dict[str, Any], dict[str, Any], list[dict[st
     summary = _read_json(summary_path)
     with tf.io.gfile.GFile(os.path.join(workdir, "config.yaml")) as stream:
         config = yaml.safe_load(stream)
-    history_path = os.path.join(workdir, "history.jsonl")
-    history = []
-    if tf.io.gfile.exists(history_path):
-        with tf.io.gfile.GFile(history_path) as stream:
-            history = [json.loads(line) for line in stream if line.strip()]
-    return config, summary, history or summary.get("history", [])
+    return config, summary, read_history(workdir) or summary.get("history", [])
 
 
 def per_class_accuracy(confusion: list[list[int]], class_names: list[str]) -> dict[str, float | None]:
@@ -123,8 +121,8 @@ def write_report(workdir: str) -> list[str]:
     config, summary, history = load_run(workdir)
     out = os.path.join(workdir, "report")
     tf.io.gfile.makedirs(out)
-    local = out if "://" not in out else os.path.join("/tmp", f"report-{os.getpid()}")
-    os.makedirs(local, exist_ok=True)
+    # Remote work directories (gs://): drawn into a private temporary directory, then copied.
+    local = out if "://" not in out else tempfile.mkdtemp(prefix="report_")
     title = summary.get("name") or config.get("name", "run")
     written = []
     if history:
@@ -144,6 +142,7 @@ def write_report(workdir: str) -> list[str]:
     if local != out:
         for name in written:
             tf.io.gfile.copy(os.path.join(local, name), os.path.join(out, name), overwrite=True)
+        shutil.rmtree(local, ignore_errors=True)
     return [os.path.join(out, name) for name in written]
 
 

@@ -20,18 +20,35 @@ from typing import Callable, TypeVar
 import tensorflow as tf
 
 from launcher.cluster import ClusterSpec
-from launcher.config import RuntimeConfig
-from resnet18.errors import SetupError
+from resnet18.config import RuntimeConfig
+from resnet18.errors import SetupError, first_line
 
 TPU_CONNECT_TIMEOUT_SECONDS = 120
 T = TypeVar("T")
 
 
 def resolve_strategy_name(runtime: RuntimeConfig, cluster: ClusterSpec | None, gpus_found: int) -> str:
-    """The concrete strategy name `auto` stands for (other names pass through)."""
+    """The concrete strategy name `auto` stands for, checked against TF_CONFIG (no TensorFlow needed).
+
+    The dry run and the real run both decide here, so they tell the same story.
+
+    Raises:
+      SetupError: a multi-task TF_CONFIG with a one-machine strategy, or multi_worker without TF_CONFIG.
+    """
+    multi_task = cluster is not None and cluster.num_tasks > 1
+    if runtime.strategy not in ("auto", "multi_worker") and multi_task:
+        raise SetupError(
+            f"TF_CONFIG describes {cluster.num_tasks} tasks but strategy {runtime.strategy!r} runs on one machine; "
+            "use --strategy multi_worker (or auto), or unset TF_CONFIG"
+        )
+    if runtime.strategy == "multi_worker" and cluster is None:
+        raise SetupError(
+            "strategy multi_worker needs TF_CONFIG describing the cluster; "
+            "on one host use `python -m launcher --workers N`"
+        )
     if runtime.strategy != "auto":
         return runtime.strategy
-    if cluster is not None and cluster.num_tasks > 1:
+    if multi_task:
         return "multi_worker"
     if runtime.tpu:
         return "tpu"
@@ -56,19 +73,9 @@ def make_strategy(runtime: RuntimeConfig, cluster: ClusterSpec | None = None) ->
         _split_cpu(runtime.cpu_replicas)
 
     if name == "multi_worker":
-        if cluster is None:
-            raise SetupError(
-                "strategy multi_worker needs TF_CONFIG describing the cluster; "
-                "on one host use `python -m launcher --workers N`"
-            )
         if runtime.cpu_replicas > 1:
             raise SetupError("multi_worker uses one CPU device per worker; drop runtime.cpu_replicas")
         return _multi_worker_strategy(gpus)
-    if cluster is not None and cluster.num_tasks > 1:
-        raise SetupError(
-            f"TF_CONFIG describes {cluster.num_tasks} tasks but strategy {name!r} runs on one machine; "
-            "use --strategy multi_worker (or auto), or unset TF_CONFIG"
-        )
     if name == "one_device":
         return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
     if name == "mirrored":
@@ -78,32 +85,6 @@ def make_strategy(runtime: RuntimeConfig, cluster: ClusterSpec | None = None) ->
             devices = [f"/cpu:{index}" for index in range(max(runtime.cpu_replicas, 1))]
         return tf.distribute.MirroredStrategy(devices=devices)
     raise SetupError(f"unknown strategy {name!r}")
-
-
-def is_chief(strategy: tf.distribute.Strategy) -> bool:
-    """Whether this process writes checkpoints, summaries and reports."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return True
-    task_type, task_id = resolver.task_type, resolver.task_id
-    if task_type is None:
-        return True
-    has_chief = "chief" in resolver.cluster_spec().as_dict()
-    return task_type == "chief" or (task_type == "worker" and task_id == 0 and not has_chief)
-
-
-def describe(strategy: tf.distribute.Strategy) -> dict[str, object]:
-    """Name, replica count and devices, for --dry_run and the run summary."""
-    extended = strategy.extended
-    devices = list(getattr(extended, "worker_devices", []) or [])
-    names = [(tf.distribute.MultiWorkerMirroredStrategy, "MultiWorkerMirroredStrategy"),
-             (tf.distribute.TPUStrategy, "TPUStrategy")]
-    name = next((label for kind, label in names if isinstance(strategy, kind)), type(strategy).__name__)
-    return {
-        "strategy": name,
-        "num_replicas": strategy.num_replicas_in_sync,
-        "devices": devices,
-    }
 
 
 def _select_gpus(requested: int | None) -> list:
@@ -176,8 +157,7 @@ def _tpu_strategy(address: str) -> tf.distribute.Strategy:
             "check the name or address and that this VM can reach it"
         ) from None
     except (ValueError, RuntimeError, tf.errors.OpError, OSError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SetupError(f"TPU {address!r} is not reachable: {first_line}") from None
+        raise SetupError(f"TPU {address!r} is not reachable: {first_line(error)}") from None
 
 
 def _call_with_deadline(function: Callable[[], T], seconds: float) -> T:

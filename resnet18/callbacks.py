@@ -1,4 +1,4 @@
-"""Epoch-end rules of the tutorial's `Model.fit` callbacks, as pure functions of the history.
+"""Epoch-end rules of Keras' `Model.fit` callbacks, as pure functions of the history.
 
 ReduceLROnPlateau, EarlyStopping and "keep the best checkpoint" decide from the
 validation metrics of the epochs so far. Computing each decision from the whole
@@ -7,7 +7,7 @@ them survive restarts for free: a resumed run replays the recorded epochs and
 reaches the decisions the uninterrupted run reached. The rules follow Keras 3's
 callbacks exactly (mode "min" for losses, "max" for accuracies).
 
-    python -m launcher --job jobs/seed_recipe.yaml   # uses all three
+    python -m launcher --job jobs/keras_tutorial_recipe.yaml   # uses all three
 """
 
 from __future__ import annotations

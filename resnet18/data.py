@@ -31,7 +31,7 @@ from typing import Callable
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from launcher.config import DataConfig
+from resnet18.config import DataConfig
 from resnet18.errors import SetupError
 from resnet18 import generated_cifar10
 from resnet18.cutmix import cutmix
@@ -319,11 +319,11 @@ def _mix(*values) -> tf.Tensor:
 
 
 def make_augmentation(name: str) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
-    """Batch augmentation by name: crop_flip, seed (the tutorial's set) or none."""
+    """Batch augmentation by name: crop_flip, rotate_shift_zoom_flip or none."""
     if name == "crop_flip":
         return crop_flip
-    if name == "seed":
-        return seed_augmentation
+    if name == "rotate_shift_zoom_flip":
+        return rotate_shift_zoom_flip
     return lambda images, seed: images
 
 
@@ -338,9 +338,9 @@ def crop_flip(images: tf.Tensor, seed: tf.Tensor, padding: int = 4) -> tf.Tensor
                    shift_y=tf.cast(shifts[:, 1], tf.float32), fill_mode="CONSTANT", interpolation="NEAREST")
 
 
-def seed_augmentation(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """The tutorial's ImageDataGenerator set, on whole batches: rotation 15 degrees,
-    width/height shift 0.1, zoom 0.1, horizontal flip, nearest fill."""
+def rotate_shift_zoom_flip(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """Keras ImageDataGenerator's set on whole batches: rotation 15 degrees, width/height
+    shift 0.1, zoom 0.1, horizontal flip, nearest fill (the Keras tutorial recipe's)."""
     batch = tf.shape(images)[0]
     size = tf.cast(tf.shape(images)[1], tf.float32)
     seeds = tf.random.experimental.stateless_split(seed, 4)

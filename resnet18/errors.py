@@ -38,3 +38,10 @@ class RetryableError(LauncherError):
     """Preempted or lost a peer: restart every worker and resume from the checkpoint."""
 
     exit_code = EXIT_RETRYABLE
+
+
+def first_line(error: BaseException, prefer: tuple[str, ...] = ()) -> str:
+    """The first non-empty line of an error's message (one containing a `prefer` word first), for one-line errors."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    preferred = [line for line in lines if any(word in line for word in prefer)]
+    return (preferred or lines or [type(error).__name__])[0][:300]

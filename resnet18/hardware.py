@@ -81,3 +81,16 @@ def resolve_precision(requested: str, device_kind: str, gpu_capability: tuple[in
             f"{' nor '.join(NATIVE_BFLOAT16_CPU_FLAGS)}), so TensorFlow would emulate it, several times slower "
             "than float32; use train.precision auto (float32 here) or float32")
     return requested
+
+
+def strategy_precision(requested: str, strategy) -> str:
+    """`resolve_precision` for the devices of a tf.distribute strategy."""
+    import tensorflow as tf
+
+    devices = " ".join(strategy.extended.worker_devices)
+    kind = "TPU" if "TPU" in devices else "GPU" if "GPU" in devices else "CPU"
+    capability = None
+    if kind == "GPU":
+        details = tf.config.experimental.get_device_details(tf.config.list_physical_devices("GPU")[0])
+        capability = details.get("compute_capability", (0, 0))
+    return resolve_precision(requested, kind, capability)

@@ -1,4 +1,4 @@
-"""The CIFAR ResNet18 (He et al. 2016, as in the tutorial this project grew from).
+"""The CIFAR ResNet18 (He et al. 2016; the CIFAR variant: 3x3 stem, no max-pool).
 
 Input: RGB images, 0-255 (uint8 or float), standardised per channel inside the
 model (so training, evaluation and every export feed raw pixels). Then a
@@ -22,8 +22,12 @@ weights for a seed are exactly the plain ResNet18's):
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import keras
+
+if TYPE_CHECKING:
+    from resnet18.config import Config
 
 # Per-channel statistics of the CIFAR-10 training set (0-255 scale): the model standardises
 # its own input, so the input pipeline, the evaluation and every export feed raw RGB.
@@ -34,6 +38,20 @@ BLOCKS_PER_STAGE = 2
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 SE_REDUCTION = 16  # squeeze width = filters // SE_REDUCTION (the paper's r), at least 1
+DTYPE_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+
+
+def build_model(config: Config, num_classes: int, precision: str = "float32") -> keras.Model:
+    """The network a config describes (architecture, width, options, precision, seed)."""
+    return build_resnet18(
+        num_classes=num_classes,
+        width=config.model.width,
+        image_size=config.data.image_size,
+        dtype_policy=DTYPE_POLICIES[precision],
+        seed=config.runtime.seed,
+        se=config.model.se,
+        sync_bn=config.model.sync_bn,
+    )
 
 
 def build_resnet18(

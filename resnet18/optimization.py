@@ -14,12 +14,12 @@ optimizer (`decoupled`), on conv and dense kernels only.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import keras
 import tensorflow as tf
 
-from launcher.config import Config
+from resnet18.config import Config
 from resnet18.ema import WeightAverage
 from resnet18.model import decayed_kernels
 
@@ -49,10 +49,6 @@ class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
             progress = tf.clip_by_value((step - self.warmup_steps) / decay_steps, 0.0, 1.0)
             rate = tf.where(step < self.warmup_steps, rate, self.peak * 0.5 * (1.0 + tf.cos(math.pi * progress)))
         return rate * tf.cast(self.scale, tf.float32)
-
-    def get_config(self) -> dict[str, Any]:
-        return {"peak": self.peak, "warmup_steps": self.warmup_steps,
-                "total_steps": self.total_steps, "decay": self.decay}
 
 
 def peak_learning_rate(config: Config) -> float:

@@ -15,6 +15,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from launcher.cluster import environment_without_cluster  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_JOB = os.path.join(REPO, "tests", "jobs", "tiny.yaml")
 TINY_TRAIN, TINY_TEST = 640, 250
@@ -35,7 +37,7 @@ def tiny_data_dir(tmp_path_factory) -> str:
 
 def run_launcher(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Runs `python -m launcher ARGS` in a fresh process; returns the completed process."""
-    full_env = {key: value for key, value in os.environ.items() if key != "TF_CONFIG"}
+    full_env = environment_without_cluster()
     full_env["TF_CPP_MIN_LOG_LEVEL"] = "3"
     full_env.update(env or {})
     return subprocess.run(

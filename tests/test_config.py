@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from launcher import config as config_lib
-from launcher.config import ConfigError, build_config
+from resnet18 import config as config_lib
+from resnet18.config import ConfigError, build_config
 from tests.conftest import TINY_JOB, run_launcher
 
 
@@ -26,7 +26,7 @@ def test_layering_defaults_job_set_flags():
 
 
 def test_dump_reads_back_to_the_same_config(tmp_path):
-    config = build_config(TINY_JOB, ["data.augmentation=seed"])
+    config = build_config(TINY_JOB, ["data.augmentation=rotate_shift_zoom_flip"])
     again = build_config(write(tmp_path, config_lib.dump(config)))
     assert again == config
 
@@ -37,7 +37,7 @@ def test_dump_reads_back_to_the_same_config(tmp_path):
     ("train:\n  epochs: three\n", ["train.epochs must be int", "'three'"]),
     ("train:\n  epochs: 2.5\n", ["train.epochs must be int"]),
     ("train:\n  epochs: true\n", ["train.epochs must be int"]),
-    ("runtime:\n  strategy: off\n", ["runtime.strategy must be str", "quote the value"]),
+    ("runtime:\n  strategy: off\n", ["runtime.strategy must be one of 'auto', 'one_device'", "quote the value"]),
     ("train:\n  learning_rate: -0.1\n", ["train.learning_rate must be > 0", "-0.1"]),
     ("train:\n  global_batch_size: 0\n", ["train.global_batch_size must be >= 1"]),
     ("runtime:\n  strategy: horovod\n", ["runtime.strategy must be one of"]),
@@ -98,8 +98,9 @@ def test_cli_usage_errors_exit_2_before_tensorflow(args, words):
 
 @pytest.mark.parametrize("override, message", [
     ("train.grad_accum_steps=3", "train.grad_accum_steps 3 does not divide the per-replica batch 64"),
-    ("train.best_checkpoint_metric=val_acc", "train.best_checkpoint_metric must be null or one of"),
-    ("train.lr_schedule=onecycle", "train.lr_schedule must be one of"),
+    ("train.best_checkpoint_metric=val_acc",
+     "train.best_checkpoint_metric must be one of 'test_accuracy', 'test_loss' or null, got str 'val_acc'"),
+    ("train.lr_schedule=onecycle", "train.lr_schedule must be one of 'cosine', 'constant', 'plateau'"),
     ("train.ema_decay=1.0", "train.ema_decay must be in [0, 1)"),
     ("data.cutmix_prob=1.5", "data.cutmix_prob must be in [0, 1]"),
     ("train.weight_decay_mode=adamw", "train.weight_decay_mode must be one of"),
@@ -114,3 +115,20 @@ def test_recipe_options_are_checked_and_named(override, message):
 def test_xla_with_sync_batch_norm_is_refused_before_tensorflow_starts():
     with pytest.raises(ConfigError, match="train.xla and model.sync_bn cannot be used together"):
         build_config(TINY_JOB, ["train.xla=true", "model.sync_bn=true"])
+
+
+def test_a_deprecated_value_still_works_and_names_its_replacement(capsys):
+    config = build_config(TINY_JOB, ["data.augmentation=seed"])
+    assert config.data.augmentation == "rotate_shift_zoom_flip"
+    assert "data.augmentation 'seed' is deprecated; use 'rotate_shift_zoom_flip'" in capsys.readouterr().err
+
+
+def test_allowed_values_come_from_the_type_for_checks_and_the_command_line():
+    from launcher.__main__ import parse_args
+
+    assert config_lib.choices(config_lib.RuntimeConfig, "strategy") == (
+        "auto", "one_device", "mirrored", "multi_worker", "tpu")
+    assert config_lib.choices(config_lib.TrainConfig, "best_checkpoint_metric") == ("test_accuracy", "test_loss")
+    with pytest.raises(SystemExit):
+        parse_args(["--strategy", "horovod"])
+    assert parse_args(["--strategy", "tpu"]).strategy == "tpu"

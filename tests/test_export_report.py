@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from launcher import export as export_lib
-from launcher.config import DataConfig
 from launcher.report import write_report
+from launcher.serving import grpc_predict_request, rest_request_body
 from resnet18 import data as data_lib
+from resnet18.config import DataConfig
+from tests.serving_simulator import run_grpc_request, run_rest_request
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -94,13 +95,13 @@ def test_saved_model_serves_the_exact_rest_and_grpc_requests(trained, exported):
     source = data_lib.prepare_source(DataConfig(data_dir=str(trained / "generated_data")), "/unused")
     images = np.stack([image for image, _ in data_lib.decoded_examples(
         source, "test", tf.distribute.InputContext(1, 0, 1), 32).take(3).as_numpy_iterator()])
-    body = export_lib.rest_request_body(images)
+    body = rest_request_body(images)
     assert json.loads(body)["signature_name"] == "serving_default"
-    response = export_lib.run_rest_request(serving, body)
+    response = run_rest_request(serving, body)
     assert np.asarray(response["probabilities"]).shape == (3, 10)
     assert np.allclose(np.sum(response["probabilities"], axis=1), 1.0, atol=1e-4)
     assert response["class_ids"] == np.argmax(response["probabilities"], axis=1).tolist()
-    grpc = export_lib.run_grpc_request(serving, export_lib.grpc_predict_request(images))
+    grpc = run_grpc_request(serving, grpc_predict_request(images))
     assert grpc["class_ids"] == response["class_ids"]
     assert np.allclose(grpc["probabilities"], response["probabilities"])
     labels = (trained / "export" / "labels.txt").read_text().split()

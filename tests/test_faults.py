@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 
+from launcher.cluster import environment_without_cluster
 import pytest
 
 from launcher.local_workers import free_ports
@@ -35,7 +36,7 @@ class Running:
     """A process whose merged output is collected line by line while it runs."""
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None):
-        full_env = {key: value for key, value in os.environ.items() if key != "TF_CONFIG"}
+        full_env = environment_without_cluster()
         full_env.update(TF_CPP_MIN_LOG_LEVEL="3", **(env or {}))
         self.process = subprocess.Popen([sys.executable, "-m", "launcher", *args], cwd=REPO, env=full_env,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

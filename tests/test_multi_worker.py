@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from launcher.cluster import parse_tf_config
+from launcher.cluster import parse_tf_config, environment_without_cluster
 from launcher.local_workers import free_ports
 from launcher.slurm import tf_config_from_slurm
 from tests.conftest import REPO, TINY_JOB, run_launcher
@@ -61,7 +61,7 @@ def test_two_workers_match_one_process_with_two_cpu_replicas(two_worker_run, tin
 
 
 def start(args, env_extra):
-    env = {key: value for key, value in os.environ.items() if key != "TF_CONFIG"}
+    env = environment_without_cluster()
     env.update(TF_CPP_MIN_LOG_LEVEL="3", **env_extra)
     return subprocess.Popen([sys.executable, "-m", "launcher", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

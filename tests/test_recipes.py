@@ -1,175 +1,45 @@
-"""The training options of the recipes: each runs, and each does what it claims.
+"""The training options of the recipes, end to end: each runs, and each does what it claims.
 
-Gradient accumulation against one large step, decoupled weight decay against its
-formula, the epoch-end rules against Keras' own callbacks, the seed recipe's
-plateau / early stop / best checkpoint end to end (and across a restart), the
-weight average and flip test-time augmentation against a hand evaluation of the
-exported model, and bfloat16 / XLA / SyncBN runs that learn.
+The Keras tutorial recipe's plateau / early stop / best checkpoint end to end (and
+across a restart), the weight average and flip test-time augmentation against a hand
+evaluation of the exported model, and bfloat16 / XLA / SyncBN runs that learn. The
+step math of each option is in test_optimization.py, the rules in test_callbacks.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import random
 import re
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from launcher.config import Config, RuntimeConfig, TrainConfig, build_config
 from launcher.strategy import make_strategy
-from resnet18 import callbacks, hardware
+from resnet18 import hardware
+from resnet18.config import Config, RuntimeConfig, build_config
 from resnet18.errors import ConfigError
-from resnet18.ema import WeightAverage
-from resnet18.optimization import make_optimizer, make_schedule, make_train_step
 from resnet18.train import train_and_evaluate
 from tests.conftest import REPO, TINY_JOB, TINY_TRAIN, run_launcher
 
 STEPS_PER_EPOCH = TINY_TRAIN // 64
 
 
-def small_model(seed: int, batch_norm: bool = False) -> keras.Model:
-    inputs = keras.Input((8, 8, 3))
-    x = keras.layers.Conv2D(6, 3, kernel_initializer=keras.initializers.HeNormal(seed))(inputs)
-    if batch_norm:
-        x = keras.layers.BatchNormalization()(x)
-    x = keras.layers.ReLU()(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(10, kernel_initializer=keras.initializers.GlorotUniform(seed + 1),
-                                 bias_initializer=keras.initializers.RandomNormal(seed=seed + 2))(x)
-    return keras.Model(inputs, outputs)
-
-
-def run_steps(train: TrainConfig, images, labels, steps: int = 2, batch_norm: bool = False) -> list[np.ndarray]:
-    config = Config(train=train)
-    model = small_model(seed=3, batch_norm=batch_norm)
-    optimizer = make_optimizer(config, make_schedule(config, steps_per_epoch=10), model=model)
-    optimizer.build(model.trainable_variables)
-    step = tf.function(make_train_step(model, optimizer, config, num_classes=10))
-    for _ in range(steps):
-        step(images, labels)
-    return [weight.numpy() for weight in model.trainable_weights]
-
-
-def batch(size: int = 128):
-    images = tf.random.stateless_normal([size, 8, 8, 3], [1, 2])
-    labels = tf.random.stateless_uniform([size], [3, 4], 0, 10, dtype=tf.int32)
-    return images, labels
-
-
-def test_gradient_accumulation_4x32_equals_one_step_of_128_without_batch_norm():
-    images, labels = batch(128)
-    base = TrainConfig(global_batch_size=128, learning_rate=0.5, warmup_epochs=0, lr_schedule="constant",
-                       weight_decay=5e-4, label_smoothing=0.1)
-    initial = [weight.numpy() for weight in small_model(seed=3).trainable_weights]
-    whole = run_steps(base, images, labels)
-    accumulated = run_steps(dataclasses.replace(base, grad_accum_steps=4), images, labels)
-    for one, four, start in zip(whole, accumulated, initial):
-        assert not np.allclose(one, start)  # the steps moved the weights
-        np.testing.assert_allclose(four, one, rtol=1e-5, atol=1e-6)
-
-
-def test_gradient_accumulation_differs_with_batch_norm_as_documented():
-    # Batch norm normalises each micro-batch by its own statistics, so here the two differ.
-    images, labels = batch(128)
-    base = TrainConfig(global_batch_size=128, learning_rate=0.5, warmup_epochs=0, lr_schedule="constant")
-    whole = run_steps(base, images, labels, batch_norm=True)
-    accumulated = run_steps(dataclasses.replace(base, grad_accum_steps=4), images, labels, batch_norm=True)
-    assert not all(np.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(whole, accumulated))
-
-
-def test_decoupled_weight_decay_shrinks_kernels_only_by_lr_times_decay():
-    images, labels = batch(32)
-    base = TrainConfig(global_batch_size=32, learning_rate=0.1, lr_scaling="none", warmup_epochs=0,
-                       lr_schedule="constant", weight_decay=0.0, optimizer="sgd")
-    decayed_config = dataclasses.replace(base, weight_decay=0.05, weight_decay_mode="decoupled")
-    initial = [weight.numpy() for weight in small_model(seed=3).trainable_weights]
-    plain = run_steps(base, images, labels, steps=1)
-    decayed = run_steps(decayed_config, images, labels, steps=1)
-    names = [weight.path for weight in small_model(seed=3).trainable_weights]
-    for name, start, without, with_decay in zip(names, initial, plain, decayed):
-        if name.endswith("kernel"):
-            np.testing.assert_allclose(with_decay, without - 0.1 * 0.05 * start, rtol=1e-5, atol=1e-6)
-        else:  # biases are not decayed
-            np.testing.assert_array_equal(with_decay, without)
-
-
-def test_soft_targets_train_like_their_one_hot_labels():
-    images, labels = batch(64)
-    train = TrainConfig(global_batch_size=64, warmup_epochs=0)
-    from_ids = run_steps(train, images, labels)
-    from_targets = run_steps(train, images, tf.one_hot(labels, 10))
-    for a, b in zip(from_ids, from_targets):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-
-
-@pytest.mark.parametrize("trial", range(20))
-def test_plateau_and_early_stopping_rules_match_keras_callbacks(trial):
-    rng = random.Random(trial)
-    # Losses that go down, stall and wobble, with exact repeats: the ties matter.
-    losses = [round(1.0 - 0.05 * i + rng.choice([0, 0, 0.03, 0.1]), 2) for i in range(25)]
-    factor, patience, min_delta = 0.5, rng.randint(1, 4), rng.choice([0.0, 1e-4, 0.02])
-    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
-    model.compile(optimizer=keras.optimizers.SGD(learning_rate=1.0), loss="mse")
-    reduce = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=factor, patience=patience,
-                                               min_delta=min_delta, min_lr=0.0)
-    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, min_delta=min_delta)
-    for callback in (reduce, stop):
-        callback.set_model(model)
-        callback.on_train_begin()
-    stopped_at = None
-    for epoch, loss in enumerate(losses):
-        reduce.on_epoch_end(epoch, {"val_loss": loss})
-        expected_scale = float(model.optimizer.learning_rate.numpy())
-        assert callbacks.plateau_scale(losses[:epoch + 1], factor, patience, min_delta) == pytest.approx(expected_scale)
-        stop.on_epoch_end(epoch, {"val_loss": loss})
-        if model.stop_training and stopped_at is None:
-            stopped_at = epoch + 1
-        if stopped_at is None:
-            assert callbacks.early_stop_epoch(losses[:epoch + 1], patience, min_delta) is None
-    assert callbacks.early_stop_epoch(losses, patience, min_delta) == stopped_at
-
-
-def test_best_epoch_picks_the_first_of_the_best():
-    history = [{"test_accuracy": 0.5, "test_loss": 1.0}, {"test_accuracy": 0.7, "test_loss": 0.8},
-               {"test_accuracy": 0.7, "test_loss": 0.9}, {"test_accuracy": 0.6, "test_loss": 0.7}]
-    assert callbacks.best_epoch(history, "test_accuracy") == 1
-    assert callbacks.best_epoch(history, "test_loss") == 3
-    assert callbacks.best_epoch([], "test_loss") is None
-
-
-def test_weight_average_follows_its_formula_with_warm_up():
-    model, average_model = small_model(seed=3, batch_norm=True), small_model(seed=4, batch_norm=True)
-    average = WeightAverage(model, average_model, decay=0.9)
-    before = [weight.numpy() for weight in average_model.weights]
-    current = [weight.numpy() for weight in model.weights]
-    average.update(tf.constant(0))  # warm-up: decay min(0.9, 1/10) = 0.1
-    for start, weight, result in zip(before, current, average_model.weights):
-        np.testing.assert_allclose(result.numpy(), 0.1 * start + 0.9 * weight, rtol=1e-6, atol=1e-7)
-    middle = [weight.numpy() for weight in average_model.weights]
-    average.update(tf.constant(10_000))
-    for start, weight, result in zip(middle, current, average_model.weights):
-        np.testing.assert_allclose(result.numpy(), 0.9 * start + 0.1 * weight, rtol=1e-6, atol=1e-7)
-
-
 def tiny_config(data_dir: str, *overrides: str) -> Config:
     return build_config(TINY_JOB, [f"data.data_dir={data_dir}", *overrides])
 
 
-SEED_LIKE = ("train.optimizer=adam", "train.learning_rate=0.001", "train.lr_scaling=none", "train.warmup_epochs=0",
+KERAS_TUTORIAL = ("train.optimizer=adam", "train.learning_rate=0.001", "train.lr_scaling=none", "train.warmup_epochs=0",
              "train.lr_schedule=plateau", "train.plateau_patience=1", "train.plateau_min_delta=100",
              "train.early_stopping_patience=3", "train.early_stopping_min_delta=100",
              "train.best_checkpoint_metric=test_accuracy", "train.epochs=8", "train.precision=float32")
 
 
-def test_seed_recipe_rules_end_to_end_and_across_a_restart(tiny_data_dir, tmp_path):
+def test_keras_tutorial_recipe_rules_end_to_end_and_across_a_restart(tiny_data_dir, tmp_path):
     # min_delta 100: no epoch after the first counts as an improvement, so the rules fire on cue.
     strategy = make_strategy(RuntimeConfig(strategy="one_device"))
-    summary = train_and_evaluate(tiny_config(tiny_data_dir, *SEED_LIKE), strategy, str(tmp_path / "whole"))
+    summary = train_and_evaluate(tiny_config(tiny_data_dir, *KERAS_TUTORIAL), strategy, str(tmp_path / "whole"))
     history = summary["history"]
     # The rate is recorded at each epoch's end, before that epoch's plateau decision.
     assert [entry["learning_rate"] for entry in history] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-5])
@@ -184,12 +54,12 @@ def test_seed_recipe_rules_end_to_end_and_across_a_restart(tiny_data_dir, tmp_pa
 
     # Interrupted after epoch 2, then resumed: the replayed history gives the same decisions.
     resumed_dir = str(tmp_path / "resumed")
-    train_and_evaluate(tiny_config(tiny_data_dir, *SEED_LIKE, "train.epochs=2"), strategy, resumed_dir)
-    resumed = train_and_evaluate(tiny_config(tiny_data_dir, *SEED_LIKE), strategy, resumed_dir)
+    train_and_evaluate(tiny_config(tiny_data_dir, *KERAS_TUTORIAL, "train.epochs=2"), strategy, resumed_dir)
+    resumed = train_and_evaluate(tiny_config(tiny_data_dir, *KERAS_TUTORIAL), strategy, resumed_dir)
     assert resumed["resumed_from_step"] == 2 * STEPS_PER_EPOCH
     assert [entry["learning_rate"] for entry in resumed["history"]] == pytest.approx([1e-4, 1e-5])
     assert resumed["stopped_early_after_epoch"] == 4
-    again = train_and_evaluate(tiny_config(tiny_data_dir, *SEED_LIKE), strategy, resumed_dir)
+    again = train_and_evaluate(tiny_config(tiny_data_dir, *KERAS_TUTORIAL), strategy, resumed_dir)
     assert again["history"] == [] and again["steps"] == 4 * STEPS_PER_EPOCH  # stays stopped
 
 
@@ -227,7 +97,7 @@ def test_weight_average_and_flip_tta_are_what_is_evaluated_and_exported(tiny_dat
     accuracy = float(np.mean(np.argmax(logits.numpy(), -1) == labels))
     assert accuracy == pytest.approx(summary["test_accuracy"], abs=0.5 / len(labels))
     # The average moved away from the initial weights (it was updated every step) ...
-    from resnet18.train import build_model
+    from resnet18.model import build_model
 
     initial = build_model(config, source.num_classes)
     moved = [not np.allclose(a.numpy(), b.numpy()) for a, b in zip(model.trainable_weights, initial.trainable_weights)]
@@ -239,7 +109,7 @@ def test_weight_average_and_flip_tta_are_what_is_evaluated_and_exported(tiny_dat
 
 
 def load_live_model(workdir: str, config: Config, num_classes: int):
-    from resnet18.train import build_model
+    from resnet18.model import build_model
 
     model = build_model(config, num_classes)
     checkpoint = tf.train.Checkpoint(model=model)
@@ -284,8 +154,8 @@ def test_sync_batch_norm_ema_cutmix_and_accumulation_train_over_two_replicas(tin
     assert summary["history"][-1]["train_loss"] < summary["history"][0]["train_loss"]
 
 
-def test_seed_recipe_job_is_the_tutorials_recipe():
-    train = build_config(os.path.join(REPO, "jobs", "seed_recipe.yaml")).train
+def test_keras_tutorial_recipe_job_is_that_recipe():
+    train = build_config(os.path.join(REPO, "jobs", "keras_tutorial_recipe.yaml")).train
     assert (train.optimizer, train.learning_rate, train.lr_scaling, train.global_batch_size, train.epochs) == (
         "adam", 0.001, "none", 128, 50)
     assert (train.lr_schedule, train.plateau_factor, train.plateau_patience) == ("plateau", 0.1, 3)
@@ -300,7 +170,7 @@ def test_fast_recipe_keeps_resnet18_unchanged_in_shape():
         "sgd", 512, True, True)
 
 
-@pytest.mark.parametrize("job", ["seed_recipe.yaml", "cifar10_fast.yaml"])
+@pytest.mark.parametrize("job", ["keras_tutorial_recipe.yaml", "cifar10_fast.yaml"])
 def test_recipe_job_runs_shrunk_to_tiny_data(tiny_data_dir, tmp_path, job):
     config = build_config(os.path.join(REPO, "jobs", job), [
         f"data.data_dir={tiny_data_dir}", "data.generated.train_examples=640", "data.generated.test_examples=250",
@@ -313,7 +183,7 @@ def test_two_workers_take_the_epoch_rules_together_with_averaged_weights(tiny_da
     # Every worker decides plateau / early stop / best epoch from the same (all-reduced) test
     # metrics; one deciding otherwise would leave the other waiting in a collective.
     result = run_launcher("--workers", "2", "--job", TINY_JOB, "--workdir", str(tmp_path / "run"),
-                          "--set", f"data.data_dir={tiny_data_dir}", *SEED_LIKE, "train.ema_decay=0.9")
+                          "--set", f"data.data_dir={tiny_data_dir}", *KERAS_TUTORIAL, "train.ema_decay=0.9")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["strategy"] == "MultiWorkerMirroredStrategy" and summary["stopped_early_after_epoch"] == 4
@@ -349,11 +219,11 @@ def test_weight_average_turned_on_later_starts_from_the_restored_weights(tiny_da
 
 
 def test_a_torn_history_line_is_ignored_with_a_warning(tmp_path, capsys):
-    from resnet18.train import read_history
+    from resnet18.history import read_history
 
     (tmp_path / "history.jsonl").write_text('{"epoch": 1, "step": 10}\n{"epoch": 2, "st')
     assert read_history(str(tmp_path)) == [{"epoch": 1, "step": 10}]
-    assert "line 2 is not JSON" in capsys.readouterr().out
+    assert "line 2 is not JSON" in capsys.readouterr().err
 
 
 def test_xla_trains_over_two_replicas(tiny_data_dir, tmp_path):

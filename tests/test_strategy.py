@@ -8,9 +8,10 @@ import pytest
 import tensorflow as tf
 
 from launcher.cluster import read_tf_config
-from launcher.config import RuntimeConfig
+from resnet18.config import RuntimeConfig
 from resnet18.errors import SetupError
-from launcher.strategy import is_chief, make_strategy, resolve_strategy_name
+from launcher.strategy import make_strategy, resolve_strategy_name
+from resnet18.topology import topology_of
 from tests.conftest import TINY_JOB, run_launcher
 
 CLUSTER = read_tf_config({"TF_CONFIG": json.dumps(
@@ -35,7 +36,7 @@ def test_auto_resolution(runtime, cluster, gpus_found, expected):
 def test_one_device_on_cpu():
     strategy = make_strategy(RuntimeConfig(strategy="one_device"))
     assert isinstance(strategy, tf.distribute.OneDeviceStrategy)
-    assert strategy.num_replicas_in_sync == 1 and is_chief(strategy)
+    assert strategy.num_replicas_in_sync == 1 and topology_of(strategy).is_chief
 
 
 def test_auto_without_gpus_is_one_device():

@@ -7,10 +7,10 @@ not asserted here: the epoch reaching it is recomputed from the recorded accurac
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
+from launcher.cluster import environment_without_cluster
 import pytest
 
 from benchmarks.time_to_accuracy import aggregate, first_epoch_reaching
@@ -20,7 +20,7 @@ TARGET = 0.15
 
 
 def run_benchmark(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {key: value for key, value in os.environ.items() if key != "TF_CONFIG"}
+    env = environment_without_cluster()
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
     return subprocess.run([sys.executable, "-m", "benchmarks.time_to_accuracy", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from launcher.config import RuntimeConfig, build_config
+from resnet18.config import RuntimeConfig, build_config
 from resnet18.errors import TrainingError
 from launcher.strategy import make_strategy
 from resnet18.train import train_and_evaluate

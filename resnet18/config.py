@@ -11,29 +11,37 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 import types
 import typing
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import yaml
 
 from resnet18.errors import ConfigError
 
-STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
-AUGMENTATIONS = ("crop_flip", "seed", "none")
-OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("cosine", "constant", "plateau")
-WEIGHT_DECAY_MODES = ("l2", "decoupled")
-BEST_METRICS = ("test_accuracy", "test_loss")
-PRECISIONS = ("auto", "float32", "bfloat16", "float16")
-LR_SCALING = ("linear", "none")
+# The allowed values of a key live in its type: the check, the error message and the
+# command line's choices all read them from here (`choices`).
+Strategy = Literal["auto", "one_device", "mirrored", "multi_worker", "tpu"]
+Augmentation = Literal["crop_flip", "rotate_shift_zoom_flip", "none"]
+Optimizer = Literal["sgd", "adam"]
+Schedule = Literal["cosine", "constant", "plateau"]
+WeightDecayMode = Literal["l2", "decoupled"]
+BestMetric = Literal["test_accuracy", "test_loss"]
+Precision = Literal["auto", "float32", "bfloat16", "float16"]
+LrScaling = Literal["linear", "none"]
+
+# Old values still read, with a warning naming the new one.
+DEPRECATED_VALUES = {
+    "data.augmentation": {"seed": "rotate_shift_zoom_flip"},
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
     """Where the job runs: strategy and devices."""
 
-    strategy: str = "auto"  # auto picks from TF_CONFIG, --tpu and the GPUs found
+    strategy: Strategy = "auto"  # auto picks from TF_CONFIG, --tpu and the GPUs found
     gpus: int | None = None  # GPUs of this machine to use; None = all found
     cpu_replicas: int = 0  # >0: split the CPU into N logical devices (MirroredStrategy)
     tpu: str | None = None  # TPU name, grpc:// address, or "local" on a TPU VM
@@ -58,7 +66,8 @@ class DataConfig:
     manual_dir: str | None = None  # folder holding cifar-10-binary.tar.gz for offline prep
     generated: GeneratedDataConfig = GeneratedDataConfig()
     image_size: int = 32  # images of another size are resized to this
-    augmentation: str = "crop_flip"  # crop_flip: pad-4 crop + flip; seed: the tutorial's set
+    augmentation: Augmentation = "crop_flip"  # crop_flip: pad-4 crop + flip; rotate_shift_zoom_flip: rotation 15°,
+    #                                        shift 0.1, zoom 0.1, flip (Keras ImageDataGenerator-style); none
     shuffle_buffer: int = 50_000  # examples; CIFAR-10 fits whole
     cutmix_prob: float = 0.0  # share of training batches mixed by CutMix (0 = off)
     cutmix_alpha: float = 1.0  # Beta(alpha, alpha) for the kept area; 1 = uniform (the paper's)
@@ -79,26 +88,26 @@ class TrainConfig:
 
     epochs: int = 30
     global_batch_size: int = 512  # summed over all replicas of all workers
-    optimizer: str = "sgd"  # sgd (Nesterov momentum) or adam
+    optimizer: Optimizer = "sgd"  # sgd (Nesterov momentum) or adam
     learning_rate: float = 0.2  # per 256 images when lr_scaling is linear
-    lr_scaling: str = "linear"  # linear: lr x global_batch / 256, so --gpus 8 needs no edit
-    lr_schedule: str = "cosine"  # after warm-up: cosine decay to 0, constant, or plateau (see below)
+    lr_scaling: LrScaling = "linear"  # linear: lr x global_batch / 256, so --gpus 8 needs no edit
+    lr_schedule: Schedule = "cosine"  # after warm-up: cosine decay to 0, constant, or plateau (see below)
     warmup_epochs: float = 1.0  # linear warm-up from 0
     plateau_factor: float = 0.1  # plateau: lr x factor after plateau_patience epochs without
     plateau_patience: int = 3  # a test_loss improvement > plateau_min_delta (Keras ReduceLROnPlateau)
     plateau_min_delta: float = 1e-4
     early_stopping_patience: int = 0  # stop after N epochs without a test_loss improvement; 0 = off
     early_stopping_min_delta: float = 0.0  # smaller test_loss changes do not count (Keras EarlyStopping)
-    best_checkpoint_metric: str | None = None  # test_accuracy or test_loss: keep the best epoch in WORKDIR/best
+    best_checkpoint_metric: BestMetric | None = None  # test_accuracy or test_loss: keep the best epoch in WORKDIR/best
     momentum: float = 0.9
     weight_decay: float = 5e-4  # on conv and dense kernels only (not BN, not biases)
-    weight_decay_mode: str = "l2"  # l2: loss term (momentum sees it); decoupled: w -= lr x decay x w
+    weight_decay_mode: WeightDecayMode = "l2"  # l2: loss term (momentum sees it); decoupled: w -= lr x decay x w
     label_smoothing: float = 0.1
     grad_accum_steps: int = 1  # micro-batches per update: same effective batch, 1/N activation memory
     ema_decay: float = 0.0  # >0: evaluate, checkpoint and export an exponential moving average of the weights
     tta_flip: bool = False  # evaluate on the mean logits of each test image and its mirror image
-    xla: bool = False  # XLA-compile the forward+backward pass (meant for GPUs; slower on our CPUs; ignored on TPUs)
-    precision: str = "auto"  # auto: bfloat16 where the hardware has it (TPU, A100+, AVX512-BF16/AMX CPUs),
+    xla: bool = False  # XLA-compile the forward+backward pass (meant for GPUs; slower on the CPUs measured; ignored on TPUs)
+    precision: Precision = "auto"  # auto: bfloat16 where the hardware has it (TPU, A100+, AVX512-BF16/AMX CPUs),
     #                          float16 (loss-scaled) on V100/T4, else float32; or name one
     steps_per_loop: int = 20  # train steps per tf.function call (host overhead)
     checkpoint_every_steps: int = 100  # also at every epoch end; 0 = epoch ends only
@@ -195,11 +204,17 @@ def _suggest(key: str, fields: Mapping[str, Any]) -> str:
 
 
 def _check_type(value: Any, hint: Any, key: str, source: str) -> Any:
-    """Accepts `value` if it fits `hint` (int, float, str, bool, or X | None)."""
-    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    """Accepts `value` if it fits `hint` (int, float, str, bool, a Literal, or X | None)."""
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+        else (hint,)
     if value is None and type(None) in allowed:
         return None
     for kind in allowed:
+        if typing.get_origin(kind) is Literal:
+            value = _undeprecate(value, key, source)
+            if isinstance(value, str) and value in typing.get_args(kind):
+                return value
+            continue
         if kind is bool and isinstance(value, bool):
             return value
         if kind is int and isinstance(value, int) and not isinstance(value, bool):
@@ -208,9 +223,9 @@ def _check_type(value: Any, hint: Any, key: str, source: str) -> Any:
             return float(value)
         if kind is str and isinstance(value, str):
             return value
-    names = " or ".join("null" if kind is type(None) else kind.__name__ for kind in allowed)
+    names = " or ".join(_type_name(kind) for kind in allowed)
     hint_text = ""
-    if str in allowed and isinstance(value, bool):
+    if isinstance(value, bool) and any(kind is str or typing.get_origin(kind) is Literal for kind in allowed):
         # YAML 1.1 reads bare on/off/yes/no as booleans (Model Garden warns of the same).
         hint_text = " (YAML reads bare on/off/yes/no as booleans: quote the value)"
     raise ConfigError(
@@ -218,10 +233,34 @@ def _check_type(value: Any, hint: Any, key: str, source: str) -> Any:
     )
 
 
+def _type_name(kind: Any) -> str:
+    if kind is type(None):
+        return "null"
+    if typing.get_origin(kind) is Literal:
+        return "one of " + ", ".join(repr(value) for value in typing.get_args(kind))
+    return kind.__name__
+
+
+def _undeprecate(value: Any, key: str, source: str) -> Any:
+    replacement = DEPRECATED_VALUES.get(key, {}).get(value) if isinstance(value, str) else None
+    if replacement is None:
+        return value
+    print(f"warning: {source}: {key} {value!r} is deprecated; use {replacement!r} (same behaviour)",
+          file=sys.stderr, flush=True)
+    return replacement
+
+
+def choices(section: type, key: str) -> tuple[str, ...]:
+    """The allowed values of a Literal-typed key, e.g. choices(RuntimeConfig, "strategy")."""
+    hint = typing.get_type_hints(section)[key]
+    literal = next(kind for kind in (typing.get_args(hint) or (hint,)) if typing.get_origin(kind) is Literal) \
+        if typing.get_origin(hint) is not Literal else hint
+    return typing.get_args(literal)
+
+
 def validate(config: Config) -> None:
     """Rejects impossible values; the number of replicas is checked once it is known."""
     checks = [
-        (config.runtime.strategy in STRATEGIES, "runtime.strategy", f"one of {STRATEGIES}"),
         (config.runtime.gpus is None or config.runtime.gpus >= 0, "runtime.gpus", ">= 0"),
         (config.runtime.cpu_replicas >= 0, "runtime.cpu_replicas", ">= 0"),
         (config.runtime.seed >= 0, "runtime.seed", ">= 0"),
@@ -229,33 +268,24 @@ def validate(config: Config) -> None:
         (config.data.generated.train_examples >= 0, "data.generated.train_examples", ">= 0"),
         (config.data.generated.test_examples >= 0, "data.generated.test_examples", ">= 0"),
         (config.data.image_size >= 8, "data.image_size", ">= 8"),
-        (config.data.augmentation in AUGMENTATIONS, "data.augmentation", f"one of {AUGMENTATIONS}"),
         (config.data.shuffle_buffer >= 1, "data.shuffle_buffer", ">= 1"),
         (0 <= config.data.cutmix_prob <= 1, "data.cutmix_prob", "in [0, 1]"),
         (config.data.cutmix_alpha > 0, "data.cutmix_alpha", "> 0"),
         (config.model.width >= 1, "model.width", ">= 1"),
         (config.train.epochs >= 1, "train.epochs", ">= 1"),
         (config.train.global_batch_size >= 1, "train.global_batch_size", ">= 1"),
-        (config.train.optimizer in OPTIMIZERS, "train.optimizer", f"one of {OPTIMIZERS}"),
         (config.train.learning_rate > 0, "train.learning_rate", "> 0"),
-        (config.train.lr_scaling in LR_SCALING, "train.lr_scaling", f"one of {LR_SCALING}"),
-        (config.train.lr_schedule in SCHEDULES, "train.lr_schedule", f"one of {SCHEDULES}"),
         (config.train.warmup_epochs >= 0, "train.warmup_epochs", ">= 0"),
         (0 < config.train.plateau_factor < 1, "train.plateau_factor", "in (0, 1)"),
         (config.train.plateau_patience >= 1, "train.plateau_patience", ">= 1"),
         (config.train.plateau_min_delta >= 0, "train.plateau_min_delta", ">= 0"),
         (config.train.early_stopping_patience >= 0, "train.early_stopping_patience", ">= 0"),
         (config.train.early_stopping_min_delta >= 0, "train.early_stopping_min_delta", ">= 0"),
-        (config.train.best_checkpoint_metric in (None, *BEST_METRICS), "train.best_checkpoint_metric",
-         f"null or one of {BEST_METRICS}"),
-        (config.train.weight_decay_mode in WEIGHT_DECAY_MODES, "train.weight_decay_mode",
-         f"one of {WEIGHT_DECAY_MODES}"),
         (config.train.grad_accum_steps >= 1, "train.grad_accum_steps", ">= 1"),
         (0 <= config.train.ema_decay < 1, "train.ema_decay", "in [0, 1)"),
         (0 <= config.train.momentum < 1, "train.momentum", "in [0, 1)"),
         (config.train.weight_decay >= 0, "train.weight_decay", ">= 0"),
         (0 <= config.train.label_smoothing < 1, "train.label_smoothing", "in [0, 1)"),
-        (config.train.precision in PRECISIONS, "train.precision", f"one of {PRECISIONS}"),
         (config.train.steps_per_loop >= 1, "train.steps_per_loop", ">= 1"),
         (config.train.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", ">= 0"),
         (config.train.checkpoint_max_to_keep >= 1, "train.checkpoint_max_to_keep", ">= 1"),

@@ -1,0 +1,63 @@
+"""What a launch will do, said one way: printed by `--dry_run` and at the start of every real run.
+
+The dry run and the real run resolve the strategy with the same function
+(`strategy.resolve_strategy_name`) and describe it with the same printer
+(`describe`), so a dry run can never promise what the run then refuses.
+
+    python -m launcher --job jobs/cpu_smoke.yaml --dry_run
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from launcher.cluster import ClusterSpec
+from resnet18.config import Config
+
+STRATEGY_CLASSES = {"one_device": "OneDeviceStrategy", "mirrored": "MirroredStrategy",
+                    "multi_worker": "MultiWorkerMirroredStrategy", "tpu": "TPUStrategy"}
+
+
+@dataclasses.dataclass
+class Plan:
+    """A resolved launch: the strategy and where it runs, before or after it exists."""
+
+    config: Config
+    workdir: str
+    strategy: str  # the strategy's class name, e.g. MirroredStrategy
+    cluster: ClusterSpec | None = None  # this task's TF_CONFIG on a cluster
+    local_workers: int | None = None  # --workers N
+    gpus_per_worker: int | None = None
+    num_replicas: int | None = None  # known once the strategy exists (or from --workers)
+    devices: tuple[str, ...] = ()
+    started: bool = False  # whether the strategy was created (a dry run on a cluster does not connect)
+
+
+def describe(plan: Plan) -> str:
+    """The plan as `key: value` lines (the same in a dry run and in the real run)."""
+    lines = [f"strategy: {plan.strategy}"
+             + ("" if plan.started or plan.local_workers else " (not started in a dry run)")]
+    if plan.local_workers:
+        per_worker = plan.gpus_per_worker
+        devices = "CPU" if not per_worker else f"{per_worker} GPU(s): {_gpu_slices(plan.local_workers, per_worker)}"
+        lines.append(f"workers: {plan.local_workers} local processes on 127.0.0.1, each with {devices}")
+    if plan.num_replicas is not None:
+        lines.append(f"num_replicas: {plan.num_replicas}")
+        per_replica = plan.config.train.global_batch_size // plan.num_replicas
+        lines.append(f"batch: {plan.config.train.global_batch_size} global = {plan.num_replicas} x {per_replica}")
+    if plan.devices:
+        lines.append(f"devices: {', '.join(plan.devices)}")
+    if plan.cluster is not None:
+        cluster = plan.cluster
+        lines.append(f"role: {cluster.task_type} {cluster.task_index} (rank {cluster.rank} of {cluster.num_tasks}, "
+                     f"{'chief' if cluster.is_chief else 'not chief'})")
+        lines.append(f"chief: {cluster.chief_address}")
+        lines.append(f"cluster: {json.dumps(cluster.cluster)}")
+    lines.append(f"workdir: {plan.workdir}")
+    return "\n".join(lines)
+
+
+def _gpu_slices(workers: int, per_worker: int) -> str:
+    return "; ".join(f"worker {rank}: GPU {','.join(str(rank * per_worker + gpu) for gpu in range(per_worker))}"
+                     for rank in range(workers))

@@ -1,0 +1,50 @@
+"""WORKDIR/history.jsonl: one JSON line per finished epoch, since step 0, across restarts.
+
+The epoch-end rules (callbacks.py) replay it on resume, the report plots it and
+`launcher.status` reads it, all through `read_history`: a torn line (a crash
+mid-write on storage without atomic rename) is skipped with a warning, the same
+way for every reader.
+
+    python -c "from resnet18.history import read_history; print(read_history('runs/cpu_smoke'))"
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+HISTORY_FILE = "history.jsonl"
+
+
+def read_history(workdir: str, warn: bool = True) -> list[dict[str, Any]]:
+    """The per-epoch entries of WORKDIR/history.jsonl (empty if there are none)."""
+    import tensorflow as tf  # gfile: the work directory may be a bucket (gs://...)
+
+    path = os.path.join(workdir, HISTORY_FILE)
+    if not tf.io.gfile.exists(path):
+        return []
+    entries = []
+    with tf.io.gfile.GFile(path) as stream:
+        for number, line in enumerate(stream, start=1):
+            if not line.strip():
+                continue
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                if warn:
+                    print(f"warning: {path} line {number} is not JSON; ignoring it", file=sys.stderr, flush=True)
+    return entries
+
+
+def write_history(workdir: str, history: list[dict[str, Any]]) -> None:
+    """Replaces WORKDIR/history.jsonl with `history`, atomically where the storage allows."""
+    import tensorflow as tf
+
+    # Rewritten whole (object stores such as gs:// cannot append), into a temporary file renamed
+    # over the old one: a crash mid-write leaves the previous history, which the epoch rules replay.
+    path = os.path.join(workdir, HISTORY_FILE)
+    with tf.io.gfile.GFile(path + ".tmp", "w") as stream:
+        stream.write("".join(json.dumps(entry) + "\n" for entry in history))
+    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)

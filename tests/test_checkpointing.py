@@ -1,0 +1,96 @@
+"""Checkpoint restore that survives damage, and saves that never write NaN weights (in-process, tiny)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from resnet18.checkpointing import (Checkpointer, checkpoint_candidates, holds_object, remove_stale_temporaries,
+                                    restore_latest_good)
+from resnet18.errors import TrainingError
+
+
+def saved_steps(directory, steps=(4, 8)) -> tf.Variable:
+    variable = tf.Variable(0.0)
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(value=variable), str(directory), max_to_keep=5)
+    for step in steps:
+        variable.assign(float(step))
+        manager.save(checkpoint_number=step)
+    return variable
+
+
+def test_candidates_are_read_from_the_files_newest_first(tmp_path):
+    saved_steps(tmp_path, (4, 8, 12))
+    (tmp_path / "checkpoint").write_text("garbage")  # the state file is not trusted
+    assert [os.path.basename(prefix) for prefix in checkpoint_candidates(str(tmp_path))] == [
+        "ckpt-12", "ckpt-8", "ckpt-4"]
+
+
+def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
+    saved_steps(tmp_path)
+    data = next(tmp_path.glob("ckpt-8.data-*"))
+    data.write_bytes(data.read_bytes()[:3])
+    target = tf.Variable(-1.0)
+    prefix = restore_latest_good(tf.train.Checkpoint(value=target), str(tmp_path))
+    assert prefix.endswith("ckpt-4") and float(target.numpy()) == 4.0
+    assert "ckpt-8 is unreadable" in capsys.readouterr().out
+
+
+def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    saved_steps(tmp_path)
+    for data in tmp_path.glob("ckpt-*.data-*"):
+        data.write_bytes(b"")
+    with pytest.raises(RuntimeError, match="no checkpoint in .* can be read"):
+        restore_latest_good(tf.train.Checkpoint(value=tf.Variable(0.0)), str(tmp_path))
+    assert restore_latest_good(tf.train.Checkpoint(value=tf.Variable(0.0)), str(tmp_path / "empty")) is None
+
+
+def test_leftovers_of_an_interrupted_save_are_removed_and_objects_are_found(tmp_path):
+    saved_steps(tmp_path)
+    (tmp_path / "ckpt-12_temp").mkdir()
+    (tmp_path / "ckpt-12_temp" / "part").write_text("half")
+    assert remove_stale_temporaries(str(tmp_path)) == [str(tmp_path / "ckpt-12_temp")]
+    assert holds_object(str(tmp_path), "value") and not holds_object(str(tmp_path), "ema_model")
+
+
+class TinyState:
+    """What a Checkpointer needs from a TrainState."""
+
+    average = None
+
+    def __init__(self):
+        self.step = tf.Variable(0, dtype=tf.int64)
+        self.weights = tf.Variable([1.0, 2.0])
+        self.evaluated_model = tf.Module()
+        self.evaluated_model.weights = self.weights
+
+    def checkpoint(self, with_average: bool = True) -> tf.train.Checkpoint:
+        return tf.train.Checkpoint(step=self.step, weights=self.weights)
+
+
+def test_saves_refuse_nan_weights_and_keep_the_last_good_checkpoint(tmp_path):
+    state = TinyState()
+    checkpointer = Checkpointer(state, str(tmp_path), is_chief=True, max_to_keep=3, sync_statistics=lambda: None,
+                                weights_are_finite=lambda: bool(np.all(np.isfinite(state.weights.numpy()))))
+    checkpointer.save(5)
+    state.weights.assign([np.nan, 1.0])
+    with pytest.raises(TrainingError, match="weights became NaN/Inf by step 9.*ckpt-5"):
+        checkpointer.save(9)
+    assert [os.path.basename(prefix) for prefix in checkpoint_candidates(str(tmp_path / "checkpoints"))] == ["ckpt-5"]
+    restored = TinyState()
+    again = Checkpointer(restored, str(tmp_path), is_chief=True, max_to_keep=3, sync_statistics=lambda: None,
+                         weights_are_finite=lambda: True)
+    assert again.restore() == 5 and restored.weights.numpy().tolist() == [1.0, 2.0]
+
+
+def test_workers_other_than_the_chief_save_into_a_directory_they_delete(tmp_path):
+    state = TinyState()
+    checkpointer = Checkpointer(state, str(tmp_path), is_chief=False, max_to_keep=3, sync_statistics=lambda: None,
+                                weights_are_finite=lambda: True)
+    checkpointer.save(3)
+    assert not (tmp_path / "checkpoints").exists() and os.path.isdir(checkpointer.directory)
+    checkpointer.close()
+    assert not os.path.exists(checkpointer.directory)
