@@ -20,9 +20,23 @@ from launcher.cluster import environment_without_cluster  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_JOB = os.path.join(REPO, "tests", "jobs", "tiny.yaml")
 TINY_TRAIN, TINY_TEST = 640, 250
+MICRO_TRAIN, MICRO_TEST = 96, 40
 
 _cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+
+@pytest.fixture(scope="session")
+def two_replicas():
+    """One MirroredStrategy over the two logical CPUs for every in-process test.
+
+    Several MirroredStrategy objects in one process may reuse collective instance keys
+    and fail each other's all-reduces, so in-process tests share this one.
+    """
+    from launcher.strategy import make_strategy
+    from resnet18.config import RuntimeConfig
+
+    return make_strategy(RuntimeConfig(cpu_replicas=2))
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +46,16 @@ def tiny_data_dir(tmp_path_factory) -> str:
 
     data_dir = str(tmp_path_factory.mktemp("tfds"))
     generated_cifar10.prepare(data_dir, TINY_TRAIN, TINY_TEST)
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def micro_data_dir(tmp_path_factory) -> str:
+    """A TFDS data_dir with generated CIFAR-10 (96 train, 40 test): loop tests of a few steps."""
+    from resnet18 import generated_cifar10
+
+    data_dir = str(tmp_path_factory.mktemp("tfds_micro"))
+    generated_cifar10.prepare(data_dir, MICRO_TRAIN, MICRO_TEST)
     return data_dir
 
 

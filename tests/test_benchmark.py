@@ -10,7 +10,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow  # a real (tiny) benchmark run
 
 REQUIRED = ("model_images_per_sec", "pipeline_images_per_sec", "end_to_end_images_per_sec",
             "keras_fit_images_per_sec", "peak_flops", "model_flops_per_image", "mfu", "startup_seconds",

@@ -48,6 +48,7 @@ def png_size(path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+@pytest.mark.slow
 def test_run_writes_a_report_with_readable_plots(trained):
     report = trained / "report"
     for name in ("curves.png", "confusion_matrix.png"):
@@ -64,6 +65,7 @@ def test_run_writes_a_report_with_readable_plots(trained):
     assert [entry["epoch"] for entry in history] == list(range(1, summary["epochs"] + 1))
 
 
+@pytest.mark.slow
 def test_report_on_demand_and_for_a_missing_run(trained, tmp_path):
     (trained / "report" / "curves.png").unlink()
     written = write_report(str(trained))
@@ -72,6 +74,7 @@ def test_report_on_demand_and_for_a_missing_run(trained, tmp_path):
     assert result.returncode == 2 and "no finished run" in result.stderr
 
 
+@pytest.mark.slow
 def test_every_format_is_exported_and_evaluated(exported):
     process, report = exported
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
@@ -88,6 +91,7 @@ def test_every_format_is_exported_and_evaluated(exported):
         assert artifact["latency_ms_median"] > 0 and artifact["file_bytes"] > 0
 
 
+@pytest.mark.slow
 def test_saved_model_serves_the_exact_rest_and_grpc_requests(trained, exported):
     process, _ = exported
     assert process.returncode == 0
@@ -120,6 +124,7 @@ def test_bad_export_inputs_exit_2(tmp_path, args, words):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_export_of_another_model_shape_exits_2(trained, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(trained, copy, ignore=shutil.ignore_patterns("export", "report"))

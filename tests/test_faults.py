@@ -23,6 +23,8 @@ import pytest
 from launcher.local_workers import free_ports
 from tests.conftest import REPO, TINY_JOB, run_launcher
 
+pytestmark = pytest.mark.slow  # real kills and restarts of training processes
+
 STEPS = 30  # 3 epochs x 10 steps
 FINGERPRINT = re.compile(r"Final weights sha256 ([0-9a-f]{64})")
 

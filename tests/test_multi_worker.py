@@ -33,6 +33,7 @@ def two_worker_run(tiny_data_dir, tmp_path_factory):
     return result, workdir
 
 
+@pytest.mark.slow
 def test_two_local_workers_train_to_identical_weights(two_worker_run):
     result, workdir = two_worker_run
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -46,6 +47,7 @@ def test_two_local_workers_train_to_identical_weights(two_worker_run):
     assert list((workdir / "checkpoints").glob("ckpt-*.index"))  # only the chief's directory
 
 
+@pytest.mark.slow
 def test_two_workers_match_one_process_with_two_cpu_replicas(two_worker_run, tiny_data_dir, tmp_path):
     result, workdir = two_worker_run
     assert result.returncode == 0
@@ -67,6 +69,7 @@ def start(args, env_extra):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_explicit_chief_and_worker_started_by_hand(tiny_data_dir, tmp_path):
     chief_port, worker_port = free_ports(2)
     cluster = {"chief": [f"127.0.0.1:{chief_port}"], "worker": [f"127.0.0.1:{worker_port}"]}
@@ -81,6 +84,7 @@ def test_explicit_chief_and_worker_started_by_hand(tiny_data_dir, tmp_path):
     assert fingerprints[0] == fingerprints[1] and len(fingerprints[0]) == 1  # same final weights
 
 
+@pytest.mark.slow
 def test_slurm_variables_make_a_two_task_job(tiny_data_dir, tmp_path):
     """Two tasks with the variables `srun -n 2` sets on one node."""
     port_base = free_ports(1)[0]
@@ -94,6 +98,7 @@ def test_slurm_variables_make_a_two_task_job(tiny_data_dir, tmp_path):
     assert summary(tmp_path)["num_replicas"] == 2
 
 
+@pytest.mark.slow
 def test_kill_9_of_one_worker_ends_the_group_within_30_seconds(tiny_data_dir, tmp_path):
     launcher = start(["--workers", "2", "--job", TINY_JOB, "--set", f"data.data_dir={tiny_data_dir}",
                       "train.epochs=200", "--workdir", str(tmp_path)], {})

@@ -36,6 +36,7 @@ KERAS_TUTORIAL = ("train.optimizer=adam", "train.learning_rate=0.001", "train.lr
              "train.best_checkpoint_metric=test_accuracy", "train.epochs=8", "train.precision=float32")
 
 
+@pytest.mark.slow
 def test_keras_tutorial_recipe_rules_end_to_end_and_across_a_restart(tiny_data_dir, tmp_path):
     # min_delta 100: no epoch after the first counts as an improvement, so the rules fire on cue.
     strategy = make_strategy(RuntimeConfig(strategy="one_device"))
@@ -73,6 +74,7 @@ def exported_accuracy(workdir: str, weights: str) -> float:
     return float(np.mean(np.argmax(logits, -1) == labels))
 
 
+@pytest.mark.slow
 def test_export_of_best_weights_without_a_best_checkpoint_exits_2_saying_how(tiny_data_dir, tmp_path, capsys):
     from launcher import export
 
@@ -83,6 +85,7 @@ def test_export_of_best_weights_without_a_best_checkpoint_exits_2_saying_how(tin
     assert "set train.best_checkpoint_metric to keep one" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_weight_average_and_flip_tta_are_what_is_evaluated_and_exported(tiny_data_dir, tmp_path):
     from launcher.export import _test_set, load_trained_model
     workdir = str(tmp_path / "run")
@@ -117,6 +120,7 @@ def load_live_model(workdir: str, config: Config, num_classes: int):
     return model, status.expect_partial()
 
 
+@pytest.mark.slow
 def test_bfloat16_trains_where_the_cpu_has_it_and_is_refused_where_it_would_be_emulated(tiny_data_dir, tmp_path):
     # Depends on this machine's CPU, and checks the right thing for each kind: with AVX512_BF16/AMX_BF16
     # the run trains in bfloat16; without them it exits 2 naming the missing flags (emulated bfloat16
@@ -134,6 +138,7 @@ def test_bfloat16_trains_where_the_cpu_has_it_and_is_refused_where_it_would_be_e
     assert summary["test_accuracy"] > 0.2  # 10 classes: chance is 0.1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option", ["train.xla=true", "train.grad_accum_steps=2"])
 def test_option_trains_and_lowers_the_loss(tiny_data_dir, tmp_path, option):
     config = tiny_config(tiny_data_dir, option, "train.epochs=4", "model.width=8")
@@ -143,6 +148,7 @@ def test_option_trains_and_lowers_the_loss(tiny_data_dir, tmp_path, option):
     assert summary["test_accuracy"] > 0.2  # 10 classes: chance is 0.1
 
 
+@pytest.mark.slow
 def test_sync_batch_norm_ema_cutmix_and_accumulation_train_over_two_replicas(tiny_data_dir, tmp_path):
     result = run_launcher("--job", TINY_JOB, "--cpu_replicas", "2", "--workdir", str(tmp_path / "run"),
                           "--set", f"data.data_dir={tiny_data_dir}", "model.sync_bn=true", "train.epochs=3",
@@ -170,6 +176,7 @@ def test_fast_recipe_keeps_resnet18_unchanged_in_shape():
         "sgd", 512, True, True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("job", ["keras_tutorial_recipe.yaml", "cifar10_fast.yaml"])
 def test_recipe_job_runs_shrunk_to_tiny_data(tiny_data_dir, tmp_path, job):
     config = build_config(os.path.join(REPO, "jobs", job), [
@@ -179,6 +186,7 @@ def test_recipe_job_runs_shrunk_to_tiny_data(tiny_data_dir, tmp_path, job):
     assert summary["steps"] == 2 * STEPS_PER_EPOCH and summary["test_examples"] == 250
 
 
+@pytest.mark.slow
 def test_two_workers_take_the_epoch_rules_together_with_averaged_weights(tiny_data_dir, tmp_path):
     # Every worker decides plateau / early stop / best epoch from the same (all-reduced) test
     # metrics; one deciding otherwise would leave the other waiting in a collective.
@@ -193,6 +201,7 @@ def test_two_workers_take_the_epoch_rules_together_with_averaged_weights(tiny_da
     assert os.path.exists(summary["best_checkpoint"]["path"] + ".index")
 
 
+@pytest.mark.slow
 def test_checkpoints_of_another_model_are_named_as_such_and_kept(tiny_data_dir, tmp_path):
     from resnet18.errors import SetupError
 
@@ -205,6 +214,7 @@ def test_checkpoints_of_another_model_are_named_as_such_and_kept(tiny_data_dir, 
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
 
 
+@pytest.mark.slow
 def test_weight_average_turned_on_later_starts_from_the_restored_weights(tiny_data_dir, tmp_path, capsys):
     workdir = str(tmp_path / "run")
     strategy = make_strategy(RuntimeConfig(strategy="one_device"))
@@ -226,6 +236,7 @@ def test_a_torn_history_line_is_ignored_with_a_warning(tmp_path, capsys):
     assert "line 2 is not JSON" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_xla_trains_over_two_replicas(tiny_data_dir, tmp_path):
     result = run_launcher("--job", TINY_JOB, "--cpu_replicas", "2", "--workdir", str(tmp_path / "run"),
                           "--set", f"data.data_dir={tiny_data_dir}", "train.xla=true", "train.epochs=3")

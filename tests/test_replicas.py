@@ -23,8 +23,8 @@ def per_replica_values(variable) -> list[np.ndarray]:
     return [np.asarray(value.numpy()) for value in variable.value.values]
 
 
-def test_moving_statistics_are_pooled_as_the_variance_of_the_union():
-    strategy = make_strategy(RuntimeConfig(cpu_replicas=2))
+def test_moving_statistics_are_pooled_as_the_variance_of_the_union(two_replicas):
+    strategy = two_replicas
     with strategy.scope():
         model = bn_model()
     rng = np.random.default_rng(0)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the whole CPU smoke job
+
 
 
 def test_cpu_smoke_job_end_to_end(smoke_run):

@@ -43,8 +43,8 @@ def test_auto_without_gpus_is_one_device():
     assert isinstance(make_strategy(RuntimeConfig()), tf.distribute.OneDeviceStrategy)
 
 
-def test_mirrored_over_two_cpu_replicas():
-    strategy = make_strategy(RuntimeConfig(cpu_replicas=2))
+def test_mirrored_over_two_cpu_replicas(two_replicas):
+    strategy = two_replicas
     assert isinstance(strategy, tf.distribute.MirroredStrategy)
     assert strategy.num_replicas_in_sync == 2
     assert [device.split("/")[-1] for device in strategy.extended.worker_devices] == ["device:CPU:0", "device:CPU:1"]
@@ -70,11 +70,11 @@ def test_unreachable_tpu_is_an_error_not_a_hang():
         make_strategy(RuntimeConfig(strategy="tpu", tpu="local"))
 
 
-def test_optimizer_sums_replica_gradients():
+def test_optimizer_sums_replica_gradients(two_replicas):
     """The training loop relies on it: loss / global batch per replica, gradients summed."""
     import keras
 
-    strategy = make_strategy(RuntimeConfig(cpu_replicas=2))
+    strategy = two_replicas
     with strategy.scope():
         variable = keras.Variable(tf.zeros([2]))
         optimizer = keras.optimizers.SGD(learning_rate=1.0)

@@ -26,6 +26,7 @@ def run_benchmark(*args: str, timeout: float = 600) -> subprocess.CompletedProce
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_two_tiny_runs_record_accuracy_per_epoch_and_consistent_aggregates(tiny_data_dir, tmp_path):
     output = tmp_path / "tta.json"
     result = run_benchmark("--job", TINY_JOB, "--runs", "2", "--target", str(TARGET), "--workdir_root",

@@ -22,6 +22,7 @@ def tiny_config(data_dir: str, *overrides: str):
     return build_config(TINY_JOB, [f"data.data_dir={data_dir}", *overrides])
 
 
+@pytest.mark.slow
 def test_one_device_run_writes_checkpoint_tensorboard_config_and_summary(tiny_data_dir, tmp_path):
     config = tiny_config(tiny_data_dir, "train.epochs=6", "model.width=8")
     workdir = str(tmp_path / "run")
@@ -40,6 +41,7 @@ def test_one_device_run_writes_checkpoint_tensorboard_config_and_summary(tiny_da
     assert build_config(os.path.join(workdir, "config.yaml")) == config
 
 
+@pytest.mark.slow
 def test_two_cpu_replicas_match_one_replica_at_the_same_global_batch(tiny_data_dir, tmp_path):
     # Separate processes: one strategy per process, as in real runs (two MirroredStrategy
     # objects in one process may reuse collective instance keys).
@@ -58,6 +60,7 @@ def test_two_cpu_replicas_match_one_replica_at_the_same_global_batch(tiny_data_d
     assert abs(one["test_accuracy"] - two["test_accuracy"]) < 0.1
 
 
+@pytest.mark.slow
 def test_rerun_resumes_from_the_checkpoint(tiny_data_dir, tmp_path):
     workdir = str(tmp_path / "run")
     strategy = make_strategy(RuntimeConfig(strategy="one_device"))
@@ -71,6 +74,7 @@ def test_rerun_resumes_from_the_checkpoint(tiny_data_dir, tmp_path):
     assert done["test_accuracy"] == pytest.approx(second["test_accuracy"])
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny_data_dir, tmp_path):
     workdir = str(tmp_path / "run")
     strategy = make_strategy(RuntimeConfig(strategy="one_device"))
