@@ -36,26 +36,27 @@ def imported(path: pathlib.Path) -> list[tuple[str, list[str]]]:
     return found
 
 
+def imports_from_other_packages(package: str):
+    """(path, module, names) of every import in `package` of another of our packages."""
+    for path in modules(package):
+        for module, names in imported(path):
+            top = module.split(".")[0]
+            if top in PACKAGES and top != package:
+                yield path.relative_to(REPO), module, names
+
+
 @pytest.mark.parametrize("package", PACKAGES)
 def test_imports_flow_one_way_between_packages(package):
-    wrong = []
-    for path in modules(package):
-        for module, _ in imported(path):
-            top = module.split(".")[0]
-            if top in PACKAGES and top != package and top not in MAY_IMPORT[package]:
-                wrong.append(f"{path.relative_to(REPO)} imports {module}")
+    wrong = [f"{path} imports {module}" for path, module, _ in imports_from_other_packages(package)
+             if module.split(".")[0] not in MAY_IMPORT[package]]
     assert not wrong, "\n".join(wrong)
 
 
 @pytest.mark.parametrize("package", PACKAGES)
 def test_no_private_names_are_imported_from_another_package(package):
-    wrong = []
-    for path in modules(package):
-        for module, names in imported(path):
-            top = module.split(".")[0]
-            private = [name for name in names if name.startswith("_")]
-            if top in PACKAGES and top != package and private:
-                wrong.append(f"{path.relative_to(REPO)} imports {private} from {module}")
+    wrong = [f"{path} imports {[name for name in names if name.startswith('_')]} from {module}"
+             for path, module, names in imports_from_other_packages(package)
+             if any(name.startswith("_") for name in names)]
     assert not wrong, "\n".join(wrong)
 
 
