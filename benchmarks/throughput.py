@@ -134,9 +134,9 @@ def pipeline_images_per_sec(source, config, batches: int) -> float:
     """The training input pipeline alone (default augmentation), on this host."""
     import tensorflow as tf
 
-    from resnet18 import data as data_lib
+    from resnet18 import input_pipeline
 
-    dataset_fn = data_lib.train_dataset_fn(source, config.data, config.train.global_batch_size, epochs=1000, seed=0)
+    dataset_fn = input_pipeline.train_dataset_fn(source, config.data, config.train.global_batch_size, epochs=1000, seed=0)
     iterator = iter(dataset_fn(tf.distribute.InputContext(1, 0, 1)))
     for _ in range(20):  # fill the cache and the prefetch buffers
         next(iterator)
@@ -148,15 +148,15 @@ def pipeline_images_per_sec(source, config, batches: int) -> float:
 
 def keras_fit_baseline(source, width: int, batch: int, warmup: int, steps: int) -> tuple[float, float]:
     """(Model.fit on ImageDataGenerator.flow images/s, ImageDataGenerator alone images/s), float32."""
-    import numpy as np
     import tensorflow as tf
 
     from resnet18.model import build_resnet18
 
     # Enough batches for every step: Keras 3 ends a fit epoch when the generator runs out.
-    examples = list(source.builder.as_dataset(split="train").take(batch * (max(warmup, steps) + 1)).as_numpy_iterator())
-    images = np.stack([example["image"] for example in examples]).astype("float32")  # RGB 0-255: the model standardises
-    labels = tf.keras.utils.to_categorical([example["label"] for example in examples], 10)
+    count = min(source.num_train, batch * (max(warmup, steps) + 1))
+    images, labels = source.train.read(tf.range(count, dtype=tf.int64))
+    images = images.numpy().astype("float32")  # RGB 0-255: the model standardises
+    labels = tf.keras.utils.to_categorical(labels.numpy(), 10)
     generator = tf.keras.preprocessing.image.ImageDataGenerator(  # rotation/shift/zoom/flip
         rotation_range=15, width_shift_range=0.1, height_shift_range=0.1, horizontal_flip=True, zoom_range=0.1)
     flow = generator.flow(images, labels, batch_size=batch, seed=0)
@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from resnet18.config import build_config
     from launcher.strategy import make_strategy
     from resnet18.config import RuntimeConfig
-    from resnet18 import data as data_lib
+    from resnet18 import sources
     from resnet18.model import build_resnet18
     from resnet18.train import train_and_evaluate
 
@@ -203,7 +203,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config = build_config(None, overrides)
     strategy = make_strategy(RuntimeConfig(strategy="one_device"))
     device = strategy.extended.worker_devices[0]
-    source = data_lib.prepare_source(config.data, scratch)
+    source = sources.prepare_source(config.data, scratch)
     from resnet18 import hardware
 
     results: dict[str, Any] = {

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 import tempfile
 import traceback
@@ -26,6 +27,7 @@ from launcher.cluster import ClusterSpec, read_tf_config
 from launcher.plan import STRATEGY_CLASSES, Plan, describe
 from launcher.slurm import tf_config_from_slurm
 from resnet18 import config as config_lib
+from resnet18.preemption import preempted_before_training
 from resnet18.errors import (EXIT_FAILURE, EXIT_OK, ConfigError, LauncherError, RetryableError, TrainingError,
                              first_line)
 
@@ -77,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
         return run_local_workers(config, workdir, args)
     if args.gpus_per_worker is not None or args.max_restarts:
         raise ConfigError("--gpus_per_worker and --max_restarts go with --workers N")
+    # Until training starts there is nothing to save: SIGTERM exits 138 at once (not by its default action).
+    signal.signal(signal.SIGTERM, preempted_before_training)
     cluster = _cluster_from_environment()
     from launcher.strategy import resolve_strategy_name
 

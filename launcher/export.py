@@ -68,7 +68,7 @@ def load_trained_model(workdir: str, weights: str = "latest"):
     """
     import tensorflow as tf
 
-    from resnet18 import data as data_lib
+    from resnet18 import sources
     from resnet18.checkpointing import checkpoint_candidates, restore_latest_good
     from resnet18.model import build_model
 
@@ -85,7 +85,7 @@ def load_trained_model(workdir: str, weights: str = "latest"):
         for suffix in (".index", ".data-00000-of-00001"):
             if os.path.exists(prefix + suffix):
                 _confined(workdir, prefix + suffix)
-    source = data_lib.prepare_source(config.data, workdir)
+    source = sources.prepare_source(config.data, workdir)
     model = build_model(config, source.num_classes)
     # The evaluated weights: the best checkpoint holds them as `model`; training checkpoints
     # hold the weight average (if any) as `ema_model`. The optimizer is not needed for inference.
@@ -143,25 +143,24 @@ def _median_latency_ms(run_once: Callable[[], Any]) -> float:
     return statistics.median(times)
 
 
-def _test_set(source, image_size: int):
+def labelled_test_images(source):
+    """Every test image (uint8) and label, in order."""
+    import numpy as np
+
+    from resnet18.input_pipeline import whole_split
+
+    batches = list(whole_split(source.test).as_numpy_iterator())
+    return np.concatenate([images for images, _ in batches]), np.concatenate([labels for _, labels in batches])
+
+
+def _calibration_images(source):
+    """CALIBRATION_IMAGES training images spread over the set (a fixed, seeded choice)."""
     import numpy as np
     import tensorflow as tf
 
-    from resnet18 import data as data_lib
-
-    context = tf.distribute.InputContext(1, 0, 1)
-    pairs = list(data_lib.decoded_examples(source, source.test_split, context, image_size).as_numpy_iterator())
-    return np.stack([image for image, _ in pairs]), np.array([label for _, label in pairs])
-
-
-def _calibration_images(source, image_size: int):
-    import tensorflow as tf
-
-    from resnet18 import data as data_lib
-
-    context = tf.distribute.InputContext(1, 0, 1)
-    dataset = data_lib.decoded_examples(source, source.train_split, context, image_size)
-    return [image for image, _ in dataset.shuffle(2048, seed=0).take(CALIBRATION_IMAGES).as_numpy_iterator()]
+    indices = np.random.default_rng(0).permutation(source.num_train)[:CALIBRATION_IMAGES]
+    images, _ = source.train.read(tf.constant(np.sort(indices), tf.int64))
+    return list(images.numpy())
 
 
 def _tflite_predict(path: str):
@@ -200,7 +199,7 @@ def export(workdir: str, formats: list[str], weights: str = "latest") -> dict[st
     with open(os.path.join(out, "labels.txt"), "w", encoding="utf-8") as stream:
         stream.write("\n".join(source.class_names) + "\n")
     module = ServingModule(model, size)
-    images, labels = _test_set(source, size)
+    images, labels = labelled_test_images(source)
     reference = np.concatenate([module.serve(tf.constant(images[i:i + 256]))["class_ids"].numpy()
                                 for i in range(0, len(images), 256)])
     checkpoint_accuracy = float(np.mean(reference == labels))
@@ -235,7 +234,7 @@ def export(workdir: str, formats: list[str], weights: str = "latest") -> dict[st
             continue
         converter = tf.lite.TFLiteConverter.from_keras_model(module.keras_model)
         if name == "tflite_int8":
-            calibration = _calibration_images(source, size)
+            calibration = _calibration_images(source)
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
             converter.representative_dataset = lambda: ([image[None].astype(np.float32)] for image in calibration)
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import sys
 import types
 import typing
@@ -31,10 +32,18 @@ BestMetric = Literal["test_accuracy", "test_loss"]
 Precision = Literal["auto", "float32", "bfloat16", "float16"]
 LrScaling = Literal["linear", "none"]
 
-# Old values still read, with a warning naming the new one.
+# Old values still read, with a warning naming the new one; old keys ignored, with a warning saying why.
 DEPRECATED_VALUES = {
     "data.augmentation": {"seed": "rotate_shift_zoom_flip"},
 }
+DEPRECATED_KEYS = {
+    "data.shuffle_buffer": "every epoch is a full permutation of the training set now",
+}
+# A key whose change makes the checkpoints of a work directory mean something else: it alters the
+# model, the data order or what a step is. A resumed run refuses such a change (exit 2); any other
+# key (epochs, learning rate, logging, checkpoint interval, devices, ...) may change and is recorded.
+FIXED = {"on_resume": "fixed"}
+FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +54,7 @@ class RuntimeConfig:
     gpus: int | None = None  # GPUs of this machine to use; None = all found
     cpu_replicas: int = 0  # >0: split the CPU into N logical devices (MirroredStrategy)
     tpu: str | None = None  # TPU name, grpc:// address, or "local" on a TPU VM
-    seed: int = 0  # model init, data order and augmentation
+    seed: int = dataclasses.field(default=0, metadata=FIXED)  # model init, data order and augmentation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,15 +69,14 @@ class GeneratedDataConfig:
 class DataConfig:
     """What to train on and how it is fed."""
 
-    dataset: str = "cifar10"  # any TFDS image-classification name
-    image_folder: str | None = None  # train/<class>/*, test/<class>/* instead of TFDS
+    dataset: str = dataclasses.field(default="cifar10", metadata=FIXED)  # any TFDS image-classification name
+    image_folder: str | None = dataclasses.field(default=None, metadata=FIXED)  # train/<class>/*, test/<class>/*
     data_dir: str | None = None  # TFDS data_dir (local path or gs://); None = TFDS default
     manual_dir: str | None = None  # folder holding cifar-10-binary.tar.gz for offline prep
-    generated: GeneratedDataConfig = GeneratedDataConfig()
-    image_size: int = 32  # images of another size are resized to this
+    generated: GeneratedDataConfig = dataclasses.field(default=GeneratedDataConfig(), metadata=FIXED)
+    image_size: int = dataclasses.field(default=32, metadata=FIXED)  # images of another size are resized to this
     augmentation: Augmentation = "crop_flip"  # crop_flip: pad-4 crop + flip; rotate_shift_zoom_flip: rotation 15°,
     #                                        shift 0.1, zoom 0.1, flip (Keras ImageDataGenerator-style); none
-    shuffle_buffer: int = 50_000  # examples; CIFAR-10 fits whole
     cutmix_prob: float = 0.0  # share of training batches mixed by CutMix (0 = off)
     cutmix_alpha: float = 1.0  # Beta(alpha, alpha) for the kept area; 1 = uniform (the paper's)
 
@@ -87,8 +95,8 @@ class TrainConfig:
     """The optimisation recipe and loop settings."""
 
     epochs: int = 30
-    global_batch_size: int = 512  # summed over all replicas of all workers
-    optimizer: Optimizer = "sgd"  # sgd (Nesterov momentum) or adam
+    global_batch_size: int = dataclasses.field(default=512, metadata=FIXED)  # summed over all replicas and workers
+    optimizer: Optimizer = dataclasses.field(default="sgd", metadata=FIXED)  # sgd (Nesterov momentum) or adam
     learning_rate: float = 0.2  # per 256 images when lr_scaling is linear
     lr_scaling: LrScaling = "linear"  # linear: lr x global_batch / 256, so --gpus 8 needs no edit
     lr_schedule: Schedule = "cosine"  # after warm-up: cosine decay to 0, constant, or plateau (see below)
@@ -122,7 +130,7 @@ class Config:
     name: str = "default"
     runtime: RuntimeConfig = RuntimeConfig()
     data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
+    model: ModelConfig = dataclasses.field(default=ModelConfig(), metadata=FIXED)
     train: TrainConfig = TrainConfig()
 
 
@@ -184,6 +192,9 @@ def merge(config: Any, updates: Mapping[str, Any], source: str, prefix: str = ""
     changes = {}
     for key, value in updates.items():
         full_key = f"{prefix}{key}"
+        if full_key in DEPRECATED_KEYS:
+            print(f"warning: {source}: {full_key} is ignored: {DEPRECATED_KEYS[full_key]}", file=sys.stderr, flush=True)
+            continue
         if key not in fields:
             raise ConfigError(f"{source}: unknown key {full_key!r}{_suggest(str(key), fields)}")
         current = getattr(config, key)
@@ -221,6 +232,8 @@ def _check_type(value: Any, hint: Any, key: str, source: str) -> Any:
             return value
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if kind is float and isinstance(value, str) and FLOAT_TEXT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
         if kind is str and isinstance(value, str):
             return value
     names = " or ".join(_type_name(kind) for kind in allowed)
@@ -268,7 +281,6 @@ def validate(config: Config) -> None:
         (config.data.generated.train_examples >= 0, "data.generated.train_examples", ">= 0"),
         (config.data.generated.test_examples >= 0, "data.generated.test_examples", ">= 0"),
         (config.data.image_size >= 8, "data.image_size", ">= 8"),
-        (config.data.shuffle_buffer >= 1, "data.shuffle_buffer", ">= 1"),
         (0 <= config.data.cutmix_prob <= 1, "data.cutmix_prob", "in [0, 1]"),
         (config.data.cutmix_alpha > 0, "data.cutmix_alpha", "> 0"),
         (config.model.width >= 1, "model.width", ">= 1"),
@@ -366,6 +378,17 @@ def build_config(
     return config
 
 
+def from_yaml_text(text: str, source: str) -> Config:
+    """The config a YAML text (e.g. a work directory's config.yaml) describes; validated."""
+    try:
+        content = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source} is not valid YAML: {error}") from None
+    config = merge(Config(), content, source)
+    validate(config)
+    return config
+
+
 def to_dict(config: Config) -> dict[str, Any]:
     """The config as plain data, as written to WORKDIR/config.yaml."""
     return dataclasses.asdict(config)
@@ -374,3 +397,21 @@ def to_dict(config: Config) -> dict[str, Any]:
 def dump(config: Config) -> str:
     """The config as YAML that `--job` reads back to the same config."""
     return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def resume_changes(saved: Config, new: Config) -> tuple[list[str], list[str]]:
+    """(refused, allowed): the keys that differ between the config of a work directory's
+    checkpoints and a new one, as "key: old -> new", split by whether they may change."""
+    refused, allowed = [], []
+    _compare(saved, new, "", False, refused, allowed)
+    return refused, allowed
+
+
+def _compare(saved: Any, new: Any, prefix: str, fixed: bool, refused: list[str], allowed: list[str]) -> None:
+    for field in dataclasses.fields(saved):
+        key, old, value = f"{prefix}{field.name}", getattr(saved, field.name), getattr(new, field.name)
+        is_fixed = fixed or field.metadata.get("on_resume") == "fixed"
+        if dataclasses.is_dataclass(old):
+            _compare(old, value, f"{key}.", is_fixed, refused, allowed)
+        elif old != value:
+            (refused if is_fixed else allowed).append(f"{key}: {old!r} -> {value!r}")

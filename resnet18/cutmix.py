@@ -7,10 +7,14 @@ cannot rely on a single discriminative patch.
 
 As in the paper's reference code, one draw serves the whole batch: one
 Bernoulli draw decides whether the batch is mixed, one lam ~ Beta(alpha, alpha)
-sets the box area to (1 - lam) of the image, one box centre (uniform over the
-image, box clipped to the image) and one permutation pick each example's
-partner. The target weight is taken from the box actually pasted after
-clipping, not from lam, so labels always match pixels.
+sets the box area to (1 - lam) of the image and one box centre (uniform over the
+image, box clipped to the image) places it. Partners are adjacent pairs (0 and 1,
+2 and 3, ...) where the reference draws a permutation: the batch order is already
+a random permutation of the data set, and pairs keep every example's partner
+inside its replica's share of the global batch, so CutMix does the same to an
+image whatever the number of replicas (an odd batch's last image keeps itself).
+The target weight is taken from the box actually pasted after clipping, not from
+lam, so labels always match pixels.
 
 Only stateless random ops seeded by the `seed` argument are used, so the
 result is a pure function of (images, labels, seed): a resumed run sees the
@@ -65,8 +69,7 @@ def cutmix(images: tf.Tensor, labels: tf.Tensor, num_classes: int, seed: tf.Tens
 
     shape = tf.shape(images)
     batch, height, width = shape[0], shape[1], shape[2]
-    apply_seed, lam_seed, row_seed, col_seed, partner_seed = tf.unstack(
-        tf.random.experimental.stateless_split(seed, 5))
+    apply_seed, lam_seed, row_seed, col_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
 
     # One Bernoulli draw per batch; a batch left alone gets an empty box and
     # lam_adj = 1, which yields the input images and one-hot targets exactly,
@@ -98,7 +101,7 @@ def cutmix(images: tf.Tensor, labels: tf.Tensor, num_classes: int, seed: tf.Tens
     mask = (in_rows[:, tf.newaxis] & in_cols[tf.newaxis, :]) & apply
     mask = mask[tf.newaxis, :, :, tf.newaxis]
 
-    partners = tf.random.experimental.stateless_shuffle(tf.range(batch), partner_seed)
+    partners = tf.minimum(tf.bitwise.bitwise_xor(tf.range(batch), 1), batch - 1)
     mixed_images = tf.where(mask, tf.gather(images, partners), images)
 
     box_area = tf.cast((bottom - top) * (right - left), tf.float32)

@@ -10,12 +10,16 @@ prepared by the real TFDS `cifar10` builder.
 TFDS checks downloads against the checksum it ships for the real archive. The
 generated archive is put where TFDS's download manager caches a *verified*
 download (`<data_dir>/downloads/cifar10/<name derived from url and checksum>`),
-so the unmodified builder extracts and prepares it. Nothing inside the
-installed tensorflow_datasets package is written (its
-`register_checksums=True` would rewrite `url_checksums/cifar10.txt`). Use a
-data_dir of its own: the prepared set is labelled `cifar10` there.
+so the unmodified builder extracts and prepares it (as ArrayRecord files, for
+random access). Nothing inside the installed tensorflow_datasets package is
+written (its `register_checksums=True` would rewrite `url_checksums/cifar10.txt`).
 
-    python -m resnet18.generated_cifar10 --data_dir /tmp/fake_tfds --train 3000 --test 1000
+Because the prepared set is labelled `cifar10`, it must never share a TFDS
+data_dir with the real one: the launcher always prepares it in a directory of
+its own, `generated_data_dir(ROOT, ...)` = ROOT/generated-cifar10-<train>-<test>,
+marked by a `generated.json`, and a real-data run refuses a data_dir so marked.
+
+    python -m resnet18.generated_cifar10 --root /tmp/fake_tfds --train 3000 --test 1000
 """
 
 from __future__ import annotations
@@ -85,6 +89,16 @@ def write_archive(path: str, train_examples: int, test_examples: int, seed: int 
             archive.addfile(info, io.BytesIO(payload))
 
 
+def generated_data_dir(root: str, train_examples: int, test_examples: int) -> str:
+    """The directory of its own that a generated set of these sizes lives in, below `root`."""
+    return os.path.join(root, f"generated-cifar10-{train_examples}-{test_examples}")
+
+
+def holds_generated_data(data_dir: str) -> bool:
+    """Whether `data_dir` is a generated stand-in's TFDS data_dir (not real data)."""
+    return os.path.exists(os.path.join(data_dir, MARKER))
+
+
 def prepare(data_dir: str, train_examples: int, test_examples: int, seed: int = 0) -> None:
     """Generates the archive and prepares it with the real TFDS cifar10 builder in `data_dir`.
 
@@ -114,20 +128,24 @@ def prepare(data_dir: str, train_examples: int, test_examples: int, seed: int = 
     with open(archive_path + ".INFO", "w", encoding="utf-8") as stream:
         json.dump({"urls": [CIFAR10_URL], "dataset_names": ["cifar10"],
                    "original_fname": expected.filename}, stream)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    builder.download_and_prepare(file_format="array_record",
+                                 download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     with open(marker_path, "w", encoding="utf-8") as stream:
         json.dump(wanted, stream)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data_dir", required=True, help="TFDS data_dir to prepare (not your real one)")
+    parser.add_argument("--root", required=True, help="folder below which the generated data_dir is made")
     parser.add_argument("--train", type=int, default=3000, help="training examples")
     parser.add_argument("--test", type=int, default=1000, help="test examples")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    prepare(args.data_dir, args.train, args.test, args.seed)
-    print(f"prepared generated cifar10 ({args.train} train, {args.test} test) in {args.data_dir}")
+    data_dir = generated_data_dir(args.root, args.train, args.test)
+    prepare(data_dir, args.train, args.test, args.seed)
+    print(f"prepared generated cifar10 ({args.train} train, {args.test} test) in {data_dir}; train on it with "
+          f"--set data.data_dir={args.root} data.generated.train_examples={args.train} "
+          f"data.generated.test_examples={args.test}")
 
 
 if __name__ == "__main__":

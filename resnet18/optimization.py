@@ -92,8 +92,28 @@ def make_optimizer(
         optimizer.exclude_from_weight_decay(
             var_list=[variable for variable in model.trainable_variables if id(variable) not in kernels])
     if precision == "float16":
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        optimizer = AgreedLossScaleOptimizer(optimizer)
     return optimizer
+
+
+class AgreedLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
+    """Dynamic loss scaling whose skip-or-apply decision is taken alike by every replica and worker.
+
+    Keras 3 checks the gradients for Inf/NaN per replica, before the cross-replica sum:
+    under MirroredStrategy it takes the first replica's answer (an overflow on another
+    replica is then applied, and the weights become NaN); under MultiWorkerMirroredStrategy
+    each replica decides for itself (replicas take different branches and the collectives
+    inside hang). Here each replica's answer is all-reduced first, so a step is skipped
+    everywhere, and the loss scale halved everywhere, when any replica overflowed.
+    """
+
+    def check_finite(self, grads):
+        finite = super().check_finite(grads)
+        context = tf.distribute.get_replica_context()
+        if context is None or context.num_replicas_in_sync == 1:
+            return finite
+        overflowed = context.all_reduce(tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, tf.float32))
+        return tf.equal(overflowed, 0.0)
 
 
 def make_train_step(

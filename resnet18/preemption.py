@@ -1,12 +1,16 @@
 """Preemption notices: SIGTERM asks the job to checkpoint and exit 138.
 
 Kubernetes, Slurm (`--signal=TERM@...`) and our own `--workers` launcher send
-SIGTERM before they kill a process. The handler only sets a flag; the training
-loop looks at it between tf.function calls and, when any worker has it set,
-every worker saves a checkpoint at the same step and exits with code 138 (the
-code Kubeflow's ExitCode policy retries). Agreement is one tiny all-reduce per
-loop call, so it works alike for one device, MirroredStrategy and
-MultiWorkerMirroredStrategy.
+SIGTERM before they kill a process. Two phases:
+
+- Before the first training step (imports, data preparation, restore, tracing)
+  there is nothing to save: SIGTERM raises `RetryableError` at once, so the
+  process exits 138 cleanly instead of dying by the signal's default action.
+- Once training runs (`arm()`), the handler only sets a flag; the loop looks at
+  it between tf.function calls and, when any worker has it set, every worker
+  saves a checkpoint at the same step and exits 138 (the code Kubeflow's
+  ExitCode policy retries). Agreement is one tiny all-reduce per loop call, so
+  it works alike for one device, MirroredStrategy and MultiWorkerMirroredStrategy.
 
 TensorFlow's PreemptionCheckpointHandler is not used: it supports only
 MultiWorkerMirroredStrategy and TPUStrategy, wants one step per `run` call on
@@ -19,17 +23,35 @@ from __future__ import annotations
 import signal
 import threading
 
+from resnet18.errors import RetryableError
+
+
+def preempted_before_training(signum=None, frame=None) -> None:  # noqa: ARG001 - signal handler signature
+    """SIGTERM handler for the time before training starts: nothing to save, exit 138."""
+    raise RetryableError("preempted (SIGTERM) before training started; nothing to save; run again to start")
+
 
 class PreemptionWatcher:
-    """Sets `requested` when SIGTERM arrives (the previous handler is restored on close)."""
+    """Watches for SIGTERM (the previous handler is restored on close).
+
+    Until `arm()` a SIGTERM raises RetryableError (nothing to save yet); afterwards it sets
+    `requested`, which the training loop turns into an agreed checkpoint and exit 138.
+    """
 
     def __init__(self) -> None:
         self.requested = False
+        self.armed = False
         self._previous = None
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
 
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+    def arm(self) -> None:
+        """From now on SIGTERM only asks for an agreed checkpoint (training has started)."""
+        self.armed = True
+
+    def _handle(self, signum, frame) -> None:
+        if not self.armed:
+            preempted_before_training(signum, frame)
         self.requested = True
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ TensorBoard scalars and checkpoints, and applies the epoch-end rules. Keras 3
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -27,10 +28,10 @@ import tensorflow as tf
 
 from resnet18 import callbacks, hardware, replicas
 from resnet18 import config as config_lib
-from resnet18 import data as data_lib
-from resnet18.checkpointing import Checkpointer
+from resnet18 import input_pipeline, sources
+from resnet18.checkpointing import Checkpointer, checkpoint_candidates
 from resnet18.config import Config
-from resnet18.errors import RetryableError, TrainingError
+from resnet18.errors import ConfigError, RetryableError, TrainingError
 from resnet18.evaluation import make_evaluate
 from resnet18.history import read_history, write_history
 from resnet18.optimization import make_train_step
@@ -52,58 +53,60 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
       TrainingError: the loss or the weights became NaN or infinite (exit 1).
       RetryableError: preempted; a checkpoint was saved (exit 138).
     """
-    # --- Setup ----------------------------------------------------------------------------
-    wall_start = time.time()
-    topology = topology_of(strategy)
-    config, precision = _setup(config, strategy, topology, workdir)
-    global_batch = config.train.global_batch_size
+    with contextlib.ExitStack() as cleanup:  # closed on every way out: done, preempted, NaN, a lost peer
+        # --- Setup ------------------------------------------------------------------------
+        wall_start = time.time()
+        watcher = cleanup.enter_context(PreemptionWatcher())  # SIGTERM before the first step: exit 138
+        topology = topology_of(strategy)
+        config, precision = _setup(config, strategy, topology, workdir)
+        global_batch = config.train.global_batch_size
 
-    # --- Data -----------------------------------------------------------------------------
-    source = data_lib.prepare_source(config.data, workdir)
-    steps_per_epoch = data_lib.steps_per_epoch(source, global_batch)
-    eval_dataset = strategy.distribute_datasets_from_function(
-        data_lib.eval_dataset_fn(source, config.data, global_batch))
-    eval_steps = data_lib.eval_steps(source, global_batch, topology.num_input_pipelines)
+        # --- Data -------------------------------------------------------------------------
+        # TPU input pipelines run on the TPU hosts, where Python cannot: they hold the data as graph constants.
+        source = sources.prepare_source(config.data, workdir,
+                                        random_access=not isinstance(strategy, tf.distribute.TPUStrategy))
+        steps_per_epoch = input_pipeline.steps_per_epoch(source.num_train, global_batch)
+        eval_dataset = strategy.distribute_datasets_from_function(
+            input_pipeline.eval_dataset_fn(source, config.data, global_batch))
 
-    # --- Model and optimizer (every variable inside the strategy scope) ---------------------
-    state = build_train_state(config, strategy, source.num_classes, precision, steps_per_epoch)
-    models = [state.model] + ([state.average.model] if state.average else [])
-    sync_statistics = replicas.make_statistics_sync(strategy, models)
+        # --- Model and optimizer (every variable inside the strategy scope) -----------------
+        state = build_train_state(config, strategy, source.num_classes, precision, steps_per_epoch)
+        models = [state.model] + ([state.average.model] if state.average else [])
+        sync_statistics = replicas.make_statistics_sync(strategy, models)
 
-    # --- Restore ----------------------------------------------------------------------------
-    checkpointer = Checkpointer(state, workdir, topology.is_chief, config.train.checkpoint_max_to_keep,
-                                sync_statistics, replicas.make_finite_check(state.model))
-    try:
+        # --- Restore ------------------------------------------------------------------------
+        checkpointer = Checkpointer(state, workdir, topology.is_chief, config.train.checkpoint_max_to_keep,
+                                    sync_statistics, replicas.make_finite_check(state.model))
+        cleanup.callback(checkpointer.close)
         start_step = checkpointer.restore()
         if topology.num_processes > 1:
             replicas.check_same_step(strategy, start_step, workdir)
-        total_steps = config.train.epochs * steps_per_epoch
         if topology.is_chief and checkpointer.last_saved:
-            print(f"Resuming from {checkpointer.last_saved} at step {start_step}/{total_steps}", flush=True)
+            print(f"Resuming from {checkpointer.last_saved} at step {start_step}/"
+                  f"{config.train.epochs * steps_per_epoch}", flush=True)
 
-        # --- Step functions -------------------------------------------------------------------
-        train_dataset = strategy.distribute_datasets_from_function(data_lib.train_dataset_fn(
+        # --- Step functions -----------------------------------------------------------------
+        train_dataset = strategy.distribute_datasets_from_function(input_pipeline.train_dataset_fn(
             source, config.data, global_batch, config.train.epochs, config.runtime.seed, start_step))
         loop = Loop(
             config=config, topology=topology, state=state, checkpointer=checkpointer, workdir=workdir,
             steps_per_epoch=steps_per_epoch, train_calls=make_train_calls(strategy, make_train_step(
                 state.model, state.optimizer, config, source.num_classes, state.average)),
-            evaluate=make_evaluate(strategy, state.evaluated_model, eval_dataset, eval_steps, source.num_classes,
+            evaluate=make_evaluate(strategy, state.evaluated_model, eval_dataset,
+                                   input_pipeline.eval_steps(source.num_test, global_batch), source.num_classes,
                                    source.num_test, config.train.tta_flip, sync_statistics),
             any_replica=replicas.make_any_replica(strategy) if topology.num_processes > 1 else lambda flag: flag,
             wall_start=wall_start)
 
-        # --- Loop -----------------------------------------------------------------------------
-        with PreemptionWatcher() as watcher, Summaries(workdir, topology.is_chief) as summaries:
-            progress = run_loop(loop, iter(train_dataset), start_step, watcher, summaries)
+        # --- Loop ---------------------------------------------------------------------------
+        summaries = cleanup.enter_context(Summaries(workdir, topology.is_chief))
+        progress = run_loop(loop, iter(train_dataset), start_step, watcher, summaries)
 
-        # --- Summary --------------------------------------------------------------------------
+        # --- Summary ------------------------------------------------------------------------
         summary = _summarize(loop, progress, source, strategy, precision)
         if topology.is_chief:
             _write_summary(workdir, summary)
         return summary
-    finally:
-        checkpointer.close()
 
 
 def _setup(config: Config, strategy: tf.distribute.Strategy, topology: Topology, workdir: str) -> tuple[Config, str]:
@@ -117,13 +120,50 @@ def _setup(config: Config, strategy: tf.distribute.Strategy, topology: Topology,
         if topology.is_chief:
             print("train.xla: ignored on TPUs (every step is compiled already)", flush=True)
     precision = hardware.strategy_precision(config.train.precision, strategy)
-    if topology.is_chief:
-        if precision != config.train.precision:
-            print(f"Precision: {precision} (train.precision auto)", flush=True)
-        tf.io.gfile.makedirs(workdir)  # tf.io.gfile: the work directory may be a bucket (gs://...)
-        with tf.io.gfile.GFile(os.path.join(workdir, "config.yaml"), "w") as stream:
-            stream.write(config_lib.dump(config))
+    if topology.is_chief and precision != config.train.precision:
+        print(f"Precision: {precision} (train.precision auto)", flush=True)
+    _record_config(config, workdir, topology.is_chief)
     return config, precision
+
+
+def _record_config(config: Config, workdir: str, is_chief: bool) -> None:
+    """Keeps WORKDIR/config.yaml the config of the checkpoints beside it.
+
+    A run resuming from checkpoints may not change a key that alters the model, the data order or
+    the meaning of a step (config.FIXED); other changes are recorded in WORKDIR/config_changes.jsonl.
+
+    Raises:
+      ConfigError: such a key differs from the config that wrote the checkpoints (exit 2).
+    """
+    path = os.path.join(workdir, "config.yaml")  # tf.io.gfile: the work directory may be a bucket (gs://...)
+    checkpoints = checkpoint_candidates(os.path.join(workdir, "checkpoints"))
+    if checkpoints and tf.io.gfile.exists(path):
+        with tf.io.gfile.GFile(path) as stream:
+            saved = config_lib.from_yaml_text(stream.read(), path)
+        refused, allowed = config_lib.resume_changes(saved, config)
+        if refused:
+            raise ConfigError(
+                f"{workdir} holds checkpoints written with another config ({path}); these keys would change the "
+                "model, the data order or what a step means:\n  " + "\n  ".join(refused)
+                + f"\nresume with that config (--job {path}) or use another --workdir")
+        if allowed and is_chief:
+            print("Config changed since the checkpoints were written (recorded in config_changes.jsonl): "
+                  + "; ".join(allowed), flush=True)
+            _append_line(os.path.join(workdir, "config_changes.jsonl"), {
+                "time": time.time(), "checkpoint": os.path.basename(checkpoints[0]), "changes": allowed})
+    if is_chief:
+        tf.io.gfile.makedirs(workdir)
+        with tf.io.gfile.GFile(path, "w") as stream:
+            stream.write(config_lib.dump(config))
+
+
+def _append_line(path: str, entry: dict[str, Any]) -> None:
+    existing = ""
+    if tf.io.gfile.exists(path):  # rewritten whole: object stores such as gs:// cannot append
+        with tf.io.gfile.GFile(path) as stream:
+            existing = stream.read()
+    with tf.io.gfile.GFile(path, "w") as stream:
+        stream.write(existing + json.dumps(entry) + "\n")
 
 
 def make_train_calls(strategy: tf.distribute.Strategy, train_step: Callable) -> Callable:
@@ -202,10 +242,14 @@ def run_loop(loop: Loop, iterator, start_step: int, watcher: PreemptionWatcher, 
     progress = Progress(start_step=start_step, step=start_step, earlier_history=earlier,
                         all_train_seconds=earlier[-1].get("train_seconds", 0.0) if earlier else 0.0)
     progress.stopped_at_epoch = apply_epoch_rules(loop, earlier)
+    watcher.arm()  # from here a SIGTERM means: checkpoint at an agreed step, then exit 138
     while progress.step < loop.total_steps and progress.stopped_at_epoch is None:
         epoch = progress.step // loop.steps_per_epoch
         totals = train_epoch(loop, progress, iterator, epoch, watcher, summaries)
-        end_epoch(loop, progress, epoch, totals, summaries)
+        end_epoch(loop, progress, epoch, totals, summaries)  # a preemption at the epoch's end evaluates it first
+        if totals.preempted:
+            raise RetryableError(f"preempted (SIGTERM): epoch {epoch + 1} evaluated and checkpoint saved at step "
+                                 f"{progress.step}; run again to resume")
     if not progress.metrics:  # nothing left to train: the work directory already holds the final step
         progress.metrics = loop.evaluate()
         reason = (f"early stopping after epoch {progress.stopped_at_epoch}" if progress.stopped_at_epoch
@@ -220,6 +264,7 @@ class EpochTotals:
     correct: float = 0.0
     steps: int = 0
     seconds: float = 0.0
+    preempted: bool = False  # SIGTERM agreed on the epoch's last call: evaluate, save, then exit 138
 
 
 def train_epoch(loop: Loop, progress: Progress, iterator, epoch: int, watcher: PreemptionWatcher,
@@ -258,6 +303,9 @@ def train_epoch(loop: Loop, progress: Progress, iterator, epoch: int, watcher: P
             loop.checkpointer.save(progress.step)
             saved = True
         if loop.any_replica(watcher.requested):
+            if progress.step == epoch_end:
+                totals.preempted = True  # the epoch is complete: end_epoch evaluates and saves it
+                break
             if not saved:
                 loop.checkpointer.save(progress.step)
             raise RetryableError(f"preempted (SIGTERM): checkpoint saved at step {progress.step}; run again to resume")
@@ -328,7 +376,7 @@ def save_if_best(loop: Loop, epochs_so_far: list[dict[str, Any]]) -> None:
 
 # --- Summary --------------------------------------------------------------------------------
 
-def _summarize(loop: Loop, progress: Progress, source: data_lib.Source, strategy: tf.distribute.Strategy,
+def _summarize(loop: Loop, progress: Progress, source: sources.Source, strategy: tf.distribute.Strategy,
                precision: str) -> dict[str, Any]:
     fingerprint = weights_fingerprint(loop.state.model)
     print(f"Final weights sha256 {fingerprint}", flush=True)  # equal on every worker

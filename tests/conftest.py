@@ -39,24 +39,24 @@ def two_replicas():
     return make_strategy(RuntimeConfig(cpu_replicas=2))
 
 
-@pytest.fixture(scope="session")
-def tiny_data_dir(tmp_path_factory) -> str:
-    """A TFDS data_dir with generated CIFAR-10 (640 train, 250 test) prepared by the real builder."""
+def prepare_generated(root: str, train: int, test: int) -> str:
+    """Prepares generated CIFAR-10 where a run with data.data_dir=ROOT and these sizes looks for it."""
     from resnet18 import generated_cifar10
 
-    data_dir = str(tmp_path_factory.mktemp("tfds"))
-    generated_cifar10.prepare(data_dir, TINY_TRAIN, TINY_TEST)
-    return data_dir
+    generated_cifar10.prepare(generated_cifar10.generated_data_dir(root, train, test), train, test)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory) -> str:
+    """data.data_dir for the tiny job: generated CIFAR-10 (640 train, 250 test) prepared by the real builder."""
+    return prepare_generated(str(tmp_path_factory.mktemp("tfds")), TINY_TRAIN, TINY_TEST)
 
 
 @pytest.fixture(scope="session")
 def micro_data_dir(tmp_path_factory) -> str:
-    """A TFDS data_dir with generated CIFAR-10 (96 train, 40 test): loop tests of a few steps."""
-    from resnet18 import generated_cifar10
-
-    data_dir = str(tmp_path_factory.mktemp("tfds_micro"))
-    generated_cifar10.prepare(data_dir, MICRO_TRAIN, MICRO_TEST)
-    return data_dir
+    """data.data_dir for loop tests of a few steps: generated CIFAR-10 (96 train, 40 test)."""
+    return prepare_generated(str(tmp_path_factory.mktemp("tfds_micro")), MICRO_TRAIN, MICRO_TEST)
 
 
 def run_launcher(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

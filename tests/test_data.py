@@ -1,71 +1,98 @@
-"""Input pipeline: sharding, exact-once evaluation, deterministic order and augmentation."""
+"""Data: sources, a global order independent of workers and replicas, exact-once evaluation, augmentation."""
 
 from __future__ import annotations
 
-import hashlib
 import os
+import tarfile
 
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from resnet18 import generated_cifar10, input_pipeline, sources
+from resnet18.augment import crop_flip, make_augmentation
 from resnet18.config import DataConfig
 from resnet18.errors import SetupError
-from resnet18 import data as data_lib
-from resnet18 import generated_cifar10
 from tests.conftest import TINY_JOB, TINY_TEST, TINY_TRAIN, run_launcher
+
+GENERATED = {"train_examples": TINY_TRAIN, "test_examples": TINY_TEST}
 
 
 def context(pipelines: int, pipeline_id: int, replicas: int | None = None) -> tf.distribute.InputContext:
     return tf.distribute.InputContext(pipelines, pipeline_id, replicas or pipelines)
 
 
-def image_keys(images: np.ndarray) -> list[bytes]:
-    return [hashlib.sha1(image.tobytes()).digest() for image in images]
+def tiny_data(**changes) -> DataConfig:
+    from resnet18.config import GeneratedDataConfig
+
+    return DataConfig(generated=GeneratedDataConfig(**GENERATED), **changes)
 
 
 @pytest.fixture(scope="module")
 def source(tiny_data_dir):
-    return data_lib.prepare_source(DataConfig(data_dir=tiny_data_dir), "/unused")
+    return sources.prepare_source(tiny_data(data_dir=tiny_data_dir), "/unused")
 
 
-def test_generated_source_is_read_by_the_real_cifar10_builder(source):
-    assert type(source.builder).__name__ == "Cifar10"
+def global_batches(source, data: DataConfig, batch: int, pipelines: int, replicas: int, steps: int,
+                   start_step: int = 0, epochs: int = 2, seed: int = 5) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The first `steps` global batches, each put together from every pipeline's replica batches in order."""
+    fn = input_pipeline.train_dataset_fn(source, data, batch, epochs=epochs, seed=seed, start_step=start_step)
+    per_pipeline = replicas // pipelines
+    streams = [iter(fn(context(pipelines, index, replicas))) for index in range(pipelines)]
+    result = []
+    for _ in range(steps):
+        parts = [next(stream) for stream in streams for _ in range(per_pipeline)]
+        result.append((np.concatenate([images.numpy() for images, _ in parts]),
+                       np.concatenate([labels.numpy() for _, labels in parts])))
+    return result
+
+
+def test_generated_data_is_prepared_by_the_real_cifar10_builder_as_array_record(source, tiny_data_dir):
+    assert isinstance(source.train, sources.RandomAccessStore)
     assert (source.num_train, source.num_test) == (TINY_TRAIN, TINY_TEST)
     assert source.class_names[:2] == ("airplane", "automobile")
+    prepared = generated_cifar10.generated_data_dir(tiny_data_dir, TINY_TRAIN, TINY_TEST)
+    assert tfds.builder("cifar10", data_dir=prepared).info.file_format.value == "array_record"
 
 
-def test_two_pipelines_see_disjoint_halves_that_cover_the_data(source):
-    shards = [
-        image_keys(np.stack([image for image, _ in data_lib.decoded_examples(source, "train", context(2, i), 32).as_numpy_iterator()]))
-        for i in range(2)
-    ]
-    everything = image_keys(np.stack([example["image"] for example in tfds.as_numpy(
-        source.builder.as_dataset(split="train"))]))
-    assert set(shards[0]).isdisjoint(shards[1])
-    assert sorted(shards[0] + shards[1]) == sorted(everything)
-    assert abs(len(shards[0]) - len(shards[1])) <= 1
+@pytest.mark.parametrize("pipelines, replicas", [(1, 2), (2, 2), (2, 4), (4, 4)])
+def test_a_global_batch_is_the_same_whatever_the_workers_and_replicas(source, pipelines, replicas):
+    # Augmentation on: even the random crops and flips must not depend on the split.
+    data = DataConfig(augmentation="crop_flip")
+    alone = global_batches(source, data, 64, 1, 1, steps=3)
+    split = global_batches(source, data, 64, pipelines, replicas, steps=3)
+    for (images, labels), (split_images, split_labels) in zip(alone, split):
+        np.testing.assert_array_equal(split_labels, labels)
+        np.testing.assert_array_equal(split_images, images)
 
 
-@pytest.mark.parametrize("global_batch, pipelines, replicas", [(64, 1, 1), (48, 2, 2), (96, 1, 2), (30, 3, 3), (512, 2, 4)])
-def test_evaluation_counts_every_example_exactly_once(source, global_batch, pipelines, replicas):
-    fn = data_lib.eval_dataset_fn(source, DataConfig(), global_batch)
-    steps = data_lib.eval_steps(source, global_batch, pipelines)
-    seen = []
-    for pipeline in range(pipelines):
-        batches = list(fn(context(pipelines, pipeline, replicas)).as_numpy_iterator())
-        assert len(batches) == steps * replicas // pipelines  # every replica gets the same number of steps
-        for images, _, mask in batches:
-            assert images.shape[0] == global_batch // replicas
-            seen.extend(image_keys(images[mask == 1]))
-    assert len(seen) == TINY_TEST and len(set(seen)) == len(set(image_keys(np.stack([
-        example["image"] for example in tfds.as_numpy(source.builder.as_dataset(split="test"))]))))
+def test_cutmix_is_the_same_whatever_the_replicas_when_their_batches_are_even(source):
+    data = DataConfig(augmentation="crop_flip", cutmix_prob=1.0)
+    one = global_batches(source, data, 64, 1, 1, steps=2)
+    four = global_batches(source, data, 64, 2, 4, steps=2)
+    for (images, targets), (other_images, other_targets) in zip(one, four):
+        assert targets.ndim == 2 and not np.all(targets.max(axis=1) == 1.0)  # really mixed
+        np.testing.assert_array_equal(other_targets, targets)
+        np.testing.assert_array_equal(other_images, images)
 
 
-def test_training_order_is_deterministic_and_resumable(source):
+def test_each_epoch_is_a_permutation_and_each_pipeline_reads_only_its_examples(tiny_data_dir):
+    source = sources.prepare_source(tiny_data(data_dir=tiny_data_dir), "/unused")  # fresh stores: nothing read yet
+    steps = TINY_TRAIN // 64
+    fn = input_pipeline.train_dataset_fn(source, DataConfig(augmentation="none"), 64, epochs=1, seed=0)
+    batches = list(fn(context(2, 1, 2)).as_numpy_iterator())  # the second of two workers
+    assert len(batches) == steps
+    read = source.train.decoded
+    assert read == steps * 32  # its half of every global batch, each example decoded once, nothing else
+    whole = global_batches(source, DataConfig(augmentation="none"), 64, 1, 1, steps=steps, epochs=1, seed=0)
+    keys = {image.tobytes() for images, _ in whole for image in images}
+    assert len(keys) == steps * 64  # no example twice in an epoch
+
+
+def test_training_order_is_deterministic_resumable_and_changes_with_seed_and_epoch(source):
     def labels(start_step=0, seed=5):
-        fn = data_lib.train_dataset_fn(source, DataConfig(), 64, epochs=2, seed=seed, start_step=start_step)
+        fn = input_pipeline.train_dataset_fn(source, DataConfig(), 64, epochs=2, seed=seed, start_step=start_step)
         return [batch_labels for _, batch_labels in fn(context(1, 0)).as_numpy_iterator()]
 
     full = labels()
@@ -78,74 +105,106 @@ def test_training_order_is_deterministic_and_resumable(source):
     assert not np.array_equal(np.concatenate(full[:10]), np.concatenate(full[10:20]))  # epochs differ
 
 
-def test_each_epoch_uses_every_example_at_most_once(source):
-    fn = data_lib.train_dataset_fn(source, DataConfig(augmentation="none"), 64, epochs=1, seed=0)
-    images = np.concatenate([batch for batch, _ in fn(context(1, 0)).as_numpy_iterator()])
-    keys = image_keys(images)
-    assert len(keys) == (TINY_TRAIN // 64) * 64 and len(set(keys)) == len(keys)
+@pytest.mark.parametrize("global_batch, pipelines, replicas", [(64, 1, 1), (48, 2, 2), (96, 1, 2), (30, 3, 3),
+                                                               (512, 2, 4)])
+def test_evaluation_counts_every_example_exactly_once(source, global_batch, pipelines, replicas):
+    fn = input_pipeline.eval_dataset_fn(source, DataConfig(), global_batch)
+    steps = input_pipeline.eval_steps(source.num_test, global_batch)
+    seen = []
+    for pipeline in range(pipelines):
+        batches = list(fn(context(pipelines, pipeline, replicas)).as_numpy_iterator())
+        assert len(batches) == steps * replicas // pipelines  # every replica gets the same number of steps
+        for images, _, mask in batches:
+            assert images.shape[0] == global_batch // replicas
+            seen.extend(image.tobytes() for image in images[mask == 1])
+    every = {image.tobytes() for images, _ in input_pipeline.whole_split(source.test).as_numpy_iterator()
+             for image in images}
+    assert len(seen) == TINY_TEST and set(seen) == every
 
 
 def test_crop_flip_is_an_exact_shift_and_flip():
-    images = tf.reshape(tf.range(2 * 8 * 8 * 3) % 251, [2, 8, 8, 3])
-    images = tf.cast(images, tf.uint8)
-    out = data_lib.crop_flip(images, tf.constant([1, 2], tf.int64), padding=2).numpy()
+    images = tf.cast(tf.reshape(tf.range(2 * 8 * 8 * 3) % 251, [2, 8, 8, 3]), tf.uint8)
+    out = crop_flip(images, tf.random.stateless_uniform([2, 3], [1, 2]), padding=2).numpy()
     assert np.array_equal(out, np.round(out))  # nearest neighbour: exact pixel values
-    source = images.numpy()
+    original = images.numpy()
     for index in range(2):
         matches = []
         for flip in (False, True):
-            base = source[index, :, ::-1] if flip else source[index]
+            base = original[index, :, ::-1] if flip else original[index]
             padded = np.pad(base, ((2, 2), (2, 2), (0, 0)))
             matches += [(dy, dx) for dy in range(5) for dx in range(5)
                         if np.array_equal(padded[dy:dy + 8, dx:dx + 8], out[index])]
         assert matches, "output is not a shifted (and possibly flipped) copy of the input"
 
 
-@pytest.mark.parametrize("augmentation", ["crop_flip", "rotate_shift_zoom_flip", "none"])
-def test_augmentations_keep_shape_and_are_seeded(augmentation):
+@pytest.mark.parametrize("name", ["crop_flip", "rotate_shift_zoom_flip", "none"])
+def test_augmentations_keep_shape_and_follow_their_random_numbers(name):
     images = tf.cast(tf.random.stateless_uniform([4, 32, 32, 3], [1, 2], 0, 255, tf.int32), tf.uint8)
-    augment = data_lib.make_augmentation(augmentation)
-    first = augment(images, tf.constant([3, 4], tf.int64))
-    again = augment(images, tf.constant([3, 4], tf.int64))
-    other = augment(images, tf.constant([3, 5], tf.int64))
-    assert first.shape == images.shape
-    assert 0 <= float(tf.reduce_min(tf.cast(first, tf.float32))) and float(tf.reduce_max(tf.cast(first, tf.float32))) <= 255
+    augmentation = make_augmentation(name)
+    uniforms = tf.random.stateless_uniform([4, max(augmentation.num_params, 1)], [3, 4])
+    first = augmentation.apply(images, uniforms)
+    again = augmentation.apply(images, uniforms)
+    other = augmentation.apply(images, tf.random.stateless_uniform([4, max(augmentation.num_params, 1)], [3, 5]))
+    assert first.shape == images.shape and first.dtype == tf.float32
+    assert 0 <= float(tf.reduce_min(first)) and float(tf.reduce_max(first)) <= 255
     assert np.array_equal(first, again)
-    assert np.array_equal(np.asarray(first, np.float32), np.asarray(images, np.float32)) == (augmentation == "none")
-    assert np.array_equal(first, other) == (augmentation == "none")
+    assert np.array_equal(first, tf.cast(images, tf.float32)) == (name == "none")
+    assert np.array_equal(first, other) == (name == "none")
+
+
+def write_image_folder(root, sizes=(40, 48), counts=(("train", 6), ("test", 4))) -> None:
+    rng = np.random.default_rng(0)
+    for split, count in counts:
+        for label in ("cats", "dogs"):
+            folder = root / split / label
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in range(count // 2):
+                image = rng.integers(0, 255, size=(*sizes, 3), dtype=np.uint8)
+                (folder / f"{index}.png").write_bytes(tf.io.encode_png(image).numpy())
 
 
 def test_image_folder_of_other_sizes_is_resized(tmp_path):
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 6), ("test", 4)):
-        for label in ("cats", "dogs"):
-            folder = tmp_path / split / label
-            folder.mkdir(parents=True)
-            for index in range(count // 2):
-                image = rng.integers(0, 255, size=(40, 48, 3), dtype=np.uint8)
-                (folder / f"{index}.png").write_bytes(tf.io.encode_png(image).numpy())
-    source = data_lib.prepare_source(DataConfig(image_folder=str(tmp_path)), "/unused")
+    write_image_folder(tmp_path)
+    source = sources.prepare_source(DataConfig(image_folder=str(tmp_path)), "/unused")
     assert source.class_names == ("cats", "dogs") and (source.num_train, source.num_test) == (6, 4)
-    fn = data_lib.train_dataset_fn(source, DataConfig(image_folder=str(tmp_path)), 2, epochs=1, seed=0)
+    fn = input_pipeline.train_dataset_fn(source, DataConfig(image_folder=str(tmp_path)), 2, epochs=1, seed=0)
     images, labels = next(fn(context(1, 0)).as_numpy_iterator())
     assert images.shape == (2, 32, 32, 3) and set(labels) <= {0, 1}
 
 
-def test_image_folder_without_test_split_is_a_setup_error(tmp_path):
-    (tmp_path / "train" / "a").mkdir(parents=True)
-    with pytest.raises(SetupError, match="missing: \\['test'\\]"):
-        data_lib.prepare_source(DataConfig(image_folder=str(tmp_path)), "/unused")
+def test_an_image_folder_with_bad_files_names_each_of_them_before_training(tmp_path):
+    write_image_folder(tmp_path)
+    (tmp_path / "train" / "cats" / "x.png").write_text("this is not a PNG")
+    good = (tmp_path / "test" / "dogs" / "0.png").read_bytes()
+    (tmp_path / "test" / "dogs" / "cut.png").write_bytes(good[:len(good) // 2])  # a truncated PNG
+    with pytest.raises(SetupError) as raised:
+        sources.prepare_source(DataConfig(image_folder=str(tmp_path)), "/unused")
+    message = str(raised.value)
+    assert "2 file(s) are not readable images" in message
+    assert "train/cats/x.png" in message and "test/dogs/cut.png" in message
+
+
+@pytest.mark.parametrize("layout, words", [
+    (["train/a"], "missing: ['test']"),
+    (["train", "test"], "train/ holds no class folders"),
+    (["train/a", "test/a"], "no images"),
+])
+def test_an_image_folder_missing_its_parts_says_which(tmp_path, layout, words):
+    for folder in layout:
+        (tmp_path / folder).mkdir(parents=True)
+    with pytest.raises(SetupError) as raised:
+        sources.prepare_source(DataConfig(image_folder=str(tmp_path)), "/unused")
+    assert words in str(raised.value)
 
 
 def test_unknown_dataset_name_is_a_setup_error():
     with pytest.raises(SetupError, match="not a TFDS data set name"):
-        data_lib.prepare_source(DataConfig(dataset="no_such_dataset_xyz"), "/unused")
+        sources.prepare_source(DataConfig(dataset="no_such_dataset_xyz"), "/unused")
 
 
 def test_generated_archive_has_the_cifar10_binary_layout(tmp_path):
     path = tmp_path / "cifar-10-binary.tar.gz"
     generated_cifar10.write_archive(str(path), 50, 20, seed=0)
-    import tarfile
     with tarfile.open(path) as archive:
         names = sorted(archive.getnames())
         test_bytes = archive.extractfile("cifar-10-batches-bin/test_batch.bin").read()
@@ -167,15 +226,27 @@ def test_preparing_generated_data_leaves_the_installed_package_alone(tmp_path):
         generated_cifar10.prepare(str(tmp_path), 200, 50)
 
 
+OFFLINE = {"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9",
+           "https_proxy": "http://127.0.0.1:9", "NO_PROXY": "", "no_proxy": ""}  # no traffic leaves this machine
+REAL_DATA = ("data.generated.train_examples=0", "data.generated.test_examples=0")
+
+
 def test_missing_cifar10_offline_exits_2_with_instructions(tmp_path):
-    # Point every proxy at a closed loopback port: no traffic leaves this machine.
-    closed = "http://127.0.0.1:9"
-    env = {"HTTP_PROXY": closed, "HTTPS_PROXY": closed, "http_proxy": closed, "https_proxy": closed,
-           "NO_PROXY": "", "no_proxy": ""}
-    result = run_launcher("--job", TINY_JOB, "--set", "data.generated.train_examples=0",
-                          "data.generated.test_examples=0", f"data.data_dir={tmp_path / 'tfds'}",
+    result = run_launcher("--job", TINY_JOB, "--set", *REAL_DATA, f"data.data_dir={tmp_path / 'tfds'}",
                           f"data.manual_dir={tmp_path / 'manual'}", "--workdir", str(tmp_path / "run"),
-                          env=env, timeout=300)
+                          env=OFFLINE, timeout=300)
     assert result.returncode == 2, result.stdout + result.stderr[-3000:]
     assert "cifar-10-binary.tar.gz" in result.stderr and "data.manual_dir" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_generated_data_never_stands_in_for_real_cifar10(tiny_data_dir, tmp_path):
+    # The same data_dir the generated runs use: a real-data run must not find the stand-in there.
+    beside = run_launcher("--job", TINY_JOB, "--set", *REAL_DATA, f"data.data_dir={tiny_data_dir}",
+                          "--workdir", str(tmp_path / "beside"), env=OFFLINE, timeout=300)
+    assert beside.returncode == 2 and "could not be downloaded" in beside.stderr, beside.stderr[-2000:]
+    inside = generated_cifar10.generated_data_dir(tiny_data_dir, TINY_TRAIN, TINY_TEST)
+    pointed = run_launcher("--job", TINY_JOB, "--set", *REAL_DATA, f"data.data_dir={inside}",
+                           "--workdir", str(tmp_path / "inside"), env=OFFLINE, timeout=300)
+    assert pointed.returncode == 2 and "holds generated stand-in data" in pointed.stderr, pointed.stderr[-2000:]
+    assert not (tmp_path / "beside" / "checkpoints").exists() and not (tmp_path / "inside" / "checkpoints").exists()

@@ -15,8 +15,8 @@ import tensorflow as tf
 
 from launcher.report import write_report
 from launcher.serving import grpc_predict_request, rest_request_body
-from resnet18 import data as data_lib
-from resnet18.config import DataConfig
+from resnet18 import sources
+from resnet18.config import build_config
 from tests.serving_simulator import run_grpc_request, run_rest_request
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -96,9 +96,10 @@ def test_saved_model_serves_the_exact_rest_and_grpc_requests(trained, exported):
     process, _ = exported
     assert process.returncode == 0
     serving = tf.saved_model.load(str(trained / "export" / "saved_model" / "1")).signatures["serving_default"]
-    source = data_lib.prepare_source(DataConfig(data_dir=str(trained / "generated_data")), "/unused")
-    images = np.stack([image for image, _ in data_lib.decoded_examples(
-        source, "test", tf.distribute.InputContext(1, 0, 1), 32).take(3).as_numpy_iterator()])
+    config = build_config(str(trained / "config.yaml"))
+    source = sources.prepare_source(config.data, str(trained))
+    images, _ = source.test.read(tf.range(3, dtype=tf.int64))
+    images = images.numpy()
     body = rest_request_body(images)
     assert json.loads(body)["signature_name"] == "serving_default"
     response = run_rest_request(serving, body)

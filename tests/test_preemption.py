@@ -1,4 +1,4 @@
-"""SIGTERM sets the preemption flag (a real signal to this process) and the old handler comes back."""
+"""SIGTERM: exit 138 at once before training starts, an agreed checkpoint once it runs (real signals to this process)."""
 
 from __future__ import annotations
 
@@ -6,16 +6,30 @@ import os
 import signal
 import time
 
+import pytest
+
+from resnet18.errors import RetryableError
 from resnet18.preemption import PreemptionWatcher
 
 
-def test_a_real_sigterm_sets_the_flag_and_closing_restores_the_handler():
+def wait_until(condition, seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_before_training_a_sigterm_raises_the_retryable_error():
+    with PreemptionWatcher():
+        with pytest.raises(RetryableError, match="before training started"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            wait_until(lambda: False, 2.0)  # the handler raises in this thread while it waits
+
+
+def test_once_armed_a_sigterm_sets_the_flag_and_closing_restores_the_handler():
     before = signal.getsignal(signal.SIGTERM)
     with PreemptionWatcher() as watcher:
-        assert not watcher.requested
+        watcher.arm()
         os.kill(os.getpid(), signal.SIGTERM)
-        deadline = time.monotonic() + 5
-        while not watcher.requested and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: watcher.requested)
         assert watcher.requested
     assert signal.getsignal(signal.SIGTERM) is before

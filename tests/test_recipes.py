@@ -66,10 +66,10 @@ def test_keras_tutorial_recipe_rules_end_to_end_and_across_a_restart(tiny_data_d
 
 def exported_accuracy(workdir: str, weights: str) -> float:
     """Test accuracy of the weights `launcher.export` would export (one view, no TTA)."""
-    from launcher.export import _test_set, load_trained_model
+    from launcher.export import labelled_test_images, load_trained_model
 
     config, source, model, _ = load_trained_model(workdir, weights)
-    images, labels = _test_set(source, config.data.image_size)
+    images, labels = labelled_test_images(source)
     logits = model(tf.constant(images), training=False).numpy()
     return float(np.mean(np.argmax(logits, -1) == labels))
 
@@ -87,14 +87,14 @@ def test_export_of_best_weights_without_a_best_checkpoint_exits_2_saying_how(tin
 
 @pytest.mark.slow
 def test_weight_average_and_flip_tta_are_what_is_evaluated_and_exported(tiny_data_dir, tmp_path):
-    from launcher.export import _test_set, load_trained_model
+    from launcher.export import labelled_test_images, load_trained_model
     workdir = str(tmp_path / "run")
     config = tiny_config(tiny_data_dir, "train.ema_decay=0.9", "train.tta_flip=true", "model.se=true",
                          "train.precision=float32",
                          "data.cutmix_prob=0.5", "train.epochs=3")
     summary = train_and_evaluate(config, make_strategy(RuntimeConfig(strategy="one_device")), workdir)
     _, source, model, _ = load_trained_model(workdir)
-    images, labels = _test_set(source, config.data.image_size)
+    images, labels = labelled_test_images(source)
     inputs = tf.cast(tf.constant(images), tf.float32)
     logits = (model(inputs, training=False) + model(tf.reverse(inputs, axis=[2]), training=False)) / 2.0
     accuracy = float(np.mean(np.argmax(logits.numpy(), -1) == labels))

@@ -1,0 +1,137 @@
+"""Input pipelines: a global order that does not depend on the number of workers or replicas.
+
+Every epoch is one permutation of the training set, a pure function of
+(seed, epoch) computed index by index (`tf.random.experimental.index_shuffle`,
+nothing materialised). Global step s of epoch e trains on positions
+[s*B, (s+1)*B) of that permutation, B the global batch. The R replicas split the
+global batch in order: replica r takes positions r*b .. r*b+b-1 (b = B/R), and an
+input pipeline (one per worker, or per TPU host) reads only its own replicas'
+slice from the store (sources.py). So:
+
+- a run resumed at step s starts exactly there, with no iterator state;
+- the examples of step s are the same with 1 or 8 replicas, 1 or 4 workers, so a
+  job that continues on fewer workers trains on exactly the examples it would have;
+- augmentation is drawn per example from a seed of (seed, step) for the whole
+  global batch and sliced the same way, so it does not depend on the split either.
+
+Evaluation walks the test split in order in global batches of B positions; the
+positions past the end are padding with mask 0, so every example counts exactly
+once, whatever B and the number of replicas.
+
+    python -c "import resnet18.input_pipeline as p; help(p.train_dataset_fn)"
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import tensorflow as tf
+
+from resnet18.augment import make_augmentation
+from resnet18.config import DataConfig
+from resnet18.cutmix import cutmix
+from resnet18.errors import SetupError
+from resnet18.sources import ExampleStore, Source
+
+
+def steps_per_epoch(num_train: int, global_batch_size: int) -> int:
+    """Full global batches per epoch (the remainder, other examples each epoch, is left out)."""
+    steps = num_train // global_batch_size
+    if steps < 1:
+        raise SetupError(f"train.global_batch_size {global_batch_size} is larger than the {num_train} training examples")
+    return steps
+
+
+def eval_steps(num_test: int, global_batch_size: int) -> int:
+    """Global batches that cover the test split (the last one padded)."""
+    return max(1, math.ceil(num_test / global_batch_size))
+
+
+def epoch_order(positions: tf.Tensor, seed: int, epoch: tf.Tensor, num_examples: int) -> tf.Tensor:
+    """The example indices at `positions` of epoch `epoch`'s permutation of the training set."""
+    epoch_seed = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
+    return tf.random.experimental.index_shuffle(tf.cast(positions, tf.int64), epoch_seed, num_examples - 1)
+
+
+def pipeline_slice(context: tf.distribute.InputContext, global_batch_size: int) -> tuple[int, int, int]:
+    """(first position in the global batch, examples, replicas) of this input pipeline."""
+    replicas = context.num_replicas_in_sync // context.num_input_pipelines
+    examples = replicas * context.get_per_replica_batch_size(global_batch_size)
+    return context.input_pipeline_id * examples, examples, replicas
+
+
+def train_dataset_fn(source: Source, data: DataConfig, global_batch_size: int, epochs: int, seed: int,
+                     start_step: int = 0) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
+    """A dataset function for `strategy.distribute_datasets_from_function` (training).
+
+    Each pipeline yields, per global step from `start_step` on, one (images float32 RGB 0-255,
+    labels int32) batch per local replica; with CutMix (`data.cutmix_prob` > 0) the labels
+    are soft targets [batch, classes].
+    """
+    steps = steps_per_epoch(source.num_train, global_batch_size)
+    augmentation = make_augmentation(data.augmentation)
+
+    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        first, count, replicas = pipeline_slice(context, global_batch_size)
+
+        def load(step):
+            epoch = step // steps
+            positions = (step % steps) * global_batch_size + first + tf.range(count, dtype=tf.int64)
+            images, labels = source.train.read(epoch_order(positions, seed, epoch, source.num_train))
+            step_seed = tf.stack([tf.constant(seed, tf.int64), step])
+            uniforms = tf.random.stateless_uniform([global_batch_size, max(augmentation.num_params, 1)], step_seed)
+            images = augmentation.apply(images, uniforms[first:first + count])
+            images = tf.reshape(images, [replicas, count // replicas, data.image_size, data.image_size, 3])
+            labels = tf.reshape(labels, [replicas, count // replicas])
+            if data.cutmix_prob:  # one draw per global step; partners inside each replica's batch
+                mix_seed = tf.random.experimental.stateless_fold_in(step_seed, 1)
+                images, labels = tf.map_fn(
+                    lambda batch: cutmix(batch[0], batch[1], source.num_classes, mix_seed, data.cutmix_alpha,
+                                         data.cutmix_prob),
+                    (images, labels), fn_output_signature=(tf.float32, tf.float32))
+            return images, labels
+
+        dataset = tf.data.Dataset.range(start_step, epochs * steps)
+        dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return dataset.unbatch().prefetch(tf.data.AUTOTUNE)  # one element per local replica, in replica order
+
+    return dataset_fn
+
+
+def eval_dataset_fn(source: Source, data: DataConfig, global_batch_size: int
+                    ) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
+    """A dataset function for evaluation: (images, labels, mask), every test example once.
+
+    Each pipeline yields `eval_steps` batches per local replica; padding examples have
+    mask 0 and must not be counted.
+    """
+
+    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        first, count, replicas = pipeline_slice(context, global_batch_size)
+        return ordered_batches(source.test, global_batch_size, first, count, replicas)
+
+    return dataset_fn
+
+
+def ordered_batches(store: ExampleStore, global_batch_size: int, first: int, count: int, replicas: int
+                    ) -> tf.data.Dataset:
+    """The split in order, this pipeline's slice of each global batch, padded and masked at the end."""
+
+    def load(step):
+        positions = step * global_batch_size + first + tf.range(count, dtype=tf.int64)
+        mask = tf.cast(positions < store.num_examples, tf.float32)
+        images, labels = store.read(tf.minimum(positions, store.num_examples - 1))
+        per_replica = count // replicas
+        return (tf.reshape(images, [replicas, per_replica, *images.shape[1:]]),
+                tf.reshape(labels, [replicas, per_replica]), tf.reshape(mask, [replicas, per_replica]))
+
+    dataset = tf.data.Dataset.range(eval_steps(store.num_examples, global_batch_size))
+    dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return dataset.unbatch().prefetch(tf.data.AUTOTUNE)
+
+
+def whole_split(store: ExampleStore, batch_size: int = 256) -> tf.data.Dataset:
+    """Every example of a split once, in order, as (uint8 images, int32 labels) batches (exports, checks)."""
+    return ordered_batches(store, batch_size, 0, batch_size, 1).map(
+        lambda images, labels, mask: (tf.boolean_mask(images, mask > 0), tf.boolean_mask(labels, mask > 0)))
