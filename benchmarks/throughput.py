@@ -30,6 +30,7 @@ import tempfile
 import time
 from typing import Any
 
+from launcher import cpu_environment
 from launcher.cluster import environment_without_cluster
 from resnet18.config import TrainConfig
 
@@ -210,7 +211,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "device": device, "device_kind": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "cpu": hardware.cpu_summary(), "cpu_flags": sorted(set(hardware.PRECISION_CPU_FLAGS) & hardware.cpu_flags()),
         "batch": args.batch, "baseline_batch": args.baseline_batch, "width": args.width, "tensorflow_version": tf.__version__,
-        "date": time.strftime("%Y-%m-%d"), "model_step": [],
+        "date": time.strftime("%Y-%m-%d"), "model_step": [], "cpu_environment": cpu_environment.describe(),
+        # ONEDNN_MAX_CPU_ISA=AVX2 makes oneDNN (TensorFlow's CPU kernels) act as on a CPU without AVX-512.
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "native"),
     }
 
     if args.end_to_end_precision == "auto":
@@ -253,6 +256,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if "startup" not in skip or "workers" not in skip:
         replicas = launcher_summary(["--cpu_replicas", "2", *common], os.path.join(scratch, "cpu_replicas"))
         results["startup_seconds"] = replicas["startup_seconds"]
+        results["first_epoch_seconds"] = replicas.get("first_epoch_seconds")
         if "workers" not in skip:
             workers = launcher_summary(["--workers", "2", *common], os.path.join(scratch, "workers"))
             results["cpu_replicas_2_images_per_sec"] = replicas["train_images_per_sec"]
@@ -278,7 +282,8 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
 def table(results: dict[str, Any]) -> str:
     lines = [f"ResNet18 width {results['width']}, batch {results['batch']} (Keras fit baseline: "
              f"{results['baseline_batch']}), {results['device']}: "
-             f"{results['cpu']}, TensorFlow {results['tensorflow_version']}, {results['date']}", "",
+             f"{results['cpu']}, TensorFlow {results['tensorflow_version']}, {results['date']}",
+             f"oneDNN ISA: {results['onednn_max_cpu_isa']}; {results['cpu_environment']}", "",
              f"{'model step':32s} {'images/s':>10s} {'peak GFLOP/s':>13s} {'MFU':>7s}"]
     for entry in results["model_step"]:
         name = f"  {entry['precision']}{' + XLA' if entry['xla'] else ''}"
@@ -301,6 +306,7 @@ def table(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    cpu_environment.apply()  # the launcher's own settings (TF_CPU_ALLOCATOR_USE_BFC=0 in the environment overrides)
     args = parse_args(argv)
     results = run(args)
     print(table(results))

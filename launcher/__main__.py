@@ -17,19 +17,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
 import tempfile
 import traceback
 
-from launcher.cluster import ClusterSpec, read_tf_config
+from launcher import cpu_environment, local_workers
+from launcher.cluster import ClusterSpec, cluster_address, read_tf_config
 from launcher.plan import STRATEGY_CLASSES, Plan, describe
 from launcher.slurm import tf_config_from_slurm
 from resnet18 import config as config_lib
 from resnet18.preemption import preempted_before_training
-from resnet18.errors import (EXIT_FAILURE, EXIT_OK, ConfigError, LauncherError, RetryableError, TrainingError,
-                             first_line)
+from resnet18.errors import (EXIT_FAILURE, EXIT_OK, ConfigError, LauncherError, PortInUseError, RetryableError,
+                             TrainingError, first_line)
 
 DEFAULT_RUNS_DIR = "runs"
 PEER_LOSS_WORDS = ("aborted by", "unhealthy")  # the line of a peer-loss error that names the cause
@@ -57,6 +59,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="with --workers: GPUs of this host per worker (0 = CPU only; default: all visible)")
     parser.add_argument("--max_restarts", type=int, default=0,
                         help="with --workers: restart the whole group up to N times after a retryable failure")
+    parser.add_argument("--min_workers", type=int,
+                        help="with --workers: go on with fewer workers, down to this many, when a worker slot "
+                             "keeps failing (default: --workers, i.e. never fewer)")
+    parser.add_argument("--preemption_grace", type=float, default=None,
+                        help="with --workers: seconds every worker gets to finish its checkpoint after a "
+                             "preemption before it is killed (default 60)")
+    parser.add_argument("--log_workers", default="all",
+                        help="with --workers: tasks whose output the console shows: all (default), or a list "
+                             "such as 0 or 0,2 or evaluator; every task's output goes to WORKDIR/logs/ anyway")
+    parser.add_argument("--evaluator", action="store_true",
+                        help="with --workers: also run a sidecar evaluator task (train.evaluation: sidecar)")
     parser.add_argument("--dry_run", action="store_true",
                         help="print the resolved config, strategy, devices and replicas; do not train")
     return parser.parse_args(argv)
@@ -69,6 +82,8 @@ def dedicated_flags(args: argparse.Namespace) -> dict[str, object]:
     flags = {key: getattr(args, flag) for flag, key in keys.items() if getattr(args, flag) is not None}
     if args.workers is not None:
         flags["runtime.strategy"] = "multi_worker"
+    if args.evaluator:
+        flags["train.evaluation"] = "sidecar"
     return flags
 
 
@@ -77,13 +92,24 @@ def run(args: argparse.Namespace) -> int:
     workdir = args.workdir or os.path.join(DEFAULT_RUNS_DIR, config.name)
     if args.workers is not None:
         return run_local_workers(config, workdir, args)
-    if args.gpus_per_worker is not None or args.max_restarts:
-        raise ConfigError("--gpus_per_worker and --max_restarts go with --workers N")
+    only_with_workers = {"--gpus_per_worker": args.gpus_per_worker is not None, "--max_restarts": args.max_restarts,
+                         "--min_workers": args.min_workers is not None, "--evaluator": args.evaluator,
+                         "--preemption_grace": args.preemption_grace is not None, "--log_workers": args.log_workers != "all"}
+    given = [flag for flag, used in only_with_workers.items() if used]
+    if given:
+        raise ConfigError(f"{', '.join(given)} go(es) with --workers N")
     # Until training starts there is nothing to save: SIGTERM exits 138 at once (not by its default action).
     signal.signal(signal.SIGTERM, preempted_before_training)
     cluster = _cluster_from_environment()
+    if cluster is not None and not args.dry_run and not os.environ.get(local_workers.PARENT_PID_VARIABLE):
+        from launcher.task_log import tee_output
+
+        tee_output(os.path.join(workdir, "logs", f"{cluster.task_type}-{cluster.task_index}.log"),
+                   f"TF_CONFIG {os.environ.get('TF_CONFIG', '')}")
     from launcher.strategy import resolve_strategy_name
 
+    if cluster is not None and cluster.is_evaluator:
+        return run_evaluator_task(config, workdir, cluster, args.dry_run)
     if cluster is not None and cluster.num_tasks > 1:
         # Decided without TensorFlow: a dry run must not start a server that waits for the other tasks.
         name = resolve_strategy_name(config.runtime, cluster, gpus_found=0)
@@ -115,8 +141,30 @@ def run(args: argparse.Namespace) -> int:
 
     with _retryable_tensorflow_errors(tf):
         train_and_evaluate(config, strategy, workdir)
-    if chief:
+    if chief and config.train.evaluation == "inline":  # with a sidecar, the evaluator writes it when done
         _write_report(workdir)
+    return EXIT_OK
+
+
+def run_evaluator_task(config: config_lib.Config, workdir: str, cluster: ClusterSpec, dry_run: bool) -> int:
+    """The sidecar evaluator task: one device, no collectives; evaluates the chief's checkpoints."""
+    if config.train.evaluation != "sidecar":
+        raise ConfigError("this task is the evaluator (TF_CONFIG task type evaluator) but train.evaluation is "
+                          "inline, so every worker evaluates already; set train.evaluation: sidecar")
+    plan = Plan(config, workdir, STRATEGY_CLASSES["one_device"], cluster, started=not dry_run)
+    if dry_run:
+        return _print_dry_run(plan)
+    import tensorflow as tf
+
+    from launcher.strategy import make_strategy
+    from resnet18.evaluator import run_evaluator
+
+    print(describe(plan), flush=True)
+    one_device = dataclasses.replace(config.runtime, strategy="one_device", gpus=None,
+                                     cpu_replicas=0)
+    with _retryable_tensorflow_errors(tf):
+        run_evaluator(config, make_strategy(one_device, None), workdir)
+    _write_report(workdir)
     return EXIT_OK
 
 
@@ -162,6 +210,12 @@ def _retryable_tensorflow_errors(tf):
             f"lost contact with another worker ({type(error).__name__}: {first_line(error, PEER_LOSS_WORDS)}); "
             "restart every worker to resume from the last checkpoint"
         ) from None
+    except tf.errors.UnknownError as error:
+        if "Could not start gRPC server" not in str(error):
+            raise
+        address = cluster_address()
+        raise PortInUseError(f"could not listen on {address} (this task's address in TF_CONFIG): the port is in use "
+                             "by another process") from None
     except tf.errors.ResourceExhaustedError as error:
         raise TrainingError(
             f"out of memory ({first_line(error)}); lower train.global_batch_size or use more devices"
@@ -170,32 +224,61 @@ def _retryable_tensorflow_errors(tf):
 
 def run_local_workers(config: config_lib.Config, workdir: str, args: argparse.Namespace) -> int:
     """`--workers N`: validate once here, then start N workers sharing one resolved config."""
-    from launcher import local_workers
-
     if args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     if args.max_restarts < 0:
         raise ConfigError(f"--max_restarts must be >= 0, got {args.max_restarts}")
+    min_workers = args.workers if args.min_workers is None else args.min_workers
+    if not 1 <= min_workers <= args.workers:
+        raise ConfigError(f"--min_workers must be between 1 and --workers {args.workers}, got {min_workers}")
     if config.runtime.cpu_replicas > 1:
         raise ConfigError("with --workers each worker has one CPU replica; drop --cpu_replicas (or set it to 1)")
-    replicas_per_worker = args.gpus_per_worker or 1
-    config_lib.check_batch_divisible(config, args.workers * replicas_per_worker)
+    gpus = local_workers.gpu_slices(args.workers, args.gpus_per_worker, local_workers.visible_gpu_ids())
+    replicas_per_worker = max(1, len((gpus[0] or "").split(","))) if gpus[0] else 1
+
+    def check_workers(count: int) -> None:
+        config_lib.check_batch_divisible(config, count * replicas_per_worker)
+
+    check_workers(args.workers)
     if args.dry_run:
         return _print_dry_run(Plan(config, workdir, STRATEGY_CLASSES["multi_worker"], local_workers=args.workers,
-                                   gpus_per_worker=args.gpus_per_worker,
-                                   num_replicas=args.workers * replicas_per_worker))
+                                   gpus=tuple(gpus), num_replicas=args.workers * replicas_per_worker,
+                                   evaluator=args.evaluator))
     os.makedirs(workdir, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="launch_", dir=workdir, delete=False) as stream:
         stream.write(config_lib.dump(config))
     try:
-        worker_args = ["--job", stream.name, "--workdir", workdir]
-        return local_workers.launch(worker_args, args.workers, args.gpus_per_worker, args.max_restarts)
+        return local_workers.launch(local_workers.GroupSpec(
+            worker_args=("--job", stream.name, "--workdir", workdir), workers=args.workers, min_workers=min_workers,
+            gpus_per_worker=args.gpus_per_worker, evaluator=args.evaluator, log_dir=os.path.join(workdir, "logs"),
+            workdir=workdir,
+            console=_console_filter(args.log_workers), max_restarts=args.max_restarts,
+            preemption_grace=local_workers.DEFAULT_PREEMPTION_GRACE_SECONDS if args.preemption_grace is None
+            else args.preemption_grace, check_workers=check_workers))
     finally:
         os.unlink(stream.name)
 
 
+def _console_filter(text: str) -> frozenset[str] | None:
+    """--log_workers: all -> None; "0,2,evaluator" -> {"worker 0", "worker 2", "evaluator"}."""
+    if text.strip() == "all":
+        return None
+    names = set()
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        if item == "evaluator":
+            names.add("evaluator")
+        elif item.isdigit():
+            names.add(f"worker {int(item)}")
+        else:
+            raise ConfigError(f"--log_workers {text!r}: expected all, or worker ranks and/or evaluator, e.g. 0,2")
+    return frozenset(names)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # hide TF's INFO/WARNING start-up noise
+    cpu_environment.apply()  # read by TensorFlow at import: set before it is imported
+    if parent := os.environ.get(local_workers.PARENT_PID_VARIABLE):  # a task of `--workers N`
+        local_workers.die_with_parent(int(parent))
     args = parse_args(argv)
     try:
         return run(args)

@@ -16,11 +16,13 @@ from typing import Mapping
 from resnet18.errors import SetupError
 from resnet18.topology import TRAINING_ROLES, chief_task
 
-# Roles MultiWorkerMirroredStrategy trains with. `ps` belongs to
-# ParameterServerStrategy and `evaluator` to a side-car evaluator; neither runs here.
+# Chief and workers train (MultiWorkerMirroredStrategy); an `evaluator` evaluates the chief's
+# checkpoints as they appear (train.evaluation: sidecar) and joins no collective. Kubeflow lists it in
+# the cluster, Vertex AI may not: both are accepted. `ps` belongs to ParameterServerStrategy.
+EVALUATOR = "evaluator"
+ROLES = (*TRAINING_ROLES, EVALUATOR)
 UNSUPPORTED_ROLES = {
     "ps": "parameter servers belong to ParameterServerStrategy, which this launcher does not run",
-    "evaluator": "a side-car evaluator is not supported; every worker evaluates in-line",
     "master": "the legacy 'master' role is not supported; use 'chief'",
 }
 
@@ -35,7 +37,18 @@ class ClusterSpec:
 
     @property
     def num_tasks(self) -> int:
-        return sum(len(addresses) for addresses in self.cluster.values())
+        """Tasks that train (chief and workers; not the evaluator)."""
+        return sum(len(self.cluster.get(role, [])) for role in TRAINING_ROLES)
+
+    @property
+    def is_evaluator(self) -> bool:
+        return self.task_type == EVALUATOR
+
+    @property
+    def address(self) -> str | None:
+        """This task's own host:port (an evaluator that the cluster does not list has none)."""
+        addresses = self.cluster.get(self.task_type, [])
+        return addresses[self.task_index] if self.task_index < len(addresses) else None
 
     @property
     def is_chief(self) -> bool:
@@ -82,10 +95,8 @@ def parse_tf_config(parsed: object) -> ClusterSpec:
     for role, addresses in cluster.items():
         if role in UNSUPPORTED_ROLES:
             raise SetupError(f'TF_CONFIG["cluster"]["{role}"]: {UNSUPPORTED_ROLES[role]}')
-        if role not in TRAINING_ROLES:
-            raise SetupError(
-                f'TF_CONFIG["cluster"]["{role}"]: unknown role; allowed roles are {TRAINING_ROLES}'
-            )
+        if role not in ROLES:
+            raise SetupError(f'TF_CONFIG["cluster"]["{role}"]: unknown role; allowed roles are {ROLES}')
         if not isinstance(addresses, list) or not addresses:
             raise SetupError(f'TF_CONFIG["cluster"]["{role}"] must be a non-empty list of "host:port"')
         for index, address in enumerate(addresses):
@@ -94,13 +105,20 @@ def parse_tf_config(parsed: object) -> ClusterSpec:
             if address in seen:
                 raise SetupError(f"{where}: address {address!r} is also used by {seen[address]}")
             seen[address] = where
-    if len(cluster.get("chief", [])) > 1:
-        raise SetupError(
-            f'TF_CONFIG["cluster"]["chief"] lists {len(cluster["chief"])} tasks; a cluster has at most one chief'
-        )
+    for role in ("chief", EVALUATOR):
+        if len(cluster.get(role, [])) > 1:
+            raise SetupError(f'TF_CONFIG["cluster"]["{role}"] lists {len(cluster[role])} tasks; a cluster has at '
+                             f'most one {role}')
+    if not any(cluster.get(role) for role in TRAINING_ROLES):
+        raise SetupError('TF_CONFIG["cluster"] has no "chief" or "worker" task: nothing would train')
 
     task_type = task.get("type")
     task_index = task.get("index")
+    if task_type == EVALUATOR and task_type not in cluster:  # Vertex AI's evaluator pool
+        cluster = dict(cluster, **{EVALUATOR: []})
+        if task_index != 0:
+            raise SetupError(f'TF_CONFIG["task"]["index"] is {task_index!r}; the evaluator is task 0')
+        return ClusterSpec(cluster={role: list(a) for role, a in cluster.items()}, task_type=task_type, task_index=0)
     if task_type not in cluster:
         allowed = ", ".join(sorted(cluster))
         raise SetupError(f'TF_CONFIG["task"]["type"] is {task_type!r}; it must be a role of the cluster: {allowed}')
@@ -122,6 +140,15 @@ def _check_address(address: object, where: str) -> None:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise SetupError(f'{where} is {address!r}; expected "host:port" with a port in 1..65535')
+
+
+def cluster_address(environ: Mapping[str, str] | None = None) -> str:
+    """This task's address in TF_CONFIG, for messages ("unknown" when there is none)."""
+    try:
+        spec = read_tf_config(environ)
+    except SetupError:
+        spec = None
+    return (spec.address if spec else None) or "unknown"
 
 
 def environment_without_cluster(environ: Mapping[str, str] | None = None, **updates: str) -> dict[str, str]:

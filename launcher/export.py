@@ -21,13 +21,20 @@ then writes WORKDIR/export/:
     report.json                per format: file size, test accuracy, change against the
                                checkpoint, median single-image CPU latency (1 thread)
 
-Exit codes: 0 done; 2 bad --formats, no finished run or checkpoint, or a checkpoint
-that does not fit the configured model; 1 an export failed.
+What it reads: WORKDIR/config.yaml and the checkpoint files of WORKDIR/checkpoints (or
+best/), each resolved first and refused if it leads outside WORKDIR (a symlink, say);
+and, to evaluate each artifact, the test split and 256 training images of the data
+set config.yaml names (data.data_dir, data.image_folder or the generated stand-in).
+
+Exit codes: 0 done; 2 bad --formats, no finished run or checkpoint, a checkpoint file
+outside the work directory, or a checkpoint that does not fit the configured model;
+1 an export failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import statistics
@@ -70,7 +77,7 @@ def load_trained_model(workdir: str, weights: str = "latest"):
 
     from resnet18 import sources
     from resnet18.checkpointing import checkpoint_candidates, restore_latest_good
-    from resnet18.model import build_model
+    from resnet18.state import build_network
 
     config_path = _confined(workdir, os.path.join(workdir, "config.yaml"))
     if not os.path.isfile(config_path):
@@ -81,12 +88,11 @@ def load_trained_model(workdir: str, weights: str = "latest"):
     if not candidates:
         hint = ("set train.best_checkpoint_metric to keep one" if weights == "best" else "train first")
         raise SetupError(f"no checkpoint in {checkpoints}; {hint}")
-    for prefix in candidates:
-        for suffix in (".index", ".data-00000-of-00001"):
-            if os.path.exists(prefix + suffix):
-                _confined(workdir, prefix + suffix)
+    for prefix in candidates:  # every file a restore could open: the index and all data shards
+        for path in glob.glob(glob.escape(prefix) + ".*"):
+            _confined(workdir, path)
     source = sources.prepare_source(config.data, workdir)
-    model = build_model(config, source.num_classes)
+    model = build_network(config, source.num_classes)
     # The evaluated weights: the best checkpoint holds them as `model`; training checkpoints
     # hold the weight average (if any) as `ema_model`. The optimizer is not needed for inference.
     use_average = weights == "latest" and config.train.ema_decay > 0
@@ -196,6 +202,8 @@ def export(workdir: str, formats: list[str], weights: str = "latest") -> dict[st
     size = config.data.image_size
     out = os.path.join(workdir, "export")
     os.makedirs(out, exist_ok=True)
+    if config.train.task == "simclr":  # a pre-trained encoder: images -> features, nothing to classify yet
+        return export_encoder(workdir, model, source, prefix)
     with open(os.path.join(out, "labels.txt"), "w", encoding="utf-8") as stream:
         stream.write("\n".join(source.class_names) + "\n")
     module = ServingModule(model, size)
@@ -258,6 +266,43 @@ def export(workdir: str, formats: list[str], weights: str = "latest") -> dict[st
     with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as stream:
         json.dump(report, stream, indent=2)
     report["failures"] = failures
+    return report
+
+
+def export_encoder(workdir: str, model, source, prefix: str) -> dict[str, Any]:
+    """WORKDIR/export/encoder/1: a SavedModel, uint8 images [N, H, W, 3] -> features [N, D] (SimCLR runs).
+
+    Checked against the checkpoint's encoder on the test images (largest difference reported).
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    from resnet18.model import encoder_of
+
+    encoder = encoder_of(model)
+    size = model.input_shape[1]
+    module = tf.Module()
+    module.encoder = encoder
+
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8, name="images")])
+    def serve(images):
+        return {"features": tf.cast(encoder(images, training=False), tf.float32)}
+
+    module.serve = serve
+    path = os.path.join(workdir, "export", "encoder", "1")
+    tf.saved_model.save(module, path, signatures={"serving_default": serve})
+    images, _ = labelled_test_images(source)
+    images = images[:512]
+    loaded = tf.saved_model.load(path).signatures["serving_default"]
+    exported = loaded(images=tf.constant(images))["features"].numpy()
+    expected = tf.cast(encoder(tf.constant(images), training=False), tf.float32).numpy()
+    report = {"checkpoint": prefix, "failures": [], "artifacts": [{
+        "format": "encoder_saved_model", "path": os.path.relpath(path, workdir), "file_bytes": _size(path),
+        "feature_dim": int(exported.shape[1]), "max_abs_difference": float(np.max(np.abs(exported - expected)))}]}
+    with open(os.path.join(workdir, "export", "report.json"), "w", encoding="utf-8") as stream:
+        json.dump(report, stream, indent=2)
+    print(f"encoder      {_size(path) / 1e6:8.2f} MB  images -> {exported.shape[1]} features "
+          f"(largest difference from the checkpoint {report['artifacts'][0]['max_abs_difference']:.2e})", flush=True)
     return report
 
 

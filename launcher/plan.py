@@ -28,7 +28,8 @@ class Plan:
     strategy: str  # the strategy's class name, e.g. MirroredStrategy
     cluster: ClusterSpec | None = None  # this task's TF_CONFIG on a cluster
     local_workers: int | None = None  # --workers N
-    gpus_per_worker: int | None = None
+    gpus: tuple[str | None, ...] = ()  # CUDA_VISIBLE_DEVICES per local worker (None: all it sees)
+    evaluator: bool = False  # a sidecar evaluator task
     num_replicas: int | None = None  # known once the strategy exists (or from --workers)
     devices: tuple[str, ...] = ()
     started: bool = False  # whether the strategy was created (a dry run on a cluster does not connect)
@@ -39,16 +40,19 @@ def describe(plan: Plan) -> str:
     lines = [f"strategy: {plan.strategy}"
              + ("" if plan.started or plan.local_workers else " (not started in a dry run)")]
     if plan.local_workers:
-        per_worker = plan.gpus_per_worker
-        devices = "CPU" if not per_worker else f"{per_worker} GPU(s): {_gpu_slices(plan.local_workers, per_worker)}"
-        lines.append(f"workers: {plan.local_workers} local processes on 127.0.0.1, each with {devices}")
+        devices = "; ".join(f"worker {rank}: {'CPU' if not gpus else 'GPU ' + gpus}"
+                            for rank, gpus in enumerate(plan.gpus)) if any(plan.gpus) else "each on the CPU"
+        lines.append(f"workers: {plan.local_workers} local processes on 127.0.0.1 ({devices})"
+                     + (" and a sidecar evaluator" if plan.evaluator else ""))
     if plan.num_replicas is not None:
         lines.append(f"num_replicas: {plan.num_replicas}")
         per_replica = plan.config.train.global_batch_size // plan.num_replicas
         lines.append(f"batch: {plan.config.train.global_batch_size} global = {plan.num_replicas} x {per_replica}")
     if plan.devices:
         lines.append(f"devices: {', '.join(plan.devices)}")
-    if plan.cluster is not None:
+    if plan.cluster is not None and plan.cluster.is_evaluator:
+        lines.append("role: evaluator (sidecar: evaluates each new checkpoint of the chief; joins no collective)")
+    elif plan.cluster is not None:
         cluster = plan.cluster
         lines.append(f"role: {cluster.task_type} {cluster.task_index} (rank {cluster.rank} of {cluster.num_tasks}, "
                      f"{'chief' if cluster.is_chief else 'not chief'})")
@@ -56,8 +60,3 @@ def describe(plan: Plan) -> str:
         lines.append(f"cluster: {json.dumps(cluster.cluster)}")
     lines.append(f"workdir: {plan.workdir}")
     return "\n".join(lines)
-
-
-def _gpu_slices(workers: int, per_worker: int) -> str:
-    return "; ".join(f"worker {rank}: GPU {','.join(str(rank * per_worker + gpu) for gpu in range(per_worker))}"
-                     for rank in range(workers))

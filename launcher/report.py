@@ -66,7 +66,11 @@ def plot_curves(history: list[dict[str, Any]], title: str, path: str) -> None:
     for axis, metric, label in ((axes[0], "accuracy", "Accuracy"), (axes[1], "loss", "Loss")):
         train_label = f"train {metric}" + (" (incl. weight decay, label smoothing)" if metric == "loss" else "")
         axis.plot(epochs, [entry[f"train_{metric}"] for entry in history], "o-", label=train_label)
-        axis.plot(epochs, [entry[f"test_{metric}"] for entry in history], "s-", label=f"test {metric}")
+        tested = [entry.get(f"test_{metric}") for entry in history]
+        if any(value is not None for value in tested):  # a SimCLR run has no test loss; a sidecar adds them late
+            axis.plot(epochs, [float("nan") if value is None else value for value in tested], "s-",
+                      label=f"test {metric}" + (" (kNN monitor)" if metric == "accuracy" and
+                                                "knn_accuracy" in history[-1] else ""))
         axis.set_xlabel("epoch")
         axis.set_ylabel(label)
         axis.set_title(label)
@@ -155,8 +159,10 @@ def _markdown(config, summary, history, per_class, title) -> str:
         "",
         "| | |",
         "|---|---|",
-        f"| test accuracy | {summary['test_accuracy']:.4f} ({summary.get('test_examples', '?')} test examples) |",
-        f"| test loss | {summary['test_loss']:.4f} |",
+        f"| test accuracy | {_number(summary.get('test_accuracy'))} ({summary.get('test_examples', '?')} test examples)"
+        + (" (kNN monitor on the encoder's features)" if config.get("train", {}).get("task") == "simclr" else "")
+        + " |",
+        f"| test loss | {_number(summary.get('test_loss'))} |",
         f"| epochs / steps | {summary['epochs']} / {summary['steps']} |",
         f"| strategy | {summary['strategy']}, {summary['num_replicas']} replica(s) |",
         f"| devices | {', '.join(summary.get('devices', []))} |",
@@ -174,7 +180,7 @@ def _markdown(config, summary, history, per_class, title) -> str:
                   "|---|---|---|---|---|---|"]
         for entry in history:
             lines.append(f"| {entry['epoch']} | {entry['train_loss']:.4f} | {entry['train_accuracy']:.4f} | "
-                         f"{entry['test_loss']:.4f} | {entry['test_accuracy']:.4f} | "
+                         f"{_number(entry.get('test_loss'))} | {_number(entry.get('test_accuracy'))} | "
                          f"{entry.get('learning_rate', float('nan')):.5f} |")
         lines.append("")
     if per_class:
@@ -185,6 +191,10 @@ def _markdown(config, summary, history, per_class, title) -> str:
         lines.append("")
     lines += ["## Resolved config", "", "```yaml", yaml.safe_dump(config, sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def _number(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def main(argv: list[str] | None = None) -> int:

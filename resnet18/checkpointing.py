@@ -23,6 +23,7 @@ from absl import logging
 from resnet18.errors import SetupError, TrainingError, first_line
 
 _CHECKPOINT_INDEX = re.compile(r"^(ckpt-(\d+))\.index$")
+EPOCHS_DIR = "epoch_checkpoints"  # sidecar evaluation: each epoch's evaluated weights, until evaluated
 
 
 def checkpoint_candidates(directory: str) -> list[str]:
@@ -143,6 +144,11 @@ class Checkpointer:
         best_dir = os.path.join(workdir, "best") if is_chief else os.path.join(self.directory, "best")
         self._best = tf.train.CheckpointManager(tf.train.Checkpoint(model=state.evaluated_model), best_dir,
                                                 max_to_keep=1)
+        # For a sidecar evaluator: every epoch's evaluated weights, kept until it has evaluated them
+        # (it deletes each), so none is lost to checkpoint_max_to_keep while it is busy.
+        epochs_dir = os.path.join(workdir, EPOCHS_DIR) if is_chief else os.path.join(self.directory, EPOCHS_DIR)
+        self._epochs = tf.train.CheckpointManager(tf.train.Checkpoint(model=state.evaluated_model), epochs_dir,
+                                                  max_to_keep=None)
 
     def restore(self) -> int:
         """Restores the newest good checkpoint, if any; returns the step to start from.
@@ -179,6 +185,10 @@ class Checkpointer:
         self.last_saved = self._manager.save(checkpoint_number=step)
         if self.is_chief:
             print(f"Checkpoint at step {step}: {self.last_saved}", flush=True)
+
+    def save_for_evaluator(self, step: int) -> str:
+        """Keeps the evaluated weights of the epoch ending at `step` for the sidecar evaluator."""
+        return self._epochs.save(checkpoint_number=step)
 
     def save_best(self, step: int) -> str:
         """Keeps the evaluated weights as the best epoch's (every worker takes part)."""

@@ -25,12 +25,15 @@ from resnet18.errors import ConfigError
 # command line's choices all read them from here (`choices`).
 Strategy = Literal["auto", "one_device", "mirrored", "multi_worker", "tpu"]
 Augmentation = Literal["crop_flip", "rotate_shift_zoom_flip", "none"]
-Optimizer = Literal["sgd", "adam"]
+Optimizer = Literal["sgd", "adam", "lars"]
+Task = Literal["classification", "simclr"]
 Schedule = Literal["cosine", "constant", "plateau"]
 WeightDecayMode = Literal["l2", "decoupled"]
 BestMetric = Literal["test_accuracy", "test_loss"]
 Precision = Literal["auto", "float32", "bfloat16", "float16"]
 LrScaling = Literal["linear", "none"]
+Evaluation = Literal["inline", "sidecar"]
+Architecture = Literal["resnet18", "resnet50"]
 
 # Old values still read, with a warning naming the new one; old keys ignored, with a warning saying why.
 DEPRECATED_VALUES = {
@@ -79,12 +82,16 @@ class DataConfig:
     #                                        shift 0.1, zoom 0.1, flip (Keras ImageDataGenerator-style); none
     cutmix_prob: float = 0.0  # share of training batches mixed by CutMix (0 = off)
     cutmix_alpha: float = 1.0  # Beta(alpha, alpha) for the kept area; 1 = uniform (the paper's)
+    order_log: bool = False  # audit: every input pipeline writes the example ids of each step it reads
+    #                          to WORKDIR/order_log/ (read-ahead steps included)
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The CIFAR ResNet18."""
+    """The network: the CIFAR ResNet18 (or ResNet50, e.g. as a distillation teacher)."""
 
+    arch: Architecture = "resnet18"  # resnet50: bottleneck blocks 3-4-6-3 (23.5 M parameters at width 64)
+    freeze_encoder: bool = False  # train only the classifier (linear evaluation of a train.init_from encoder)
     width: int = 64  # channels of stage 1; stages use width x (1, 2, 4, 8)
     se: bool = False  # squeeze-and-excitation in every block (+89,080 parameters, +0.8 %, at width 64)
     sync_bn: bool = False  # batch-norm moments over the global batch (all replicas), not per replica
@@ -96,7 +103,12 @@ class TrainConfig:
 
     epochs: int = 30
     global_batch_size: int = dataclasses.field(default=512, metadata=FIXED)  # summed over all replicas and workers
-    optimizer: Optimizer = dataclasses.field(default="sgd", metadata=FIXED)  # sgd (Nesterov momentum) or adam
+    optimizer: Optimizer = dataclasses.field(default="sgd", metadata=FIXED)  # sgd (Nesterov momentum), adam, or
+    #                  lars (SimCLR's large-batch optimizer; weight decay inside it, not as a loss term)
+    task: Task = dataclasses.field(default="classification", metadata=FIXED)  # or simclr: self-supervised
+    #                  pre-training of the encoder (section simclr); accuracy is then the kNN monitor's
+    init_from: str | None = None  # a work directory whose latest weights start this run (layers matched by
+    #                               name: a SimCLR encoder for linear evaluation or fine-tuning)
     learning_rate: float = 0.2  # per 256 images when lr_scaling is linear
     lr_scaling: LrScaling = "linear"  # linear: lr x global_batch / 256, so --gpus 8 needs no edit
     lr_schedule: Schedule = "cosine"  # after warm-up: cosine decay to 0, constant, or plateau (see below)
@@ -121,6 +133,40 @@ class TrainConfig:
     checkpoint_every_steps: int = 100  # also at every epoch end; 0 = epoch ends only
     checkpoint_max_to_keep: int = 3
     deterministic: bool = False  # op determinism: same seed -> bitwise-identical weights
+    evaluation: Evaluation = "inline"  # inline: every worker evaluates each epoch; sidecar: an evaluator task does
+    step_timeout_seconds: float = 1800.0  # no training call, evaluation or save done in this long: dump the
+    #                                       stacks and exit 138 (the first call, which compiles, is exempt); 0 = off
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation (Hinton et al. 2015) from a teacher this launcher trained."""
+
+    # The teacher's work directory (its config.yaml and best, else latest, checkpoint); null = off.
+    teacher_workdir: str | None = dataclasses.field(default=None, metadata=FIXED)
+    # loss = alpha x CE(labels) + (1 - alpha) x T^2 x KL(teacher_T || student_T). T = 4 as in CRD's
+    # RepDistiller benchmark (Tian et al. 2020) for CIFAR; alpha = 0.5 weighs both terms equally
+    # (RepDistiller uses 0.1 / 0.9, Hinton a small CE weight: tune it per pair).
+    alpha: float = 0.5
+    temperature: float = 4.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SimCLRConfig:
+    """SimCLR pre-training (Chen et al. 2020), used when train.task is simclr."""
+
+    temperature: float = 0.5  # NT-Xent tau (the paper's CIFAR-10 setting; 0.1 on ImageNet)
+    projection_dim: int = 128  # the 2-layer MLP head's output
+    projection_hidden: int = 0  # its hidden width; 0 = the encoder's output width
+    crop_scale_min: float = 0.08  # random resized crop: area in [this, 1], aspect ratio in [3/4, 4/3]
+    color_jitter_probability: float = 0.8
+    brightness: float = 0.4  # jitter strengths (0.8 x the paper's colour strength 0.5)
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    grayscale_probability: float = 0.2
+    knn_k: int = 200  # kNN monitor: neighbours among the training set's encoder features (cosine)
+    knn_temperature: float = 0.1  # their votes weigh exp(similarity / this)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +178,8 @@ class Config:
     data: DataConfig = DataConfig()
     model: ModelConfig = dataclasses.field(default=ModelConfig(), metadata=FIXED)
     train: TrainConfig = TrainConfig()
+    distill: DistillConfig = DistillConfig()
+    simclr: SimCLRConfig = SimCLRConfig()
 
 
 def load_yaml_file(path: str) -> dict[str, Any]:
@@ -301,7 +349,8 @@ def validate(config: Config) -> None:
         (config.train.steps_per_loop >= 1, "train.steps_per_loop", ">= 1"),
         (config.train.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", ">= 0"),
         (config.train.checkpoint_max_to_keep >= 1, "train.checkpoint_max_to_keep", ">= 1"),
-    ]
+        (config.train.step_timeout_seconds >= 0, "train.step_timeout_seconds", ">= 0"),
+    ] + _mode_checks(config)
     for ok, key, expected in checks:
         if not ok:
             raise ConfigError(f"{key} must be {expected}, got {_value_of(config, key)!r}")
@@ -320,6 +369,17 @@ def validate(config: Config) -> None:
         # which TensorFlow's mirrored strategies refuse ("merge_call called while defining a new graph").
         raise ConfigError("train.xla and model.sync_bn cannot be used together on GPUs and CPUs: choose one "
                           "(on TPUs train.xla is ignored: every step is compiled)")
+    if config.train.evaluation == "sidecar":
+        # These rules decide during training from the test metrics, which a sidecar evaluator
+        # produces later, in another task: the run could not decide alike when it resumes.
+        needs_test_metrics = [key for key, used in (
+            ("train.lr_schedule: plateau", config.train.lr_schedule == "plateau"),
+            ("train.early_stopping_patience", config.train.early_stopping_patience > 0),
+            ("train.best_checkpoint_metric", config.train.best_checkpoint_metric is not None)) if used]
+        if needs_test_metrics:
+            raise ConfigError(f"train.evaluation sidecar cannot drive {', '.join(needs_test_metrics)}: they need "
+                              "each epoch's test metrics during training; use train.evaluation inline")
+    _validate_modes(config)
     if config.runtime.cpu_replicas and config.runtime.gpus:
         raise ConfigError("runtime.cpu_replicas and runtime.gpus cannot be used together")
     if config.runtime.strategy == "one_device" and config.runtime.cpu_replicas > 1:
@@ -335,6 +395,47 @@ def validate(config: Config) -> None:
         raise ConfigError("runtime.strategy tpu needs runtime.tpu (a TPU name, address or 'local')")
     replicas = config.runtime.cpu_replicas or config.runtime.gpus or 1
     check_batch_divisible(config, replicas)
+
+
+def _mode_checks(config: Config) -> list[tuple[bool, str, str]]:
+    """(holds, key, what it must be) for the distillation and SimCLR keys."""
+    distill, simclr = config.distill, config.simclr
+    return [
+        (0 <= distill.alpha <= 1, "distill.alpha", "in [0, 1]"),
+        (distill.temperature > 0, "distill.temperature", "> 0"),
+        (simclr.temperature > 0, "simclr.temperature", "> 0"),
+        (simclr.projection_dim >= 1, "simclr.projection_dim", ">= 1"),
+        (simclr.projection_hidden >= 0, "simclr.projection_hidden", ">= 0"),
+        (0 < simclr.crop_scale_min <= 1, "simclr.crop_scale_min", "in (0, 1]"),
+        (0 <= simclr.color_jitter_probability <= 1, "simclr.color_jitter_probability", "in [0, 1]"),
+        (0 <= simclr.grayscale_probability <= 1, "simclr.grayscale_probability", "in [0, 1]"),
+        (simclr.brightness >= 0, "simclr.brightness", ">= 0"),
+        (simclr.contrast >= 0, "simclr.contrast", ">= 0"),
+        (simclr.saturation >= 0, "simclr.saturation", ">= 0"),
+        (0 <= simclr.hue <= 0.5, "simclr.hue", "in [0, 0.5]"),
+        (simclr.knn_k >= 1, "simclr.knn_k", ">= 1"),
+        (simclr.knn_temperature > 0, "simclr.knn_temperature", "> 0"),
+    ]
+
+
+def _validate_modes(config: Config) -> None:
+    """Distillation, SimCLR and linear evaluation: the combinations that make sense."""
+    simclr, teacher = config.train.task == "simclr", config.distill.teacher_workdir
+    if simclr and teacher:
+        raise ConfigError("distill.teacher_workdir and train.task simclr cannot be used together: SimCLR has no labels "
+                          "to distil")
+    if simclr and (config.data.cutmix_prob or config.train.tta_flip or config.model.freeze_encoder):
+        raise ConfigError("train.task simclr makes its own views: data.cutmix_prob, train.tta_flip and "
+                          "model.freeze_encoder do not apply")
+    if simclr and (config.train.lr_schedule == "plateau" or config.train.early_stopping_patience):
+        raise ConfigError("train.task simclr has no test loss to drive train.lr_schedule plateau or early stopping "
+                          "(its accuracy is the kNN monitor's)")
+    if simclr and config.train.xla and not config.runtime.tpu:
+        raise ConfigError("train.xla and train.task simclr cannot be used together on GPUs and CPUs: the gather of "
+                          "the global batch's projections would sit inside the compiled pass (on TPUs it is ignored)")
+    if config.model.freeze_encoder and not config.train.init_from:
+        raise ConfigError("model.freeze_encoder trains only the classifier: set train.init_from to the work "
+                          "directory of a trained encoder (e.g. a SimCLR pre-training)")
 
 
 def check_batch_divisible(config: Config, num_replicas: int) -> None:

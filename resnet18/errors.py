@@ -7,7 +7,8 @@ the cluster job files (Kubernetes `restartPolicy: ExitCode`) rely on them.
 EXIT_OK = 0
 EXIT_FAILURE = 1  # non-retryable: a bug, NaN loss, out of memory
 EXIT_USAGE = 2  # bad flag, config, TF_CONFIG, missing devices or data
-EXIT_RETRYABLE = 138  # preempted or peer lost: restart and resume (Kubeflow retries 138)
+EXIT_RETRYABLE = 138  # preempted, stalled or peer lost: restart and resume (Kubeflow retries 138)
+EXIT_PORT_IN_USE = 98  # this task's TF_CONFIG port was taken (errno EADDRINUSE): start again on another
 
 
 class LauncherError(Exception):
@@ -38,6 +39,12 @@ class RetryableError(LauncherError):
     """Preempted or lost a peer: restart every worker and resume from the checkpoint."""
 
     exit_code = EXIT_RETRYABLE
+
+
+class PortInUseError(LauncherError):
+    """TensorFlow could not listen on this task's port: another process has it."""
+
+    exit_code = EXIT_PORT_IN_USE
 
 
 def first_line(error: BaseException, prefer: tuple[str, ...] = ()) -> str:

@@ -16,13 +16,31 @@ import sys
 from typing import Any
 
 HISTORY_FILE = "history.jsonl"
+EVALUATIONS_FILE = "evaluations.jsonl"  # the sidecar evaluator's results, merged into the history by step
 
 
 def read_history(workdir: str, warn: bool = True) -> list[dict[str, Any]]:
-    """The per-epoch entries of WORKDIR/history.jsonl (empty if there are none)."""
+    """The per-epoch entries of WORKDIR/history.jsonl (empty if there are none).
+
+    With sidecar evaluation the test metrics come from WORKDIR/evaluations.jsonl, matched by step.
+    """
+    entries = _read_lines(os.path.join(workdir, HISTORY_FILE), warn)
+    evaluations = {entry["step"]: entry for entry in read_evaluations(workdir, warn)}
+    for entry in entries:
+        if "test_accuracy" not in entry and entry["step"] in evaluations:
+            found = evaluations[entry["step"]]
+            entry.update({key: found[key] for key in ("test_loss", "test_accuracy", "test_examples")})
+    return entries
+
+
+def read_evaluations(workdir: str, warn: bool = True) -> list[dict[str, Any]]:
+    """The sidecar evaluator's entries (step, epoch, test metrics), empty if there are none."""
+    return _read_lines(os.path.join(workdir, EVALUATIONS_FILE), warn)
+
+
+def _read_lines(path: str, warn: bool) -> list[dict[str, Any]]:
     import tensorflow as tf  # gfile: the work directory may be a bucket (gs://...)
 
-    path = os.path.join(workdir, HISTORY_FILE)
     if not tf.io.gfile.exists(path):
         return []
     entries = []

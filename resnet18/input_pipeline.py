@@ -23,15 +23,18 @@ once, whatever B and the number of replicas.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from typing import Callable
 
 import tensorflow as tf
 
-from resnet18.augment import make_augmentation
-from resnet18.config import DataConfig
+from resnet18.augment import Augmentation, make_augmentation
+from resnet18.config import DataConfig, SimCLRConfig
 from resnet18.cutmix import cutmix
 from resnet18.errors import SetupError
+from resnet18.simclr import PARAMS_PER_IMAGE, two_views
 from resnet18.sources import ExampleStore, Source
 
 
@@ -62,15 +65,21 @@ def pipeline_slice(context: tf.distribute.InputContext, global_batch_size: int) 
 
 
 def train_dataset_fn(source: Source, data: DataConfig, global_batch_size: int, epochs: int, seed: int,
-                     start_step: int = 0) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
+                     start_step: int = 0, order_log_dir: str | None = None, views: SimCLRConfig | None = None
+                     ) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
     """A dataset function for `strategy.distribute_datasets_from_function` (training).
 
     Each pipeline yields, per global step from `start_step` on, one (images float32 RGB 0-255,
     labels int32) batch per local replica; with CutMix (`data.cutmix_prob` > 0) the labels
-    are soft targets [batch, classes].
+    are soft targets [batch, classes]. With `views` (SimCLR) the images are pairs of views
+    [batch, 2, S, S, 3] instead of one augmented image. With `order_log_dir` each pipeline appends, per step it reads,
+    the example ids to ORDER_LOG_DIR/pipeline-<id>-of-<count>-pid<pid>.jsonl (an audit of the data order).
     """
     steps = steps_per_epoch(source.num_train, global_batch_size)
     augmentation = make_augmentation(data.augmentation)
+    if views is not None:  # two SimCLR views per image, from the same per-example random numbers scheme
+        augmentation = Augmentation("simclr_views", PARAMS_PER_IMAGE,
+                                    lambda images, uniforms: two_views(images, uniforms, views))
 
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
         first, count, replicas = pipeline_slice(context, global_batch_size)
@@ -78,11 +87,15 @@ def train_dataset_fn(source: Source, data: DataConfig, global_batch_size: int, e
         def load(step):
             epoch = step // steps
             positions = (step % steps) * global_batch_size + first + tf.range(count, dtype=tf.int64)
-            images, labels = source.train.read(epoch_order(positions, seed, epoch, source.num_train))
+            indices = epoch_order(positions, seed, epoch, source.num_train)
+            if order_log_dir:
+                indices = _logged(indices, step, context, order_log_dir)
+            images, labels = source.train.read(indices)
             step_seed = tf.stack([tf.constant(seed, tf.int64), step])
             uniforms = tf.random.stateless_uniform([global_batch_size, max(augmentation.num_params, 1)], step_seed)
             images = augmentation.apply(images, uniforms[first:first + count])
-            images = tf.reshape(images, [replicas, count // replicas, data.image_size, data.image_size, 3])
+            images = tf.reshape(images, [replicas, count // replicas, *([2] if views else []), data.image_size,
+                                         data.image_size, 3])
             labels = tf.reshape(labels, [replicas, count // replicas])
             if data.cutmix_prob:  # one draw per global step; partners inside each replica's batch
                 mix_seed = tf.random.experimental.stateless_fold_in(step_seed, 1)
@@ -135,3 +148,19 @@ def whole_split(store: ExampleStore, batch_size: int = 256) -> tf.data.Dataset:
     """Every example of a split once, in order, as (uint8 images, int32 labels) batches (exports, checks)."""
     return ordered_batches(store, batch_size, 0, batch_size, 1).map(
         lambda images, labels, mask: (tf.boolean_mask(images, mask > 0), tf.boolean_mask(labels, mask > 0)))
+
+
+def _logged(indices: tf.Tensor, step: tf.Tensor, context: tf.distribute.InputContext, directory: str) -> tf.Tensor:
+    """`indices`, after appending them with their step to this pipeline's order log."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"pipeline-{context.input_pipeline_id}-of-{context.num_input_pipelines}"
+                                   f"-pid{os.getpid()}.jsonl")
+
+    def append(step_value, values):
+        with open(path, "a", encoding="utf-8") as stream:
+            stream.write(json.dumps({"step": int(step_value), "indices": values.tolist()}) + "\n")
+        return values
+
+    logged = tf.numpy_function(append, [step, indices], tf.int64, stateful=True)
+    logged.set_shape(indices.shape)
+    return logged

@@ -1,4 +1,5 @@
-"""The CIFAR ResNet18 (He et al. 2016; the CIFAR variant: 3x3 stem, no max-pool).
+"""The CIFAR ResNets (He et al. 2016; the CIFAR variant: 3x3 stem, no max-pool): ResNet18, and ResNet50
+as the distillation teacher (model.arch).
 
 Input: RGB images, 0-255 (uint8 or float), standardised per channel inside the
 model (so training, evaluation and every export feed raw pixels). Then a
@@ -41,9 +42,15 @@ SE_REDUCTION = 16  # squeeze width = filters // SE_REDUCTION (the paper's r), at
 DTYPE_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 
 
+USE_FUSED_BATCH_NORM = False
+RESNET50_BLOCKS = (3, 4, 6, 3)
+BOTTLENECK_EXPANSION = 4
+
+
 def build_model(config: Config, num_classes: int, precision: str = "float32") -> keras.Model:
     """The network a config describes (architecture, width, options, precision, seed)."""
-    return build_resnet18(
+    build = build_resnet50 if config.model.arch == "resnet50" else build_resnet18
+    return build(
         num_classes=num_classes,
         width=config.model.width,
         image_size=config.data.image_size,
@@ -52,6 +59,11 @@ def build_model(config: Config, num_classes: int, precision: str = "float32") ->
         se=config.model.se,
         sync_bn=config.model.sync_bn,
     )
+
+
+def encoder_of(model: keras.Model) -> keras.Model:
+    """The model without its classifier: images -> pooled features (what SimCLR trains, kNN and exports use)."""
+    return keras.Model(model.input, model.get_layer("pool").output, name=f"{model.name}_encoder")
 
 
 def build_resnet18(
@@ -77,6 +89,41 @@ def build_resnet18(
       sync_bn: synchronise BatchNormalization batch statistics across replicas.
     """
     seeds = iter(range(seed * 1000, seed * 1000 + 1000))
+    inputs, x = _stem(image_size, width, dtype_policy, seeds, sync_bn)
+    for stage, multiplier in enumerate(STAGE_MULTIPLIERS, start=1):
+        for block in range(1, BLOCKS_PER_STAGE + 1):
+            strides = 2 if stage > 1 and block == 1 else 1
+            x = _basic_block(
+                x, width * multiplier, strides, f"stage{stage}_block{block}", dtype_policy, seeds, se, sync_bn)
+    return _head(inputs, x, num_classes, dtype_policy, seeds, f"resnet18_w{width}")
+
+
+def build_resnet50(
+    num_classes: int = 10,
+    width: int = 64,
+    image_size: int = 32,
+    dtype_policy: str = "float32",
+    seed: int = 0,
+    se: bool = False,
+    sync_bn: bool = False,
+) -> keras.Model:
+    """The CIFAR ResNet50 (the distillation teacher): bottleneck blocks 3-4-6-3, 3x3 stem, no max-pool.
+
+    Each bottleneck is 1x1 (width) -> 3x3 (width, the stage's stride) -> 1x1 (4 x width), with a
+    1x1 conv + BN projection where the shape changes (as in the CIFAR ResNets of kuangliu/pytorch-cifar).
+    Arguments as build_resnet18's.
+    """
+    seeds = iter(range(seed * 1000, seed * 1000 + 1000))
+    inputs, x = _stem(image_size, width, dtype_policy, seeds, sync_bn)
+    for stage, (multiplier, blocks) in enumerate(zip(STAGE_MULTIPLIERS, RESNET50_BLOCKS), start=1):
+        for block in range(1, blocks + 1):
+            strides = 2 if stage > 1 and block == 1 else 1
+            x = _bottleneck_block(x, width * multiplier, strides, f"stage{stage}_block{block}", dtype_policy,
+                                  seeds, se, sync_bn)
+    return _head(inputs, x, num_classes, dtype_policy, seeds, f"resnet50_w{width}")
+
+
+def _stem(image_size: int, width: int, dtype_policy: str, seeds: Iterator[int], sync_bn: bool):
     inputs = keras.Input(shape=(image_size, image_size, 3), name="images")  # RGB 0-255, uint8 or float
     # In the graph rather than in tf.data: one less float pass per image on the host (the input
     # pipeline ran 50 % faster), and on a GPU it is a fused, free elementwise op. float32 always.
@@ -86,17 +133,15 @@ def build_resnet18(
                                offset=[-mean / std for mean, std in zip(MEAN_RGB, STDDEV_RGB)],
                                name="standardize", dtype="float32")(inputs)
     x = _conv_bn(x, width, 3, 1, "stem", dtype_policy, seeds, sync_bn)
-    x = keras.layers.ReLU(name="stem_relu", dtype=dtype_policy)(x)
-    for stage, multiplier in enumerate(STAGE_MULTIPLIERS, start=1):
-        for block in range(1, BLOCKS_PER_STAGE + 1):
-            strides = 2 if stage > 1 and block == 1 else 1
-            x = _basic_block(
-                x, width * multiplier, strides, f"stage{stage}_block{block}", dtype_policy, seeds, se, sync_bn)
+    return inputs, keras.layers.ReLU(name="stem_relu", dtype=dtype_policy)(x)
+
+
+def _head(inputs, x, num_classes: int, dtype_policy: str, seeds: Iterator[int], name: str) -> keras.Model:
     x = keras.layers.GlobalAveragePooling2D(name="pool", dtype=dtype_policy)(x)
     logits = keras.layers.Dense(
         num_classes, kernel_initializer=keras.initializers.GlorotUniform(seed=next(seeds)),
         name="logits", dtype="float32")(x)
-    return keras.Model(inputs, logits, name=f"resnet18_w{width}")
+    return keras.Model(inputs, logits, name=name)
 
 
 def _conv_bn(
@@ -113,9 +158,9 @@ def _conv_bn(
         name=f"{name}_conv",
         dtype=dtype_policy,
     )(x)
-    return keras.layers.BatchNormalization(
-        momentum=BN_MOMENTUM, epsilon=BN_EPSILON, synchronized=sync_bn, name=f"{name}_bn", dtype=dtype_policy
-    )(x)
+    layer = FusedBatchNormalization if USE_FUSED_BATCH_NORM else keras.layers.BatchNormalization
+    return layer(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, synchronized=sync_bn, name=f"{name}_bn",
+                 dtype=dtype_policy)(x)
 
 
 def _basic_block(
@@ -129,6 +174,24 @@ def _basic_block(
     y = _conv_bn(y, filters, 3, 1, f"{name}_b", dtype_policy, seeds, sync_bn)
     if se:  # seeds are drawn only when SE is on, so the default model's initial weights are unchanged
         y = _squeeze_excite(y, filters, name, dtype_policy, seeds)
+    y = keras.layers.Add(name=f"{name}_add", dtype=dtype_policy)([shortcut, y])
+    return keras.layers.ReLU(name=f"{name}_out", dtype=dtype_policy)(y)
+
+
+def _bottleneck_block(
+    x, filters: int, strides: int, name: str, dtype_policy: str, seeds: Iterator[int], se: bool, sync_bn: bool,
+):
+    expanded = filters * BOTTLENECK_EXPANSION
+    shortcut = x
+    if strides != 1 or x.shape[-1] != expanded:
+        shortcut = _conv_bn(x, expanded, 1, strides, f"{name}_proj", dtype_policy, seeds, sync_bn)
+    y = _conv_bn(x, filters, 1, 1, f"{name}_a", dtype_policy, seeds, sync_bn)
+    y = keras.layers.ReLU(name=f"{name}_a_relu", dtype=dtype_policy)(y)
+    y = _conv_bn(y, filters, 3, strides, f"{name}_b", dtype_policy, seeds, sync_bn)
+    y = keras.layers.ReLU(name=f"{name}_b_relu", dtype=dtype_policy)(y)
+    y = _conv_bn(y, expanded, 1, 1, f"{name}_c", dtype_policy, seeds, sync_bn)
+    if se:
+        y = _squeeze_excite(y, expanded, name, dtype_policy, seeds)
     y = keras.layers.Add(name=f"{name}_add", dtype=dtype_policy)([shortcut, y])
     return keras.layers.ReLU(name=f"{name}_out", dtype=dtype_policy)(y)
 
@@ -156,3 +219,35 @@ def _squeeze_excite(y, filters: int, name: str, dtype_policy: str, seeds: Iterat
 def decayed_kernels(model: keras.Model) -> list:
     """Conv and dense kernels: the weights that get weight decay (not BN, not biases)."""
     return [layer.kernel for layer in model.layers if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense))]
+
+
+class FusedBatchNormalization(keras.layers.BatchNormalization):
+    """Keras' BatchNormalization computed by TensorFlow's fused kernel (FusedBatchNormV3).
+
+    Keras 3 computes batch norm as separate ops (moments, then normalise, in float32 even
+    under a mixed policy); the fused kernel (oneDNN's on CPUs, cuDNN's on GPUs) does the
+    forward and the backward pass each in one op. The variables, their names and the
+    moving-average rule are Keras', so checkpoints are interchangeable. Synchronized BN
+    (all-reduced moments) keeps Keras' own path.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        import tensorflow as tf
+
+        if self.synchronized or mask is not None or self.renorm or len(inputs.shape) != 4 or self.axis not in (-1, 3):
+            return super().call(inputs, training=training, mask=mask)
+        gamma, beta = tf.cast(self.gamma, tf.float32), tf.cast(self.beta, tf.float32)
+        if training and self.trainable:
+            outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+                inputs, gamma, beta, epsilon=self.epsilon, data_format="NHWC", is_training=True)
+            # The kernel returns the unbiased (n - 1) variance; Keras' moving average uses the biased one.
+            count = tf.cast(tf.reduce_prod(tf.shape(inputs)[:-1]), tf.float32)
+            variance = variance * (count - 1.0) / count
+            self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+            self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
+            return outputs
+        outputs, _, _ = tf.compat.v1.nn.fused_batch_norm(
+            inputs, gamma, beta, mean=tf.cast(self.moving_mean, tf.float32),
+            variance=tf.cast(self.moving_variance, tf.float32), epsilon=self.epsilon, data_format="NHWC",
+            is_training=False)
+        return outputs

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import logging
 import os
 import threading
 import urllib.error
@@ -40,6 +41,8 @@ from resnet18 import generated_cifar10
 from resnet18.config import DataConfig
 from resnet18.errors import SetupError, first_line
 
+# TFDS suggests OpenCV on every worker's first decode; PIL decodes these small images well enough.
+logging.getLogger("absl").addFilter(lambda record: "OpenCV is not installed" not in record.getMessage())
 IN_MEMORY_LIMIT_BYTES = 1 << 30  # decoded splits up to this size may be held as a graph constant
 REACHABLE_TIMEOUT_SECONDS = 15
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")

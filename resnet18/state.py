@@ -43,17 +43,39 @@ class TrainState:
         return checkpoint
 
 
+def build_network(config: Config, num_classes: int, precision: str = "float32") -> keras.Model:
+    """The network a run trains: the classifier, or for SimCLR the encoder with its projection head.
+
+    With model.freeze_encoder only the classifier ("logits") trains; the frozen batch norms run in
+    inference mode (Keras does so for non-trainable BatchNormalization).
+    """
+    if config.train.task == "simclr":
+        from resnet18.simclr import build_simclr_model
+
+        return build_simclr_model(config, num_classes, precision)
+    model = build_model(config, num_classes, precision)
+    if config.model.freeze_encoder:
+        for layer in model.layers:
+            layer.trainable = layer.name == "logits"
+    return model
+
+
 def build_train_state(config: Config, strategy: tf.distribute.Strategy, num_classes: int, precision: str,
                       steps_per_epoch: int) -> TrainState:
-    """A fresh state at step 0, its variables created in `strategy`'s scope."""
+    """A fresh state at step 0, its variables created in `strategy`'s scope (train.init_from applied)."""
     with strategy.scope():
-        model = build_model(config, num_classes, precision)
+        model = build_network(config, num_classes, precision)
+        if config.train.init_from:
+            from resnet18.warm_start import initialize_from
+
+            initialize_from(model, config, num_classes)
         schedule = make_schedule(config, steps_per_epoch)
         optimizer = make_optimizer(config, schedule, precision, model)
         optimizer.build(model.trainable_variables)
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
                            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         average = None
-        if config.train.ema_decay:  # same seed: the average starts equal to the model
-            average = WeightAverage(model, build_model(config, num_classes, precision), config.train.ema_decay)
+        if config.train.ema_decay:  # the average starts equal to the model (same seed; then copied)
+            average = WeightAverage(model, build_network(config, num_classes, precision), config.train.ema_decay)
+            average.copy_weights()
     return TrainState(model, optimizer, schedule, step, average)

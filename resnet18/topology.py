@@ -43,13 +43,18 @@ class Topology:
     task: str  # e.g. "worker 1", for messages
 
 
+def tpu_topology(num_replicas: int, num_hosts: int) -> Topology:
+    """A TPU slice: one Python process (the chief) drives every host; one input pipeline per host."""
+    return Topology(num_replicas, max(1, num_hosts), 1, True, "TPU client")
+
+
 def topology_of(strategy: Any) -> Topology:
     """The Topology of `strategy` (a tf.distribute.Strategy)."""
     import tensorflow as tf
 
     replicas = strategy.num_replicas_in_sync
     if isinstance(strategy, tf.distribute.TPUStrategy):
-        return Topology(replicas, max(1, int(strategy.extended.num_hosts)), 1, True, "TPU client")
+        return tpu_topology(replicas, int(strategy.extended.num_hosts))
     resolver = getattr(strategy, "cluster_resolver", None)
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and resolver is not None \
             and resolver.task_type is not None:

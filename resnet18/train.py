@@ -31,14 +31,19 @@ from resnet18 import config as config_lib
 from resnet18 import input_pipeline, sources
 from resnet18.checkpointing import Checkpointer, checkpoint_candidates
 from resnet18.config import Config
-from resnet18.errors import ConfigError, RetryableError, TrainingError
+from resnet18.errors import ConfigError, RetryableError, TrainingError, first_line
 from resnet18.evaluation import make_evaluate
 from resnet18.history import read_history, write_history
 from resnet18.optimization import make_train_step
+from resnet18.distill import check_same_teacher, load_teacher
+from resnet18.model import encoder_of
 from resnet18.preemption import PreemptionWatcher
+from resnet18.simclr import make_knn_evaluate
 from resnet18.state import TrainState, build_train_state
 from resnet18.summaries import Summaries
+from resnet18.run_status import Heartbeat, append_event
 from resnet18.topology import Topology, describe, topology_of
+from resnet18.watchdog import Watchdog
 
 _IMPORT_TIME = time.time()
 
@@ -66,13 +71,13 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
         source = sources.prepare_source(config.data, workdir,
                                         random_access=not isinstance(strategy, tf.distribute.TPUStrategy))
         steps_per_epoch = input_pipeline.steps_per_epoch(source.num_train, global_batch)
-        eval_dataset = strategy.distribute_datasets_from_function(
-            input_pipeline.eval_dataset_fn(source, config.data, global_batch))
 
-        # --- Model and optimizer (every variable inside the strategy scope) -----------------
+        # --- Model and optimizer (every variable inside the strategy scope); the teacher -----
         state = build_train_state(config, strategy, source.num_classes, precision, steps_per_epoch)
         models = [state.model] + ([state.average.model] if state.average else [])
         sync_statistics = replicas.make_statistics_sync(strategy, models)
+        teacher, teacher_identity = (load_teacher(config, strategy, source.num_classes, precision)
+                                     if config.distill.teacher_workdir else (None, None))
 
         # --- Restore ------------------------------------------------------------------------
         checkpointer = Checkpointer(state, workdir, topology.is_chief, config.train.checkpoint_max_to_keep,
@@ -81,26 +86,34 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
         start_step = checkpointer.restore()
         if topology.num_processes > 1:
             replicas.check_same_step(strategy, start_step, workdir)
+        if teacher_identity:
+            check_same_teacher(workdir, teacher_identity, bool(checkpointer.last_saved), topology.is_chief)
+        if topology.is_chief:  # the checkpoints are this config's now
+            save_config(config, workdir, checkpointer.last_saved)
         if topology.is_chief and checkpointer.last_saved:
             print(f"Resuming from {checkpointer.last_saved} at step {start_step}/"
                   f"{config.train.epochs * steps_per_epoch}", flush=True)
 
         # --- Step functions -----------------------------------------------------------------
         train_dataset = strategy.distribute_datasets_from_function(input_pipeline.train_dataset_fn(
-            source, config.data, global_batch, config.train.epochs, config.runtime.seed, start_step))
+            source, config.data, global_batch, config.train.epochs, config.runtime.seed, start_step,
+            os.path.join(workdir, "order_log") if config.data.order_log else None,
+            config.simclr if config.train.task == "simclr" else None))
         loop = Loop(
             config=config, topology=topology, state=state, checkpointer=checkpointer, workdir=workdir,
             steps_per_epoch=steps_per_epoch, train_calls=make_train_calls(strategy, make_train_step(
-                state.model, state.optimizer, config, source.num_classes, state.average)),
-            evaluate=make_evaluate(strategy, state.evaluated_model, eval_dataset,
-                                   input_pipeline.eval_steps(source.num_test, global_batch), source.num_classes,
-                                   source.num_test, config.train.tta_flip, sync_statistics),
+                state.model, state.optimizer, config, source.num_classes, state.average, teacher)),
+            evaluate=_make_evaluate(config, strategy, state, source, sync_statistics),
             any_replica=replicas.make_any_replica(strategy) if topology.num_processes > 1 else lambda flag: flag,
-            wall_start=wall_start)
+            wall_start=wall_start, watchdog=cleanup.enter_context(contextlib.closing(
+                Watchdog(config.train.step_timeout_seconds))),
+            heartbeat=Heartbeat(workdir, topology.is_chief, config.train.epochs * steps_per_epoch, steps_per_epoch))
 
         # --- Loop ---------------------------------------------------------------------------
         summaries = cleanup.enter_context(Summaries(workdir, topology.is_chief))
-        progress = run_loop(loop, iter(train_dataset), start_step, watcher, summaries)
+        with _recorded(loop, start_step) as outcome:
+            progress = run_loop(loop, iter(train_dataset), start_step, watcher, summaries)
+            outcome.update(step=progress.step, state="stopped_early" if progress.stopped_at_epoch else "done")
 
         # --- Summary ------------------------------------------------------------------------
         summary = _summarize(loop, progress, source, strategy, precision)
@@ -122,39 +135,47 @@ def _setup(config: Config, strategy: tf.distribute.Strategy, topology: Topology,
     precision = hardware.strategy_precision(config.train.precision, strategy)
     if topology.is_chief and precision != config.train.precision:
         print(f"Precision: {precision} (train.precision auto)", flush=True)
-    _record_config(config, workdir, topology.is_chief)
+    check_resume_config(config, workdir)
     return config, precision
 
 
-def _record_config(config: Config, workdir: str, is_chief: bool) -> None:
-    """Keeps WORKDIR/config.yaml the config of the checkpoints beside it.
+def check_resume_config(config: Config, workdir: str) -> None:
+    """Refuses to resume checkpoints with a config that would change what they mean.
 
-    A run resuming from checkpoints may not change a key that alters the model, the data order or
-    the meaning of a step (config.FIXED); other changes are recorded in WORKDIR/config_changes.jsonl.
+    WORKDIR/config.yaml describes the checkpoints beside it. A run resuming from them may not change a
+    key that alters the model, the data order or the meaning of a step (config.FIXED); other changes
+    are allowed and recorded once the restore succeeded (`save_config`).
 
     Raises:
-      ConfigError: such a key differs from the config that wrote the checkpoints (exit 2).
+      ConfigError: such a key differs from the config that wrote the checkpoints (exit 2), each named.
     """
     path = os.path.join(workdir, "config.yaml")  # tf.io.gfile: the work directory may be a bucket (gs://...)
-    checkpoints = checkpoint_candidates(os.path.join(workdir, "checkpoints"))
-    if checkpoints and tf.io.gfile.exists(path):
+    if not checkpoint_candidates(os.path.join(workdir, "checkpoints")) or not tf.io.gfile.exists(path):
+        return
+    with tf.io.gfile.GFile(path) as stream:
+        saved = config_lib.from_yaml_text(stream.read(), path)
+    refused, _ = config_lib.resume_changes(saved, config)
+    if refused:
+        raise ConfigError(
+            f"{workdir} holds checkpoints written with another config ({path}); these keys would change the "
+            "model, the data order or what a step means:\n  " + "\n  ".join(refused)
+            + f"\nresume with that config (--job {path}) or use another --workdir")
+
+
+def save_config(config: Config, workdir: str, restored: str | None) -> None:
+    """Makes WORKDIR/config.yaml this run's config (after a successful restore); records what changed."""
+    path = os.path.join(workdir, "config.yaml")
+    if restored and tf.io.gfile.exists(path):
         with tf.io.gfile.GFile(path) as stream:
-            saved = config_lib.from_yaml_text(stream.read(), path)
-        refused, allowed = config_lib.resume_changes(saved, config)
-        if refused:
-            raise ConfigError(
-                f"{workdir} holds checkpoints written with another config ({path}); these keys would change the "
-                "model, the data order or what a step means:\n  " + "\n  ".join(refused)
-                + f"\nresume with that config (--job {path}) or use another --workdir")
-        if allowed and is_chief:
+            _, allowed = config_lib.resume_changes(config_lib.from_yaml_text(stream.read(), path), config)
+        if allowed:
             print("Config changed since the checkpoints were written (recorded in config_changes.jsonl): "
                   + "; ".join(allowed), flush=True)
             _append_line(os.path.join(workdir, "config_changes.jsonl"), {
-                "time": time.time(), "checkpoint": os.path.basename(checkpoints[0]), "changes": allowed})
-    if is_chief:
-        tf.io.gfile.makedirs(workdir)
-        with tf.io.gfile.GFile(path, "w") as stream:
-            stream.write(config_lib.dump(config))
+                "time": time.time(), "checkpoint": os.path.basename(restored), "changes": allowed})
+    tf.io.gfile.makedirs(workdir)
+    with tf.io.gfile.GFile(path, "w") as stream:
+        stream.write(config_lib.dump(config))
 
 
 def _append_line(path: str, entry: dict[str, Any]) -> None:
@@ -164,6 +185,47 @@ def _append_line(path: str, entry: dict[str, Any]) -> None:
             existing = stream.read()
     with tf.io.gfile.GFile(path, "w") as stream:
         stream.write(existing + json.dumps(entry) + "\n")
+
+
+def _make_evaluate(config: Config, strategy: tf.distribute.Strategy, state: TrainState, source: sources.Source,
+                   sync_statistics: Callable[[], None]) -> Callable[[], dict[str, Any]]:
+    """Each epoch's evaluation: the test split once (classification), or the kNN monitor (SimCLR)."""
+    batch = config.train.global_batch_size
+
+    def ordered(store):
+        return strategy.distribute_datasets_from_function(lambda context: input_pipeline.ordered_batches(
+            store, batch, *input_pipeline.pipeline_slice(context, batch)))
+
+    if config.train.task == "simclr":
+        return make_knn_evaluate(
+            strategy, encoder_of(state.evaluated_model), ordered(source.train),
+            input_pipeline.eval_steps(source.num_train, batch), ordered(source.test),
+            input_pipeline.eval_steps(source.num_test, batch), source.num_classes, config.simclr, sync_statistics)
+    return make_evaluate(strategy, state.evaluated_model, ordered(source.test),
+                         input_pipeline.eval_steps(source.num_test, batch), source.num_classes, source.num_test,
+                         config.train.tta_flip, sync_statistics)
+
+
+@contextlib.contextmanager
+def _recorded(loop: Loop, start_step: int):
+    """Records the start and the end of training (and how it ended) in events.jsonl and status.json."""
+    chief = loop.topology.is_chief
+    if chief:
+        append_event(loop.workdir, {"event": "train_start", "step": start_step, "task": loop.topology.task,
+                                    "pid": os.getpid(),
+                                    "processes": loop.topology.num_processes, "replicas": loop.topology.num_replicas})
+    outcome = {"step": start_step, "state": "failed", "exit_code": 0, "detail": ""}
+    try:
+        yield outcome
+    except BaseException as error:
+        outcome.update(state="preempted" if isinstance(error, RetryableError) else "failed",
+                       exit_code=getattr(error, "exit_code", 1), detail=first_line(error),
+                       step=loop.heartbeat_step())
+        raise
+    finally:
+        if chief:
+            loop.heartbeat.end(outcome["step"], outcome["state"], outcome["detail"])
+            append_event(loop.workdir, {"event": "train_end", **outcome})
 
 
 def make_train_calls(strategy: tf.distribute.Strategy, train_step: Callable) -> Callable:
@@ -196,6 +258,16 @@ class Loop:
     evaluate: Callable[[], dict[str, Any]]
     any_replica: Callable[[bool], bool]  # agreed across workers
     wall_start: float
+    watchdog: Watchdog  # exits 138 when a call makes no progress (train.step_timeout_seconds)
+    heartbeat: Heartbeat  # WORKDIR/status.json, written by the chief
+
+    def heartbeat_step(self) -> int:
+        """The step last recorded by the heartbeat (where a failed run stood)."""
+        return int(self.heartbeat.last_step)
+
+    def watching(self, what: str, first_call: bool = False):
+        """The watchdog armed for `what` (not for the first call, which compiles)."""
+        return contextlib.nullcontext() if first_call else self.watchdog.watching(what)
 
     @property
     def total_steps(self) -> int:
@@ -224,6 +296,7 @@ class Progress:
     train_images: int = 0
     all_train_seconds: float = 0.0  # every training call, compilation included, across restarts
     startup_seconds: float | None = None  # process start -> end of the first training call
+    first_epoch_seconds: float | None = None  # process start -> end of this run's first epoch (evaluated, saved)
     first_call: bool = True
 
     @property
@@ -247,10 +320,12 @@ def run_loop(loop: Loop, iterator, start_step: int, watcher: PreemptionWatcher, 
         epoch = progress.step // loop.steps_per_epoch
         totals = train_epoch(loop, progress, iterator, epoch, watcher, summaries)
         end_epoch(loop, progress, epoch, totals, summaries)  # a preemption at the epoch's end evaluates it first
+        if progress.first_epoch_seconds is None:
+            progress.first_epoch_seconds = time.time() - process_start_time()
         if totals.preempted:
-            raise RetryableError(f"preempted (SIGTERM): epoch {epoch + 1} evaluated and checkpoint saved at step "
-                                 f"{progress.step}; run again to resume")
-    if not progress.metrics:  # nothing left to train: the work directory already holds the final step
+            raise RetryableError(f"preempted (SIGTERM): checkpoint saved at step {progress.step}, the end of epoch "
+                                 f"{epoch + 1}, evaluated first; run again to resume")
+    if not progress.metrics and loop.config.train.evaluation == "inline":  # nothing was left to train
         progress.metrics = loop.evaluate()
         reason = (f"early stopping after epoch {progress.stopped_at_epoch}" if progress.stopped_at_epoch
                   else f"step {progress.step}")
@@ -276,40 +351,47 @@ def train_epoch(loop: Loop, progress: Progress, iterator, epoch: int, watcher: P
                               verbose=1 if loop.topology.is_chief and sys.stdout.isatty() else 0)
     loop.say(f"Epoch {epoch + 1}/{loop.config.train.epochs}")
     totals = EpochTotals()
-    while progress.step < epoch_end:
+    while progress.step < epoch_end and not totals.preempted:
         next_checkpoint = (progress.step // every + 1) * every if every else epoch_end
         # The first call runs one step: it traces and compiles, and a user sees progress soon.
         chunk = min(1 if progress.first_call else loop.config.train.steps_per_loop, epoch_end - progress.step,
                     next_checkpoint - progress.step)
-        started = time.perf_counter()
-        loss_sum, correct_sum = loop.train_calls(iterator, tf.constant(chunk))
-        loss_sum, correct_sum = float(loss_sum), float(correct_sum)  # waits for the steps to finish
-        elapsed = time.perf_counter() - started
-        if not math.isfinite(loss_sum):
-            raise TrainingError(f"loss is {loss_sum} in steps {progress.step + 1}-{progress.step + chunk}; stopping "
-                                f"(the last good checkpoint, {loop.checkpointer.last_saved}, is kept)")
-        _count_call(progress, chunk * loop.global_batch, elapsed)
-        progress.step += chunk
-        totals.loss, totals.correct = totals.loss + loss_sum, totals.correct + correct_sum
-        totals.steps, totals.seconds = totals.steps + chunk, totals.seconds + elapsed
-        images_per_sec = chunk * loop.global_batch / elapsed
-        bar.add(chunk, [("loss", totals.loss / totals.steps),
-                        ("accuracy", totals.correct / (totals.steps * loop.global_batch)), ("img/s", images_per_sec)])
-        summaries.scalars("train", progress.step, {
-            "loss": loss_sum / chunk, "accuracy": correct_sum / (chunk * loop.global_batch),
-            "learning_rate": float(loop.state.optimizer.learning_rate), "images_per_sec": images_per_sec})
-        saved = False
-        if every and progress.step % every == 0 and progress.step < epoch_end:
-            loop.checkpointer.save(progress.step)
-            saved = True
-        if loop.any_replica(watcher.requested):
-            if progress.step == epoch_end:
-                totals.preempted = True  # the epoch is complete: end_epoch evaluates and saves it
-                break
-            if not saved:
+        with loop.watching(f"training steps {progress.step + 1}-{progress.step + chunk}", progress.first_call):
+            train_call(loop, progress, iterator, chunk, totals, bar, summaries)
+            saved = bool(every) and progress.step % every == 0 and progress.step < epoch_end
+            if saved:
                 loop.checkpointer.save(progress.step)
-            raise RetryableError(f"preempted (SIGTERM): checkpoint saved at step {progress.step}; run again to resume")
+            if loop.any_replica(watcher.requested):
+                if progress.step < epoch_end:  # at the epoch's end, end_epoch evaluates and saves it first
+                    if not saved:
+                        loop.checkpointer.save(progress.step)
+                    raise RetryableError(f"preempted (SIGTERM): checkpoint saved at step {progress.step}; "
+                                         "run again to resume")
+                totals.preempted = True
     return totals
+
+
+def train_call(loop: Loop, progress: Progress, iterator, chunk: int, totals: EpochTotals, bar,
+               summaries: Summaries) -> None:
+    """One call of the compiled loop: `chunk` steps; checks the loss and records the progress."""
+    started = time.perf_counter()
+    loss_sum, correct_sum = loop.train_calls(iterator, tf.constant(chunk))
+    loss_sum, correct_sum = float(loss_sum), float(correct_sum)  # waits for the steps to finish
+    elapsed = time.perf_counter() - started
+    if not math.isfinite(loss_sum):
+        raise TrainingError(f"loss is {loss_sum} in steps {progress.step + 1}-{progress.step + chunk}; stopping "
+                            f"(the last good checkpoint, {loop.checkpointer.last_saved}, is kept)")
+    _count_call(progress, chunk * loop.global_batch, elapsed)
+    progress.step += chunk
+    totals.loss, totals.correct = totals.loss + loss_sum, totals.correct + correct_sum
+    totals.steps, totals.seconds = totals.steps + chunk, totals.seconds + elapsed
+    images_per_sec = chunk * loop.global_batch / elapsed
+    bar.add(chunk, [("loss", totals.loss / totals.steps),
+                    ("accuracy", totals.correct / (totals.steps * loop.global_batch)), ("img/s", images_per_sec)])
+    summaries.scalars("train", progress.step, {
+        "loss": loss_sum / chunk, "accuracy": correct_sum / (chunk * loop.global_batch),
+        "learning_rate": float(loop.state.optimizer.learning_rate), "images_per_sec": images_per_sec})
+    loop.heartbeat.beat(progress.step, chunk * loop.global_batch, elapsed)
 
 
 def _count_call(progress: Progress, images: int, elapsed: float) -> None:
@@ -323,18 +405,46 @@ def _count_call(progress: Progress, images: int, elapsed: float) -> None:
 
 
 def end_epoch(loop: Loop, progress: Progress, epoch: int, totals: EpochTotals, summaries: Summaries) -> None:
-    """Evaluates, records the epoch, keeps the best weights, checkpoints and applies the epoch rules."""
+    """Evaluates, records the epoch, keeps the best weights, checkpoints and applies the epoch rules.
+
+    With sidecar evaluation the evaluator task evaluates the epoch's checkpoint (evaluator.py).
+    """
+    with loop.watching(f"the end of epoch {epoch + 1}"):
+        if loop.config.train.evaluation == "sidecar":
+            _end_epoch_without_evaluation(loop, progress, epoch, totals)
+        else:
+            _end_epoch_with_evaluation(loop, progress, epoch, totals, summaries)
+
+
+def _end_epoch_without_evaluation(loop: Loop, progress: Progress, epoch: int, totals: EpochTotals) -> None:
+    progress.history.append(_epoch_entry(loop, progress, epoch, totals))
+    if loop.topology.is_chief:
+        write_history(loop.workdir, progress.epochs_so_far)
+    loop.checkpointer.save(progress.step)  # pools the BN statistics first
+    loop.checkpointer.save_for_evaluator(progress.step)
+    loop.say(f"epoch {epoch + 1}/{loop.config.train.epochs}  step {progress.step}/{loop.total_steps}  "
+             f"loss {totals.loss / totals.steps:.4f}  accuracy {totals.correct / (totals.steps * loop.global_batch):.4f}"
+             f"  {totals.steps * loop.global_batch / totals.seconds:.0f} img/s  (evaluated by the sidecar evaluator)")
+
+
+def _epoch_entry(loop: Loop, progress: Progress, epoch: int, totals: EpochTotals) -> dict[str, Any]:
+    return dict(epoch=epoch + 1, step=progress.step, train_loss=totals.loss / totals.steps,
+                train_accuracy=totals.correct / (totals.steps * loop.global_batch),
+                learning_rate=float(loop.state.optimizer.learning_rate),
+                train_seconds=progress.all_train_seconds, elapsed_seconds=time.time() - loop.wall_start)
+
+
+def _end_epoch_with_evaluation(loop: Loop, progress: Progress, epoch: int, totals: EpochTotals,
+                               summaries: Summaries) -> None:
     metrics = loop.evaluate()
     confusion = metrics.pop("confusion_matrix")
-    metrics.update(epoch=epoch + 1, step=progress.step, train_loss=totals.loss / totals.steps,
-                   train_accuracy=totals.correct / (totals.steps * loop.global_batch),
-                   learning_rate=float(loop.state.optimizer.learning_rate),
-                   train_seconds=progress.all_train_seconds, elapsed_seconds=time.time() - loop.wall_start)
+    metrics.update(_epoch_entry(loop, progress, epoch, totals))
     progress.history.append(metrics)
     progress.metrics = dict(metrics, confusion_matrix=confusion)
     if loop.topology.is_chief:  # every epoch since step 0, across restarts (the report plots it)
         write_history(loop.workdir, progress.epochs_so_far)
-    summaries.scalars("test", progress.step, {"loss": metrics["test_loss"], "accuracy": metrics["test_accuracy"]})
+    summaries.scalars("test", progress.step, {name: metrics[key] for name, key in (
+        ("loss", "test_loss"), ("accuracy", "test_accuracy")) if key in metrics})
     # Best first: a crash between the two saves then replays this epoch on resume (the newest
     # checkpoint is the previous one), so WORKDIR/best never misses a recorded best epoch.
     save_if_best(loop, progress.epochs_so_far)
@@ -345,7 +455,8 @@ def end_epoch(loop: Loop, progress: Progress, epoch: int, totals: EpochTotals, s
                  f"epochs; stopping after epoch {progress.stopped_at_epoch}")
     loop.say(f"epoch {epoch + 1}/{loop.config.train.epochs}  step {progress.step}/{loop.total_steps}  "
              f"loss {metrics['train_loss']:.4f}  accuracy {metrics['train_accuracy']:.4f}  "
-             f"test_loss {metrics['test_loss']:.4f}  test_accuracy {metrics['test_accuracy']:.4f}  "
+             + (f"test_loss {metrics['test_loss']:.4f}  " if "test_loss" in metrics else "kNN ")
+             + f"test_accuracy {metrics['test_accuracy']:.4f}  "
              f"{totals.steps * loop.global_batch / totals.seconds:.0f} img/s")
 
 
@@ -354,8 +465,10 @@ def end_epoch(loop: Loop, progress: Progress, epoch: int, totals: EpochTotals, s
 
 def apply_epoch_rules(loop: Loop, epochs_so_far: list[dict[str, Any]]) -> int | None:
     """Sets the plateau learning-rate scale; returns the early-stopping epoch, if reached."""
-    losses = [entry["test_loss"] for entry in epochs_so_far]
     train = loop.config.train
+    if train.lr_schedule != "plateau" and not train.early_stopping_patience:
+        return None  # (config refuses these rules where there is no test loss: sidecar evaluation, SimCLR)
+    losses = [entry["test_loss"] for entry in epochs_so_far]
     if train.lr_schedule == "plateau":
         scale = callbacks.plateau_scale(losses, train.plateau_factor, train.plateau_patience, train.plateau_min_delta)
         if scale != float(loop.state.schedule.scale.numpy()) and epochs_so_far:
@@ -384,9 +497,9 @@ def _summarize(loop: Loop, progress: Progress, source: sources.Source, strategy:
     metric = loop.config.train.best_checkpoint_metric
     return {
         "name": loop.config.name,
-        "test_accuracy": metrics["test_accuracy"],
-        "test_loss": metrics["test_loss"],
-        "test_examples": metrics["test_examples"],
+        "test_accuracy": metrics.get("test_accuracy"),  # None with sidecar evaluation: the evaluator adds it
+        "test_loss": metrics.get("test_loss"),
+        "test_examples": metrics.get("test_examples"),
         "epochs": loop.config.train.epochs,
         "steps": progress.step,
         "resumed_from_step": progress.start_step,
@@ -396,12 +509,15 @@ def _summarize(loop: Loop, progress: Progress, source: sources.Source, strategy:
         **describe(strategy),
         "train_images_per_sec": progress.train_images / progress.train_seconds if progress.train_seconds else None,
         "startup_seconds": progress.startup_seconds,
+        "first_epoch_seconds": progress.first_epoch_seconds,
+        "host_allocator": "bfc" if os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "") in ("1", "true") else "system",
         "wall_seconds": time.time() - loop.wall_start,
         "tensorflow_version": tf.__version__,
         "precision": precision,
+        "compute_dtype": _conv_compute_dtype(loop.state.model),  # what the convolutions really ran in
         "weights_sha256": fingerprint,
         "class_names": list(source.class_names),
-        "confusion_matrix": metrics["confusion_matrix"],
+        "confusion_matrix": metrics.get("confusion_matrix"),
         "history": progress.history,
     }
 
@@ -420,9 +536,17 @@ def _write_summary(workdir: str, summary: dict[str, Any]) -> None:
     with tf.io.gfile.GFile(os.path.join(workdir, "summary.json"), "w") as stream:
         stream.write(json.dumps(summary, indent=2))
     ips = summary["train_images_per_sec"]
-    print(f"Done: test_accuracy {summary['test_accuracy']:.4f}  test_loss {summary['test_loss']:.4f}  "
-          f"steps {summary['steps']}  {summary['num_replicas']} replica(s) of {summary['strategy']}  "
+    tested = "test metrics: from the sidecar evaluator"
+    if summary["test_accuracy"] is not None:
+        tested = f"test_accuracy {summary['test_accuracy']:.4f}" + (
+            f"  test_loss {summary['test_loss']:.4f}" if summary["test_loss"] is not None else " (kNN monitor)")
+    print(f"Done: {tested}  steps {summary['steps']}  {summary['num_replicas']} replica(s) of {summary['strategy']}  "
           f"{'%.0f img/s  ' % ips if ips else ''}{summary['wall_seconds']:.0f} s  -> {workdir}", flush=True)
+
+
+def _conv_compute_dtype(model: keras.Model) -> str | None:
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    return convs[0].compute_dtype if convs else None
 
 
 def weights_fingerprint(model: keras.Model) -> str:

@@ -23,6 +23,8 @@ import time
 
 from resnet18.errors import EXIT_RETRYABLE
 
+BEFORE_HARD_EXIT: list = []  # callables run before the watchdog's os._exit (e.g. flushing a task's log copy)
+
 
 class Watchdog:
     """Exits the process with code 138 when a watched call runs longer than `timeout` seconds (0: off)."""
@@ -75,4 +77,6 @@ class Watchdog:
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         sys.stderr.flush()
         sys.stdout.flush()
+        for hook in BEFORE_HARD_EXIT:
+            hook()
         os._exit(EXIT_RETRYABLE)  # the main thread is stuck: only a hard exit ends the process

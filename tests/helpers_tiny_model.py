@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from resnet18.config import Config, TrainConfig
+from resnet18.config import Config, SimCLRConfig, TrainConfig
 from resnet18.optimization import make_optimizer, make_schedule, make_train_step
 
 
@@ -37,3 +37,41 @@ def batch(size: int = 128):
     images = tf.random.stateless_normal([size, 8, 8, 3], [1, 2])
     labels = tf.random.stateless_uniform([size], [3, 4], 0, 10, dtype=tf.int32)
     return images, labels
+
+
+def replicated_steps(strategy: tf.distribute.Strategy, config: Config, images, labels, steps: int,
+                     make_model, teacher=None) -> list[np.ndarray]:
+    """Weights after `steps` train steps under `strategy`, the global batch split evenly over its replicas."""
+    with strategy.scope():
+        model = make_model()
+        optimizer = make_optimizer(config, make_schedule(config, 10), "float32", model)
+        optimizer.build(model.trainable_variables)
+    step = make_train_step(model, optimizer, config, num_classes=10, teacher=teacher)
+    share = int(images.shape[0]) // strategy.num_replicas_in_sync
+    batch = strategy.experimental_distribute_values_from_function(lambda context: (
+        images[context.replica_id_in_sync_group * share:][:share],
+        labels[context.replica_id_in_sync_group * share:][:share]))
+
+    @tf.function
+    def run():
+        return strategy.run(step, args=batch)
+
+    for _ in range(steps):
+        run()
+    return [np.array(strategy.experimental_local_results(weight.value)[0]) for weight in model.weights]
+
+
+def encoder_and_head() -> keras.Model:
+    """A batch-norm-free encoder and projection head (replica equivalence is then exact to round-off)."""
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(6, 3, kernel_initializer=keras.initializers.HeNormal(1), name="conv")(inputs)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = keras.layers.Dense(8, activation="relu", kernel_initializer=keras.initializers.HeNormal(2))(x)
+    return keras.Model(inputs, keras.layers.Dense(4, kernel_initializer=keras.initializers.GlorotUniform(3))(x))
+
+
+SIMCLR = Config(simclr=SimCLRConfig(temperature=0.5),
+                train=TrainConfig(task="simclr", global_batch_size=16, warmup_epochs=0, lr_schedule="constant",
+                                  learning_rate=0.4, weight_decay=0.0))
+VIEWS = tf.random.stateless_uniform([16, 2, 8, 8, 3], [1, 2], 0, 1)
+LABELS = tf.zeros([16], tf.int32)

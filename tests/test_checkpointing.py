@@ -94,3 +94,25 @@ def test_workers_other_than_the_chief_save_into_a_directory_they_delete(tmp_path
     assert not (tmp_path / "checkpoints").exists() and os.path.isdir(checkpointer.directory)
     checkpointer.close()
     assert not os.path.exists(checkpointer.directory)
+
+
+def test_a_weight_average_turned_on_late_starts_from_the_restored_weights_not_a_fresh_init(micro_data_dir, tmp_path):
+    from launcher.strategy import make_strategy
+    from resnet18.config import RuntimeConfig
+    from resnet18.model import build_model
+    from resnet18.state import build_train_state
+    from resnet18.train import train_and_evaluate
+    from tests.test_loop import micro_config
+
+    strategy = make_strategy(RuntimeConfig(strategy="one_device"))
+    train_and_evaluate(micro_config(micro_data_dir), strategy, str(tmp_path))  # no average in its checkpoints
+    config = micro_config(micro_data_dir, "train.epochs=2", "train.ema_decay=0.99")
+    state = build_train_state(config, strategy, 10, "float32", steps_per_epoch=12)
+    fresh = [weight.numpy() for weight in build_model(config, 10).weights]
+    assert all(np.array_equal(a, b.numpy()) for a, b in zip(fresh, state.average.model.weights))  # before restore
+    checkpointer = Checkpointer(state, str(tmp_path), True, 3, lambda: None, lambda: True)
+    assert checkpointer.restore() == 12
+    trained = [weight.numpy() for weight in state.model.weights]
+    average = [weight.numpy() for weight in state.average.model.weights]
+    assert all(np.array_equal(a, b) for a, b in zip(trained, average))  # the restored weights, exactly
+    assert not all(np.array_equal(a, b) for a, b in zip(fresh, average))  # not the fresh initialisation

@@ -51,8 +51,10 @@ def test_explicit_chief_plus_workers():
      ["address 'a:1' is also used by"]),
     (json.dumps({"cluster": {"worker": ["a:1"], "ps": ["b:2"]}, "task": {"type": "worker", "index": 0}}),
      ['["ps"]', "ParameterServerStrategy"]),
-    (json.dumps({"cluster": {"worker": ["a:1"], "evaluator": ["b:2"]}, "task": {"type": "worker", "index": 0}}),
-     ['["evaluator"]', "not supported"]),
+    (json.dumps({"cluster": {"worker": ["a:1"], "evaluator": ["b:2", "c:3"]}, "task": {"type": "worker", "index": 0}}),
+     ['["evaluator"] lists 2 tasks', "at most one evaluator"]),
+    (json.dumps({"cluster": {"evaluator": ["b:2"]}, "task": {"type": "evaluator", "index": 0}}),
+     ["no \"chief\" or \"worker\" task"]),
     (json.dumps({"cluster": {"worker": ["a:1"], "trainer": ["b:2"]}, "task": {"type": "worker", "index": 0}}),
      ["unknown role"]),
     (json.dumps({"cluster": {"worker": ["nohost"]}, "task": {"type": "worker", "index": 0}}), ['"host:port"']),
@@ -64,3 +66,15 @@ def test_bad_tf_config_names_the_field(raw, words):
         read_tf_config({"TF_CONFIG": raw})
     for word in words:
         assert word in str(error.value)
+
+
+def test_an_evaluator_task_is_accepted_listed_in_the_cluster_or_not():
+    kubeflow = read_tf_config(tf_config(cluster={"worker": ["a:1", "b:1"], "evaluator": ["c:1"]},
+                                        task={"type": "evaluator", "index": 0}))
+    vertex = read_tf_config(tf_config(cluster={"chief": ["a:1"], "worker": ["b:1"]},
+                                      task={"type": "evaluator", "index": 0}))
+    for spec in (kubeflow, vertex):
+        assert spec.is_evaluator and not spec.is_chief and spec.num_tasks == 2
+    assert kubeflow.address == "c:1" and vertex.address is None
+    worker = read_tf_config(tf_config(cluster={"worker": ["a:1", "b:1"], "evaluator": ["c:1"]}))
+    assert worker.num_tasks == 2 and worker.is_chief  # the evaluator trains nothing

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -232,12 +233,15 @@ REAL_DATA = ("data.generated.train_examples=0", "data.generated.test_examples=0"
 
 
 def test_missing_cifar10_offline_exits_2_with_instructions(tmp_path):
+    started = time.monotonic()
     result = run_launcher("--job", TINY_JOB, "--set", *REAL_DATA, f"data.data_dir={tmp_path / 'tfds'}",
                           f"data.manual_dir={tmp_path / 'manual'}", "--workdir", str(tmp_path / "run"),
                           env=OFFLINE, timeout=300)
     assert result.returncode == 2, result.stdout + result.stderr[-3000:]
     assert "cifar-10-binary.tar.gz" in result.stderr and "data.manual_dir" in result.stderr
     assert "Traceback" not in result.stderr
+    # Within seconds (TensorFlow's import included), not after TFDS's 3.5 minutes of download retries.
+    assert time.monotonic() - started < 30
 
 
 def test_generated_data_never_stands_in_for_real_cifar10(tiny_data_dir, tmp_path):

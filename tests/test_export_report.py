@@ -134,3 +134,18 @@ def test_export_of_another_model_shape_exits_2(trained, tmp_path):
     result = run_module("launcher.export", "--workdir", str(copy), "--formats", "saved_model", timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "do not fit the model" in result.stderr and "width 8" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_checkpoint_file_that_leads_outside_the_work_directory_is_refused(trained, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy, ignore=shutil.ignore_patterns("export", "report"))
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    data = sorted((copy / "checkpoints").glob("ckpt-*.data-00000-of-00001"))[-1]
+    shutil.move(data, outside / data.name)
+    data.symlink_to(outside / data.name)  # a symlink inside, its target outside
+    result = run_module("launcher.export", "--workdir", str(copy), "--formats", "saved_model", timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "resolves outside the work directory" in result.stderr and data.name in result.stderr
+    assert not (copy / "export" / "saved_model").exists()

@@ -13,15 +13,13 @@ import os
 import re
 import signal
 import subprocess
-import sys
-import threading
 import time
 
-from launcher.cluster import environment_without_cluster
 import pytest
 
 from launcher.local_workers import free_ports
-from tests.conftest import REPO, TINY_JOB, run_launcher
+from tests.conftest import TINY_JOB, run_launcher
+from tests.processes import Running
 
 pytestmark = pytest.mark.slow  # real kills and restarts of training processes
 
@@ -32,55 +30,6 @@ FINGERPRINT = re.compile(r"Final weights sha256 ([0-9a-f]{64})")
 def job_args(data_dir: str, workdir, *extra: str) -> list[str]:
     return ["--job", TINY_JOB, "--workdir", str(workdir), "--set", f"data.data_dir={data_dir}", "train.epochs=3",
             "train.checkpoint_every_steps=4", "train.steps_per_loop=2", "train.deterministic=true", *extra]
-
-
-class Running:
-    """A process whose merged output is collected line by line while it runs."""
-
-    def __init__(self, args: list[str], env: dict[str, str] | None = None):
-        full_env = environment_without_cluster()
-        full_env.update(TF_CPP_MIN_LOG_LEVEL="3", **(env or {}))
-        self.process = subprocess.Popen([sys.executable, "-m", "launcher", *args], cwd=REPO, env=full_env,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            with self._changed:
-                self.lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    def wait_for(self, pattern: str, timeout: float = 240, start: int = 0) -> re.Match:
-        """Blocks until a line from index `start` on matches `pattern`; returns the match."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                for line in self.lines[start:]:
-                    match = re.search(pattern, line)
-                    if match:
-                        return match
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or (self.process.poll() is not None and not self._reader.is_alive()):
-                    raise AssertionError(f"no line matched {pattern!r}:\n" + "\n".join(self.lines[-40:]))
-                self._changed.wait(timeout=min(remaining, 1.0))
-
-    def finish(self, timeout: float = 300) -> int:
-        try:
-            code = self.process.wait(timeout=timeout)
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
-        self._reader.join(timeout=10)
-        return code
 
 
 def fingerprints(text: str) -> list[str]:
@@ -153,7 +102,7 @@ def test_kill_9_mid_epoch_restarts_the_group_and_ends_exactly(tiny_data_dir, tmp
     os.kill(victim, signal.SIGKILL)
     assert run.finish() == 0, run.output[-4000:]
     assert "worker 1 was killed by SIGKILL: killed (retryable)" in run.output
-    assert "Restarting all 2 workers from the latest checkpoint (1/2)" in run.output
+    assert "Restarting the group from the latest checkpoint (1/2)" in run.output
     resumed = summary(tmp_path)["resumed_from_step"]
     assert 12 <= resumed < STEPS and summary(tmp_path)["steps"] == STEPS
     # Same final weights as the run that never stopped: no example seen twice or skipped.
@@ -170,7 +119,8 @@ def test_kill_of_the_chief_right_after_a_save_loses_nothing_saved(tiny_data_dir,
     assert set(fingerprints(run.output)) == {reference_two_workers}
 
 
-def test_sigterm_to_one_worker_stops_all_at_one_step_and_resume_loses_none(tiny_data_dir, tmp_path):
+def test_sigterm_to_one_worker_stops_all_at_one_step_and_resume_loses_none(tiny_data_dir, tmp_path,
+                                                                          reference_two_workers):
     ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
     args = job_args(tiny_data_dir, tmp_path)
@@ -191,6 +141,8 @@ def test_sigterm_to_one_worker_stops_all_at_one_step_and_resume_loses_none(tiny_
     assert [member.finish() for member in relaunched] == [0, 0], relaunched[0].output[-3000:]
     assert f"at step {saved}/{STEPS}" in relaunched[0].output
     assert summary(tmp_path)["resumed_from_step"] == saved and summary(tmp_path)["steps"] == STEPS
+    # Exactly the weights of the 2-worker run that never stopped: nothing lost, nothing seen twice.
+    assert {fingerprints(member.output)[0] for member in relaunched} == {reference_two_workers}
 
 
 def test_frozen_peer_is_detected_within_60_seconds(tiny_data_dir, tmp_path):
@@ -225,7 +177,7 @@ def test_crash_loop_exhausts_max_restarts_and_reports(tiny_data_dir, tmp_path):
         killed += 1
     code = run.finish()
     assert killed == 3 and code == 1, run.output[-3000:]
-    assert run.output.count("Starting 2 local workers") == 3
+    assert run.output.count("Starting 2 local worker(s)") == 3
     assert "giving up after 2 restart(s); last failure: worker 1 was killed by SIGKILL" in run.output
 
 
@@ -296,4 +248,4 @@ def test_sigterm_to_the_launcher_is_forwarded_and_never_retried(tiny_data_dir, t
     saved = set(re.findall(r"\[worker (\d)\] error: preempted \(SIGTERM\): checkpoint saved at step (\d+)", run.output))
     assert {rank for rank, _ in saved} == {"0", "1"} and len({step for _, step in saved}) == 1
     assert "stopped by SIGTERM" in run.output and "Restarting" not in run.output
-    assert run.output.count("Starting 2 local workers") == 1
+    assert run.output.count("Starting 2 local worker(s)") == 1

@@ -90,7 +90,7 @@ def test_tfjob_pods_are_valid_kubernetes_and_run_the_launcher(tfjob_documents):
     tfjob = tfjob_documents["TFJob"]
     assert tfjob["apiVersion"] == "kubeflow.org/v1"
     replicas = tfjob["spec"]["tfReplicaSpecs"]
-    assert set(replicas) == {"Chief", "Worker"}
+    assert set(replicas) == {"Chief", "Worker", "Evaluator"}
     run_policy = tfjob["spec"]["runPolicy"]
     assert run_policy["backoffLimit"] >= 1 and run_policy["activeDeadlineSeconds"] > 0
     claims = set()
@@ -143,13 +143,24 @@ def test_tfjob_tf_configs_pass_the_launcher_validation(tfjob_documents):
     specs = [parse_tf_config(json.loads(kubeflow_tf_config(name, replicas, kind.lower(), index)))
              for kind, spec in replicas.items() for index in range(spec["replicas"])]
     assert [spec.is_chief for spec in specs] == [True] + [False] * (len(specs) - 1)
-    assert len({spec.rank for spec in specs}) == len(specs)
+    assert [spec.is_evaluator for spec in specs] == [False, False, True]  # chief, worker, evaluator
+    assert len({spec.rank for spec in specs if not spec.is_evaluator}) == 2
+    for kind in ("Chief", "Worker", "Evaluator"):  # all agree: the workers skip what the evaluator does
+        assert "train.evaluation=sidecar" in replicas[kind]["template"]["spec"]["containers"][0]["args"]
+    evaluator = run_launcher(*args_of(replicas["Evaluator"]), "--dry_run",
+                             env={"TF_CONFIG": kubeflow_tf_config(name, replicas, "evaluator", 0)}, timeout=60)
+    assert evaluator.returncode == 0 and "role: evaluator (sidecar" in evaluator.stdout, evaluator.stderr
     container = replicas["Worker"]["template"]["spec"]["containers"][0]
     args = launcher_args(container["command"], container["args"])
     result = run_launcher(*args, "--dry_run", env={"TF_CONFIG": kubeflow_tf_config(name, replicas, "worker", 0)},
                           timeout=60)
     assert result.returncode == 0, result.stderr
     assert "role: worker 0 (rank 1 of 2, not chief)" in result.stdout
+
+
+def args_of(replica) -> list[str]:
+    container = replica["template"]["spec"]["containers"][0]
+    return launcher_args(container["command"], container["args"])
 
 
 def test_exit_codes_match_the_tfjob_restart_policy():
@@ -176,6 +187,12 @@ def test_vertex_job_pools_run_the_launcher_and_their_tf_config_validates():
             spec = parse_tf_config({"cluster": cluster, "task": {"type": role, "index": index},
                                     "environment": "cloud", "job": {"workerPoolSpecs": "..."}})
             assert spec.is_chief == (role == "chief")
+    # Pool 3, the sidecar evaluator: its TF_CONFIG (cluster without it, as Vertex may send) validates,
+    # and every pool agrees on train.evaluation, or the workers would evaluate too.
+    assert pools[2] == {} and pools[3]["replicaCount"] == 1
+    evaluator = parse_tf_config({"cluster": cluster, "task": {"type": "evaluator", "index": 0}})
+    assert evaluator.is_evaluator and not evaluator.is_chief
+    assert all("train.evaluation=sidecar" in pool["containerSpec"]["args"] for pool in pools if pool)
 
 
 # --- Slurm --------------------------------------------------------------------------------

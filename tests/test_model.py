@@ -9,8 +9,10 @@ import sys
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
+from resnet18 import hardware
 from resnet18.model import BLOCKS_PER_STAGE, SE_REDUCTION, STAGE_MULTIPLIERS, build_resnet18, decayed_kernels
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -210,3 +212,33 @@ def test_sync_bn_all_reduces_batch_moments_across_replicas():
     # the "mirrored" variable silently keeps its own local statistics.
     assert not np.allclose(*plain["moving_mean"], atol=1e-3)
     assert not plain["all_bn_replicas_equal"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "mixed_bfloat16"])
+def test_fused_batch_norm_computes_what_keras_batch_norm_computes(dtype):
+    from resnet18.model import FusedBatchNormalization
+
+    if dtype == "mixed_bfloat16" and not hardware.has_native_bfloat16(hardware.cpu_flags()):
+        pytest.skip("bfloat16 is emulated on this CPU (hardware.py): float32 is the case there")
+    x = tf.random.stateless_normal([8, 6, 6, 5], [1, 2]) * 3.0 + 1.5
+    keras_bn = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, dtype=dtype)
+    fused_bn = FusedBatchNormalization(momentum=0.9, epsilon=1e-5, dtype=dtype)
+    for layer in (keras_bn, fused_bn):
+        layer.build(x.shape)
+        layer.gamma.assign(tf.linspace(0.5, 1.5, 5))
+        layer.beta.assign(tf.linspace(-1.0, 1.0, 5))
+    tolerance = 1e-5 if dtype == "float32" else 2e-2  # bfloat16 outputs keep 8 bits of mantissa
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        outputs = [tf.cast(layer(x, training=True), tf.float32) for layer in (keras_bn, fused_bn)]
+        weights = tf.random.stateless_normal(x.shape, [3, 4])  # so that no gradient cancels to ~0
+        losses = [tf.reduce_sum(output * weights) for output in outputs]
+    np.testing.assert_allclose(outputs[1], outputs[0], rtol=tolerance, atol=tolerance)
+    for variable in ("moving_mean", "moving_variance"):  # the same moving-average rule (biased variance)
+        np.testing.assert_allclose(getattr(fused_bn, variable).numpy(), getattr(keras_bn, variable).numpy(), rtol=1e-5)
+    gradients = [tape.gradient(loss, [x, layer.gamma, layer.beta]) for loss, layer in zip(losses, (keras_bn, fused_bn))]
+    for keras_gradient, fused_gradient in zip(*gradients):
+        np.testing.assert_allclose(np.asarray(fused_gradient, np.float32), np.asarray(keras_gradient, np.float32),
+                                   rtol=10 * tolerance, atol=10 * tolerance)
+    np.testing.assert_allclose(tf.cast(fused_bn(x, training=False), tf.float32), tf.cast(keras_bn(x, training=False),
+                               tf.float32), rtol=tolerance, atol=tolerance)

@@ -42,7 +42,7 @@ def test_two_local_workers_train_to_identical_weights(two_worker_run):
     fingerprints = dict(FINGERPRINT.findall(result.stdout))
     assert set(fingerprints) == {"0", "1"}
     assert fingerprints["0"] == fingerprints["1"] == run["weights_sha256"]
-    assert "All 2 workers finished" in result.stdout
+    assert "All 2 worker(s) finished" in result.stdout
     assert not list(workdir.glob("launch_*.yaml"))  # the shared config file is cleaned up
     assert list((workdir / "checkpoints").glob("ckpt-*.index"))  # only the chief's directory
 

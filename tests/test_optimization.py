@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from resnet18.config import Config, TrainConfig
-from resnet18.optimization import make_schedule, peak_learning_rate
+from resnet18.optimization import make_optimizer, make_schedule, make_train_step, peak_learning_rate
 from tests.helpers_tiny_model import batch, run_steps, small_model
 
 
@@ -79,3 +79,17 @@ def test_constant_schedule_and_the_plateau_scale():
     assert float(schedule(0)) == pytest.approx(0.1) and float(schedule(250)) == pytest.approx(0.1)
     schedule.scale.assign(0.1)  # what ReduceLROnPlateau's rule sets after a plateau
     assert float(schedule(250)) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("xla", [True, False])
+def test_train_xla_compiles_the_forward_and_backward_pass_and_only_then(xla):
+    config = Config(train=TrainConfig(global_batch_size=8, warmup_epochs=0, xla=xla))
+    model = small_model(seed=3)
+    optimizer = make_optimizer(config, make_schedule(config, 10), model=model)
+    optimizer.build(model.trainable_variables)
+    images, labels = batch(8)
+    step = tf.function(make_train_step(model, optimizer, config, num_classes=10))
+    library = step.get_concrete_function(images, labels).graph.as_graph_def().library
+    must_compile = [function.signature.name for function in library.function
+                    if function.attr["_XlaMustCompile"].b]
+    assert bool(must_compile) == xla

@@ -132,7 +132,7 @@ def test_bfloat16_trains_where_the_cpu_has_it_and_is_refused_where_it_would_be_e
             train_and_evaluate(config, strategy, str(tmp_path / "run"))
         return
     summary = train_and_evaluate(config, strategy, str(tmp_path / "run"))
-    assert summary["precision"] == "bfloat16"
+    assert summary["precision"] == "bfloat16" and summary["compute_dtype"] == "bfloat16"  # the option took effect
     history = summary["history"]
     assert history[-1]["train_loss"] < 0.9 * history[0]["train_loss"]
     assert summary["test_accuracy"] > 0.2  # 10 classes: chance is 0.1
@@ -203,12 +203,15 @@ def test_two_workers_take_the_epoch_rules_together_with_averaged_weights(tiny_da
 
 @pytest.mark.slow
 def test_checkpoints_of_another_model_are_named_as_such_and_kept(tiny_data_dir, tmp_path):
-    from resnet18.errors import SetupError
+    from resnet18.errors import ConfigError, SetupError
 
     workdir = str(tmp_path / "run")
     strategy = make_strategy(RuntimeConfig(strategy="one_device"))
     train_and_evaluate(tiny_config(tiny_data_dir, "train.epochs=1"), strategy, workdir)
     before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    with pytest.raises(ConfigError, match="model.width: 4 -> 8"):  # named from the checkpoints' config.yaml
+        train_and_evaluate(tiny_config(tiny_data_dir, "train.epochs=2", "model.width=8"), strategy, workdir)
+    os.remove(os.path.join(workdir, "config.yaml"))  # without it, the restore itself tells
     with pytest.raises(SetupError, match="intact but do not fit this job's model and optimizer"):
         train_and_evaluate(tiny_config(tiny_data_dir, "train.epochs=2", "model.width=8"), strategy, workdir)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before

@@ -77,35 +77,15 @@ def test_two_replicas_take_the_steps_of_one_on_the_same_global_batch(two_replica
     # order of float32 sums (two partial sums of 32 examples instead of one of 64), a few ulps per
     # step: after 5 steps of SGD the weights agree to 1e-5 relative (3e-6 measured on this model).
     from resnet18.config import Config, TrainConfig
-    from resnet18.optimization import make_optimizer, make_schedule, make_train_step
-    from tests.helpers_tiny_model import small_model
+    from tests.helpers_tiny_model import replicated_steps, small_model
 
     config = Config(train=TrainConfig(global_batch_size=64, warmup_epochs=0, lr_schedule="constant",
                                       learning_rate=0.4))
     images = tf.random.stateless_uniform([64, 8, 8, 3], [1, 2], 0, 1)
     labels = tf.random.stateless_uniform([64], [3, 4], 0, 10, tf.int32)
-
-    def train(strategy):
-        with strategy.scope():
-            model = small_model(seed=3)
-            optimizer = make_optimizer(config, make_schedule(config, 10), "float32", model)
-            optimizer.build(model.trainable_variables)
-        step = make_train_step(model, optimizer, config, num_classes=10)
-        share = 64 // strategy.num_replicas_in_sync
-        batch = strategy.experimental_distribute_values_from_function(lambda context: (
-            images[context.replica_id_in_sync_group * share:][:share],
-            labels[context.replica_id_in_sync_group * share:][:share]))
-
-        @tf.function
-        def run():
-            strategy.run(step, args=batch)
-
-        for _ in range(5):
-            run()
-        return [np.array(strategy.experimental_local_results(weight.value)[0]) for weight in model.weights]
-
-    one = train(make_strategy(RuntimeConfig(strategy="one_device")))
-    two = train(two_replicas)
+    one = replicated_steps(make_strategy(RuntimeConfig(strategy="one_device")), config, images, labels, 5,
+                           lambda: small_model(seed=3))
+    two = replicated_steps(two_replicas, config, images, labels, 5, lambda: small_model(seed=3))
     start = [weight.numpy() for weight in small_model(seed=3).weights]
     for single, double, initial in zip(one, two, start):
         assert not np.allclose(single, initial)  # the steps moved the weights

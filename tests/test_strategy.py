@@ -126,3 +126,37 @@ def test_precision_follows_what_the_hardware_computes_natively():
     assert resolve_precision("auto", "GPU", (6, 1)) == "float32"
     assert resolve_precision("bfloat16", "GPU", (7, 0)) == "bfloat16"  # a GPU runs it; the user asked
     assert resolve_precision("auto", "TPU") == "bfloat16"
+
+
+def test_a_multi_host_tpu_has_one_chief_and_one_input_pipeline_per_host():
+    from resnet18 import input_pipeline
+    from resnet18.topology import tpu_topology
+
+    pod = tpu_topology(num_replicas=32, num_hosts=4)  # e.g. a v4-32 slice: 4 hosts x 8 cores
+    assert pod.is_chief and pod.num_processes == 1 and pod.num_input_pipelines == 4
+    context = tf.distribute.InputContext(num_input_pipelines=4, input_pipeline_id=3, num_replicas_in_sync=32)
+    assert input_pipeline.pipeline_slice(context, 1024) == (768, 256, 8)  # host 3: the last quarter of the batch
+    # Evaluation covers the test split in global batches, whatever the number of hosts.
+    assert input_pipeline.eval_steps(10_000, 1024) == 10
+
+
+def test_local_workers_split_the_visible_gpus_evenly_by_default():
+    from launcher.local_workers import gpu_slices
+
+    assert gpu_slices(2, None, ["0", "1", "2", "3"]) == ["0,1", "2,3"]
+    assert gpu_slices(4, None, ["4", "5", "6", "7"]) == ["4", "5", "6", "7"]  # CUDA_VISIBLE_DEVICES respected
+    assert gpu_slices(2, None, []) == [None, None]  # no GPU: the workers use the CPU
+    assert gpu_slices(2, 0, ["0", "1"]) == ["", ""]
+    assert gpu_slices(2, 2, ["0", "1", "2", "3"]) == ["0,1", "2,3"]
+    with pytest.raises(SetupError, match="--workers 3 on a host with 2 GPU"):
+        gpu_slices(3, None, ["0", "1"])
+    with pytest.raises(SetupError, match="needs 6 GPUs; this host shows 4"):
+        gpu_slices(2, 3, ["0", "1", "2", "3"])
+
+
+def test_dry_run_of_local_workers_says_which_gpus_each_worker_gets():
+    result = run_launcher("--job", TINY_JOB, "--workers", "2", "--dry_run", env={"CUDA_VISIBLE_DEVICES": "0,1,2,3"},
+                          timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "workers: 2 local processes on 127.0.0.1 (worker 0: GPU 0,1; worker 1: GPU 2,3)" in result.stdout
+    assert "num_replicas: 4" in result.stdout

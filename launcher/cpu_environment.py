@@ -1,0 +1,40 @@
+"""Process settings TensorFlow reads once, at import: chosen here, before it is imported.
+
+- TF_CPU_ALLOCATOR_USE_BFC=1: TensorFlow's best-fit-with-coalescing allocator for host
+  memory instead of the system malloc. Training allocates and frees the same large
+  activation buffers every step; through glibc's malloc those go back to the kernel
+  (mmap/munmap, page faults) every time, and on some CPUs most of a run's CPU time was
+  spent in the kernel. The BFC allocator keeps them. Measured in benchmarks/RESULTS.md.
+
+A value already in the environment wins, so `TF_CPU_ALLOCATOR_USE_BFC=0 python -m
+launcher ...` restores TensorFlow's default. `describe()` says what a run used (the
+benchmark and the run summary record it).
+
+    python -c "from launcher import cpu_environment as c; c.apply(); print(c.describe())"
+"""
+
+from __future__ import annotations
+
+import os
+from typing import MutableMapping
+
+DEFAULTS = {
+    "TF_CPU_ALLOCATOR_USE_BFC": "1",
+}
+
+
+def apply(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """Sets each default the environment does not set already; returns what was set."""
+    environ = os.environ if environ is None else environ
+    chosen = {}
+    for key, value in DEFAULTS.items():
+        if key not in environ:
+            environ[key] = value
+            chosen[key] = value
+    return chosen
+
+
+def describe(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """The settings in effect for this process (unset: TensorFlow's own default)."""
+    environ = os.environ if environ is None else environ
+    return {key: environ.get(key, "unset") for key in DEFAULTS}

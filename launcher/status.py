@@ -1,0 +1,145 @@
+"""A run's state at a glance, from what is on disk: `python -m launcher.status --workdir DIR`.
+
+Works while the run goes on, after it finished or crashed, and on a shared work
+directory (gs:// included): it only reads WORKDIR/config.yaml, status.json (the
+chief's heartbeat), events.jsonl (starts, ends, failures and restarts with their
+causes), history.jsonl, summary.json and the checkpoint files. It prints the state
+(running, finished, stopped early, preempted, failed, stalled), step and epoch, the
+last checkpoint and its age, images/s over the last training calls, the last
+evaluation and the restarts so far; `--json` prints the same as one JSON object.
+
+    python -m launcher.status --workdir runs/cpu_smoke
+    watch -n 10 python -m launcher.status --workdir gs://bucket/runs/big
+
+Exit codes: 0 printed; 2 the directory holds no run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from resnet18.errors import EXIT_OK, EXIT_USAGE, SetupError
+
+STALE_AFTER_SECONDS = 120  # a heartbeat older than this while "training": the chief is stalled or gone
+
+
+def collect(workdir: str, now: float | None = None) -> dict[str, Any]:
+    """Everything the status says, as data."""
+    import tensorflow as tf
+
+    from resnet18.checkpointing import checkpoint_candidates
+    from resnet18.history import read_history
+    from resnet18.run_status import read_events, read_json, read_status
+
+    now = time.time() if now is None else now
+    if not tf.io.gfile.exists(os.path.join(workdir, "config.yaml")):
+        raise SetupError(f"{workdir} holds no run (no config.yaml)")
+    status = read_status(workdir) or {}
+    events = read_events(workdir)
+    history = read_history(workdir, warn=False)
+    summary = read_json(os.path.join(workdir, "summary.json"))
+    checkpoints = checkpoint_candidates(os.path.join(workdir, "checkpoints"))
+    result: dict[str, Any] = {"workdir": workdir, "state": _state(status, summary, events, now),
+                              "step": status.get("step"), "total_steps": status.get("total_steps"),
+                              "epoch": status.get("epoch"), "images_per_sec": status.get("images_per_sec"),
+                              "heartbeat_age_seconds": now - status["updated"] if status.get("updated") else None}
+    if checkpoints:
+        newest = checkpoints[0]
+        modified = tf.io.gfile.stat(newest + ".index").mtime_nsec / 1e9
+        result["last_checkpoint"] = {"path": newest, "step": int(newest.rsplit("-", 1)[1]),
+                                     "age_seconds": now - modified}
+    evaluated = [entry for entry in history if "test_accuracy" in entry]
+    if evaluated:
+        result["last_evaluation"] = {key: evaluated[-1][key] for key in ("epoch", "step", "test_accuracy", "test_loss")}
+    result["restarts"] = _restarts(events)
+    if summary:
+        result["final"] = {key: summary.get(key) for key in ("test_accuracy", "test_loss", "steps",
+                                                              "stopped_early_after_epoch", "wall_seconds")}
+    return result
+
+
+def _state(status: dict[str, Any], summary: dict[str, Any] | None, events: list[dict[str, Any]], now: float) -> str:
+    state = status.get("state")
+    if state in ("done", "stopped_early") or (summary and not state):
+        return "stopped early" if (state == "stopped_early" or (summary or {}).get("stopped_early_after_epoch")) \
+            else "finished"
+    if state in ("preempted", "failed"):
+        return state
+    if state in ("training", "starting"):
+        age = now - status.get("updated", now)
+        return "running" if age <= STALE_AFTER_SECONDS else f"stalled or gone (no heartbeat for {age:.0f} s)"
+    last = events[-1] if events else {}
+    return {"group_failed": "failed", "group_start": "starting"}.get(last.get("event"), "unknown (no heartbeat yet)")
+
+
+def _restarts(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every start after the first, with why the one before ended."""
+    found, previous_end = [], None
+    starts = 0
+    for event in events:
+        if event.get("event") in ("train_end", "group_failed"):
+            previous_end = event
+        elif event.get("event") == "train_start":
+            starts += 1
+            if starts > 1:
+                cause = "unknown (killed without a word)"
+                if previous_end:
+                    cause = previous_end.get("cause") or f"{previous_end.get('state')}: {previous_end.get('detail', '')}"
+                found.append({"time": event["time"], "step": event.get("step"), "cause": cause.strip(": ")})
+            previous_end = None
+    return found
+
+
+def render(result: dict[str, Any]) -> str:
+    def ago(seconds: float | None) -> str:
+        return "?" if seconds is None else f"{seconds:.0f} s ago" if seconds < 120 else f"{seconds / 60:.0f} min ago"
+
+    lines = [f"{result['workdir']}: {result['state']}"]
+    if result.get("step") is not None:
+        lines.append(f"  step {result['step']}/{result['total_steps']} (epoch {result['epoch']}), heartbeat "
+                     f"{ago(result['heartbeat_age_seconds'])}"
+                     + (f", {result['images_per_sec']:.0f} images/s over the last calls"
+                        if result.get("images_per_sec") else ""))
+    if "last_checkpoint" in result:
+        checkpoint = result["last_checkpoint"]
+        lines.append(f"  last checkpoint: step {checkpoint['step']}, written {ago(checkpoint['age_seconds'])} "
+                     f"({checkpoint['path']})")
+    if "last_evaluation" in result:
+        evaluation = result["last_evaluation"]
+        lines.append(f"  last evaluation: epoch {evaluation['epoch']}: test_accuracy {evaluation['test_accuracy']:.4f}"
+                     f", test_loss {evaluation['test_loss']:.4f}")
+    lines.append(f"  restarts: {len(result['restarts'])}")
+    for restart in result["restarts"]:
+        when = datetime.datetime.fromtimestamp(restart["time"]).isoformat(timespec="seconds")
+        lines.append(f"    {when} at step {restart['step']}: after {restart['cause']}")
+    if "final" in result and result["final"].get("test_accuracy") is not None:
+        final = result["final"]
+        lines.append(f"  final: test_accuracy {final['test_accuracy']:.4f} after {final['steps']} steps"
+                     + (f" (stopped early after epoch {final['stopped_early_after_epoch']})"
+                        if final.get("stopped_early_after_epoch") else ""))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    parser = argparse.ArgumentParser(prog="python -m launcher.status", description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    args = parser.parse_args(argv)
+    try:
+        result = collect(args.workdir)
+    except SetupError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(result, indent=2) if args.json else render(result))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Knowledge distillation: a frozen teacher (e.g. the CIFAR ResNet50) teaches the student ResNet18.
+
+    loss = alpha x CE(targets, student) + (1 - alpha) x T^2 x KL(softmax(teacher / T) || softmax(student / T))
+
+(Hinton, Vinyals and Dean 2015). The T^2 keeps the soft term's gradients the same
+size whatever T. The targets are the (smoothed, or CutMix-mixed) labels; the teacher
+sees the very batch the student sees, augmented and mixed alike, in inference mode,
+so its soft targets describe the same pixels.
+
+The teacher is one this launcher trained: `distill.teacher_workdir` names its work
+directory, whose config.yaml says how to build it and whose best (else latest)
+checkpoint holds its evaluated weights. It is built inside the strategy scope, never
+trained and never saved into the student's checkpoints; WORKDIR/teacher.json
+records which teacher (its checkpoint and a fingerprint of its weights) a student's
+checkpoints were trained with, and a resumed run with another teacher exits 2.
+
+    python -m launcher --job jobs/teacher_resnet50.yaml
+    python -m launcher --job jobs/distill.yaml --set distill.teacher_workdir=runs/teacher_resnet50
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from resnet18 import config as config_lib
+from resnet18.checkpointing import checkpoint_candidates, restore_latest_good
+from resnet18.config import Config
+from resnet18.errors import ConfigError, SetupError
+from resnet18.model import build_model
+
+TEACHER_FILE = "teacher.json"
+MUST_MATCH = ("data.dataset", "data.image_folder", "data.image_size", "data.generated")  # same task as the student
+
+
+def distillation_loss(student_logits: tf.Tensor, teacher_logits: tf.Tensor, targets: tf.Tensor, alpha: float,
+                      temperature: float) -> tf.Tensor:
+    """Per-example loss: alpha x CE(targets, student) + (1 - alpha) x T^2 x KL(teacher_T || student_T).
+
+    All float32; `targets` are probabilities [batch, classes] (one-hot, smoothed or mixed).
+    """
+    student = tf.cast(student_logits, tf.float32)
+    teacher = tf.cast(teacher_logits, tf.float32)
+    hard = tf.nn.softmax_cross_entropy_with_logits(targets, student)
+    teacher_log_p = tf.nn.log_softmax(teacher / temperature)
+    student_log_p = tf.nn.log_softmax(student / temperature)
+    kl = tf.reduce_sum(tf.exp(teacher_log_p) * (teacher_log_p - student_log_p), axis=-1)
+    return alpha * hard + (1.0 - alpha) * temperature ** 2 * kl
+
+
+def teacher_config(student: Config) -> tuple[Config, str]:
+    """(the teacher's config, its config.yaml path); checks it describes the student's task.
+
+    Raises:
+      SetupError: the teacher's work directory holds no run.
+      ConfigError: the teacher was trained on other data (each differing key named).
+    """
+    workdir = student.distill.teacher_workdir
+    path = os.path.join(workdir, "config.yaml")
+    if not tf.io.gfile.exists(path):
+        raise SetupError(f"distill.teacher_workdir {workdir!r} holds no run (no config.yaml); train the teacher first "
+                         "(python -m launcher --job jobs/teacher_resnet50.yaml)")
+    with tf.io.gfile.GFile(path) as stream:
+        teacher = config_lib.from_yaml_text(stream.read(), path)
+    if teacher.train.task != "classification":
+        raise ConfigError(f"distill.teacher_workdir {workdir!r}: the teacher must be a classifier, its train.task "
+                          f"is {teacher.train.task}")
+    differing = [f"{key}: teacher {_value(teacher, key)!r}, student {_value(student, key)!r}" for key in MUST_MATCH
+                 if _value(teacher, key) != _value(student, key)]
+    if differing:
+        raise ConfigError(f"distill.teacher_workdir {workdir!r} was trained on other data than this student:\n  "
+                          + "\n  ".join(differing))
+    return teacher, path
+
+
+def _value(config: Config, key: str):
+    value = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def load_teacher(student: Config, strategy: tf.distribute.Strategy, num_classes: int, precision: str
+                 ) -> tuple[keras.Model, dict]:
+    """The frozen teacher with its evaluated weights, and what identifies it (for teacher.json)."""
+    config, _ = teacher_config(student)
+    workdir = student.distill.teacher_workdir
+    best = os.path.join(workdir, "best")
+    directory = best if checkpoint_candidates(best) else os.path.join(workdir, "checkpoints")
+    with strategy.scope():
+        teacher = build_model(config, num_classes, precision)
+    teacher.trainable = False
+    # The evaluated weights: best/ holds them as `model`; training checkpoints hold the average as `ema_model`.
+    name = "ema_model" if directory.endswith("checkpoints") and config.train.ema_decay else "model"
+    try:
+        prefix = restore_latest_good(tf.train.Checkpoint(**{name: teacher}), directory)
+    except RuntimeError as error:
+        raise SetupError(f"distill.teacher_workdir: {error}") from None
+    if prefix is None:
+        raise SetupError(f"distill.teacher_workdir {workdir!r} holds no checkpoint; train the teacher first")
+    digest = hashlib.sha256()
+    for weight in teacher.weights:
+        digest.update(np.asarray(weight.numpy()).tobytes())
+    return teacher, {"teacher_workdir": workdir, "checkpoint": prefix, "arch": config.model.arch,
+                     "width": config.model.width, "weights_sha256": digest.hexdigest()}
+
+
+def check_same_teacher(workdir: str, identity: dict, resuming: bool, is_chief: bool) -> None:
+    """Refuses to resume a student with another teacher than its checkpoints were trained with.
+
+    Raises:
+      ConfigError: WORKDIR/teacher.json names another teacher checkpoint or other weights (exit 2).
+    """
+    path = os.path.join(workdir, TEACHER_FILE)
+    if resuming and tf.io.gfile.exists(path):
+        with tf.io.gfile.GFile(path) as stream:
+            recorded = json.load(stream)
+        if recorded.get("weights_sha256") != identity["weights_sha256"]:
+            raise ConfigError(f"the checkpoints in {workdir} were distilled from the teacher {recorded.get('checkpoint')}"
+                              f" (weights sha256 {recorded.get('weights_sha256', '?')[:12]}...); this run's teacher is "
+                              f"{identity['checkpoint']} (sha256 {identity['weights_sha256'][:12]}...). Resume with "
+                              "that teacher, or use another --workdir")
+    if is_chief:
+        tf.io.gfile.makedirs(workdir)
+        with tf.io.gfile.GFile(path, "w") as stream:
+            stream.write(json.dumps(identity, indent=1))

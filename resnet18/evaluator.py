@@ -1,0 +1,150 @@
+"""The sidecar evaluator: evaluates each epoch's checkpoint of the chief as it appears.
+
+With `train.evaluation: sidecar` the training workers skip the per-epoch evaluation
+(more time training, no evaluation collectives) and a separate task does it, as TF
+Model Garden's continuous evaluation and Keras' SidecarEvaluator do. It is started
+with TF_CONFIG task type `evaluator` (a Kubeflow TFJob `Evaluator` replica, Vertex
+AI's fourth worker pool, or `python -m launcher --workers N --evaluator`), joins no
+collective, and on one device:
+
+- waits for each epoch's evaluated weights, which the chief keeps for it in
+  WORKDIR/epoch_checkpoints/ (the weight average when there is one) until it has
+  evaluated them and deleted them, so a busy evaluator misses none; evaluates the
+  test split, every example once;
+- appends the result to WORKDIR/evaluations.jsonl (history.py merges it into each
+  epoch's entry, so reports and status read one history) and to TensorBoard's test
+  scalars; an evaluator that restarts skips the epochs already evaluated;
+- after the last epoch adds the test metrics to summary.json and exits 0 (the
+  launcher then writes the report);
+- exits 138 when the chief stops making progress (its status.json heartbeat is older
+  than train.step_timeout_seconds) without finishing, or reports a preemption or a
+  failure: a restart of the job fixes that.
+
+Rules that need each epoch's test metrics during training (plateau, early stopping,
+best checkpoint) are refused with sidecar evaluation (config.validate): they would
+make training wait for another task.
+
+    python -m launcher --workers 2 --evaluator --job tests/jobs/tiny.yaml
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import tensorflow as tf
+
+from resnet18 import hardware, input_pipeline, sources
+from resnet18.checkpointing import EPOCHS_DIR, checkpoint_candidates
+from resnet18.config import Config
+from resnet18.errors import RetryableError, TrainingError
+from resnet18.evaluation import make_evaluate
+from resnet18.history import EVALUATIONS_FILE, read_evaluations
+from resnet18.model import build_model
+from resnet18.run_status import append_event, read_json, read_status, write_json
+from resnet18.summaries import Summaries
+
+POLL_SECONDS = 1.0
+SUMMARY_WAIT_SECONDS = 120  # after the last epoch, how long to wait for the trainer's summary.json
+
+
+def run_evaluator(config: Config, strategy: tf.distribute.Strategy, workdir: str) -> dict[str, Any]:
+    """Evaluates every epoch's checkpoint until the last; returns the last evaluation.
+
+    Raises:
+      RetryableError: the chief was lost, preempted or failed before the last epoch (exit 138).
+    """
+    source = sources.prepare_source(config.data, workdir)
+    steps_per_epoch = input_pipeline.steps_per_epoch(source.num_train, config.train.global_batch_size)
+    total_steps = config.train.epochs * steps_per_epoch
+    with strategy.scope():
+        model = build_model(config, source.num_classes, hardware.strategy_precision(config.train.precision, strategy))
+    # The evaluated weights (the average when training keeps one), saved by the chief for this task.
+    checkpoint = tf.train.Checkpoint(model=model)
+    batch = config.train.global_batch_size
+    evaluate = make_evaluate(
+        strategy, model, strategy.distribute_datasets_from_function(input_pipeline.eval_dataset_fn(
+            source, config.data, batch)), input_pipeline.eval_steps(source.num_test, batch), source.num_classes,
+        source.num_test, config.train.tta_flip, sync_statistics=lambda: None)
+    done = {entry["step"] for entry in read_evaluations(workdir)}
+    append_event(workdir, {"event": "evaluator_start", "evaluated": sorted(done)})
+    started, last = time.time(), None
+    with Summaries(workdir, is_chief=True) as summaries:
+        while True:
+            for step, prefix in _new_epoch_checkpoints(workdir, steps_per_epoch, done):
+                checkpoint.restore(prefix).expect_partial()
+                last = dict(evaluate(), step=step, epoch=step // steps_per_epoch, checkpoint=os.path.basename(prefix))
+                _record(workdir, summaries, last)
+                done.add(step)
+                for path in tf.io.gfile.glob(prefix + ".*"):  # evaluated: the chief keeps no copy for us
+                    tf.io.gfile.remove(path)
+                print(f"Evaluated {last['checkpoint']} (epoch {last['epoch']}): test_loss {last['test_loss']:.4f}  "
+                      f"test_accuracy {last['test_accuracy']:.4f}", flush=True)
+            if total_steps in done:
+                _finish(workdir, last or _last_evaluation(workdir))
+                return last or _last_evaluation(workdir)
+            _check_chief(workdir, config.train.step_timeout_seconds, started)
+            time.sleep(POLL_SECONDS)
+
+
+def _new_epoch_checkpoints(workdir: str, steps_per_epoch: int, done: set[int]) -> list[tuple[int, str]]:
+    """(step, prefix) of the epoch-end checkpoints not evaluated yet, oldest first."""
+    found = []
+    for prefix in checkpoint_candidates(os.path.join(workdir, EPOCHS_DIR)):
+        step = int(prefix.rsplit("-", 1)[1])
+        if step not in done:
+            found.append((step, prefix))
+    return sorted(found)
+
+
+def _record(workdir: str, summaries: Summaries, evaluation: dict[str, Any]) -> None:
+    entry = {key: value for key, value in evaluation.items() if key != "confusion_matrix"}
+    path = os.path.join(workdir, EVALUATIONS_FILE)
+    existing = ""
+    if tf.io.gfile.exists(path):  # rewritten whole: object stores such as gs:// cannot append
+        with tf.io.gfile.GFile(path) as stream:
+            existing = stream.read()
+    with tf.io.gfile.GFile(path + ".tmp", "w") as stream:
+        stream.write(existing + json.dumps(dict(entry, confusion_matrix=evaluation["confusion_matrix"])) + "\n")
+    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+    summaries.scalars("test", evaluation["step"], {"loss": evaluation["test_loss"],
+                                                   "accuracy": evaluation["test_accuracy"]})
+
+
+def _last_evaluation(workdir: str) -> dict[str, Any]:
+    return max(read_evaluations(workdir), key=lambda entry: entry["step"])
+
+
+def _check_chief(workdir: str, timeout: float, started: float) -> None:
+    """Raises RetryableError when the chief ended without the last epoch, or stopped making progress."""
+    status = read_status(workdir) or {}
+    state, updated = status.get("state"), max(status.get("updated") or 0.0, started)
+    if state in ("preempted", "failed") and updated >= started:
+        raise RetryableError(f"the chief's training ended ({state}: {status.get('detail', '')}) before the last "
+                             "epoch; restart the job to resume, and the evaluator with it")
+    if timeout and time.time() - updated > timeout:
+        raise RetryableError(f"lost the chief: no progress in {workdir}/status.json for {timeout:g} s "
+                             "(train.step_timeout_seconds); restart the job to resume")
+
+
+def _finish(workdir: str, last: dict[str, Any]) -> None:
+    """Adds the last epoch's test metrics to the trainer's summary.json."""
+    path = os.path.join(workdir, "summary.json")
+    deadline = time.time() + SUMMARY_WAIT_SECONDS
+    summary = read_json(path)
+    while summary is None and time.time() < deadline:  # the trainer writes it right after its last save
+        time.sleep(POLL_SECONDS)
+        summary = read_json(path)
+    if summary is None:
+        raise TrainingError(f"training reached its last checkpoint but wrote no {path} within "
+                            f"{SUMMARY_WAIT_SECONDS} s")
+    summary.update(test_accuracy=last["test_accuracy"], test_loss=last["test_loss"],
+                   test_examples=last["test_examples"], confusion_matrix=last["confusion_matrix"],
+                   evaluation="sidecar")
+    write_json(path, summary)
+    append_event(workdir, {"event": "evaluator_end", "step": last["step"], "state": "done"})
+    print(f"Done: test_accuracy {last['test_accuracy']:.4f}  test_loss {last['test_loss']:.4f}  "
+          f"(epoch {last['epoch']}, sidecar evaluator) -> {workdir}", flush=True)
+

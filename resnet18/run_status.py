@@ -1,0 +1,142 @@
+"""What a run is doing, on disk: WORKDIR/status.json (the chief's heartbeat) and WORKDIR/events.jsonl.
+
+- status.json is rewritten by the chief at most every HEARTBEAT_SECONDS while it
+  trains (step, epoch, images/s over the last calls, time), and once more when it
+  ends (done, stopped early, preempted, failed). The sidecar evaluator reads it to
+  tell a slow chief from a lost one; `python -m launcher.status` reads it to say
+  how the run is going.
+- events.jsonl gets one line per start and end of a task that can say so (the
+  chief's training, the sidecar evaluator, the --workers launcher's group starts,
+  failures with their causes and restarts), so the story of restarts survives them.
+
+Both are small JSON files written whole and renamed into place (gs:// work
+directories included), readable by anyone who sees the work directory.
+
+    python -m launcher.status --workdir runs/cpu_smoke
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import socket
+import time
+from typing import Any
+
+STATUS_FILE = "status.json"
+EVENTS_FILE = "events.jsonl"
+HEARTBEAT_SECONDS = 5.0
+SPEED_WINDOW = 30  # training calls over which images/s is averaged
+
+
+class _Files:
+    """Local paths through os (no TensorFlow import: the --workers launcher stays light); URLs through gfile."""
+
+    @staticmethod
+    def _gfile():
+        import tensorflow as tf  # gfile: the work directory may be a bucket (gs://...)
+
+        return tf.io.gfile
+
+    def read(self, path: str) -> str | None:
+        if "://" in path:
+            gfile = self._gfile()
+            if not gfile.exists(path):
+                return None
+            with gfile.GFile(path) as stream:
+                return stream.read()
+        try:
+            with open(path, encoding="utf-8") as stream:
+                return stream.read()
+        except FileNotFoundError:
+            return None
+
+    def replace(self, path: str, text: str) -> None:
+        """Writes `text` to `path` through a temporary file renamed into place."""
+        if "://" in path:
+            gfile = self._gfile()
+            with gfile.GFile(path + ".tmp", "w") as stream:
+                stream.write(text)
+            gfile.rename(path + ".tmp", path, overwrite=True)
+            return
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.replace(path + ".tmp", path)
+
+
+FILES = _Files()
+
+
+def write_json(path: str, content: dict[str, Any]) -> None:
+    """Writes `content` to `path` through a temporary file renamed into place."""
+    FILES.replace(path, json.dumps(content, indent=1))
+
+
+def read_json(path: str) -> dict[str, Any] | None:
+    try:
+        text = FILES.read(path)
+        return json.loads(text) if text else None
+    except (json.JSONDecodeError, OSError):
+        return None
+
+
+def append_event(workdir: str, event: dict[str, Any]) -> None:
+    """Adds one line to WORKDIR/events.jsonl (rewritten whole: object stores cannot append)."""
+    path = os.path.join(workdir, EVENTS_FILE)
+    FILES.replace(path, (FILES.read(path) or "") + json.dumps({"time": time.time(), **event}) + "\n")
+
+
+def read_events(workdir: str) -> list[dict[str, Any]]:
+    text = FILES.read(os.path.join(workdir, EVENTS_FILE)) or ""
+    events = []
+    for line in text.splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a torn line: the rest still tells the story
+    return events
+
+
+def read_status(workdir: str) -> dict[str, Any] | None:
+    return read_json(os.path.join(workdir, STATUS_FILE))
+
+
+class Heartbeat:
+    """The chief's status.json: written at most every HEARTBEAT_SECONDS, and at the end (no-op elsewhere)."""
+
+    def __init__(self, workdir: str, is_chief: bool, total_steps: int, steps_per_epoch: int):
+        self.path = os.path.join(workdir, STATUS_FILE)
+        self.enabled = is_chief
+        self.total_steps = total_steps
+        self.steps_per_epoch = steps_per_epoch
+        self._written = 0.0
+        self.last_step = 0
+        self._calls: collections.deque = collections.deque(maxlen=SPEED_WINDOW)  # (images, seconds)
+        self._fields: dict[str, Any] = {"state": "starting", "pid": os.getpid(), "host": socket.gethostname(),
+                                        "started": time.time()}
+
+    def beat(self, step: int, images: int = 0, seconds: float = 0.0, state: str = "training",
+             force: bool = False) -> None:
+        """Records progress at `step` (and the images/seconds of the call that got there)."""
+        if not self.enabled:
+            return
+        self.last_step = step
+        if seconds:
+            self._calls.append((images, seconds))
+        now = time.time()
+        if not force and now - self._written < HEARTBEAT_SECONDS:
+            return
+        images_sum, seconds_sum = (sum(column) for column in zip(*self._calls)) if self._calls else (0, 0.0)
+        self._fields.update(state=state, step=step, epoch=step // self.steps_per_epoch,
+                            total_steps=self.total_steps, updated=now,
+                            images_per_sec=images_sum / seconds_sum if seconds_sum else None)
+        write_json(self.path, self._fields)
+        self._written = now
+
+    def end(self, step: int, state: str, detail: str = "") -> None:
+        """The last word: done, stopped_early, preempted or failed."""
+        if self.enabled:
+            self._fields["detail"] = detail
+            self.beat(step, state=state, force=True)
