@@ -42,7 +42,7 @@ SE_REDUCTION = 16  # squeeze width = filters // SE_REDUCTION (the paper's r), at
 DTYPE_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 
 
-USE_FUSED_BATCH_NORM = False
+USE_FUSED_BATCH_NORM = True  # the fused kernel: +14 % (AVX-512) and +5 % (AVX2) on the train step (RESULTS.md)
 RESNET50_BLOCKS = (3, 4, 6, 3)
 BOTTLENECK_EXPANSION = 4
 

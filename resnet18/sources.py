@@ -105,6 +105,10 @@ class RandomAccessStore:
                 self.decoded += int(missing.size)
             return self._images[indices], self._labels[indices]
 
+    def read_all(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every example, decoded (what an in-memory store holds)."""
+        return self._fetch(np.arange(self.num_examples))
+
     def read(self, indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         images, labels = tf.numpy_function(self._fetch, [indices], [tf.uint8, tf.int32], stateful=False)
         images.set_shape([None, self._size, self._size, 3])
@@ -241,20 +245,30 @@ def _tfds_source(builder: tfds.core.DatasetBuilder, data: DataConfig, random_acc
     array_record = str(builder.info.file_format).lower().endswith("array_record")
 
     def store(split: str) -> ExampleStore:
-        if random_access and array_record:
-            return RandomAccessStore(builder.as_data_source(split=split), data.image_size)
-        return _decode_whole_split(builder, split, data.image_size, splits[split].num_examples)
+        if not array_record:
+            return _decode_whole_split(builder, split, data.image_size, splits[split].num_examples)
+        random = RandomAccessStore(builder.as_data_source(split=split), data.image_size)
+        if random_access:
+            return random
+        _check_fits_in_memory(builder, split, data.image_size, random.num_examples)
+        images, labels = random.read_all()  # TPU hosts: graph constants
+        return InMemoryStore(images, labels)
 
     return Source(data.dataset, store("train"), store(test_split), tuple(features["label"].names))
 
 
-def _decode_whole_split(builder: tfds.core.DatasetBuilder, split: str, image_size: int, count: int) -> InMemoryStore:
+def _check_fits_in_memory(builder: tfds.core.DatasetBuilder, split: str, image_size: int, count: int) -> None:
     decoded_bytes = count * image_size * image_size * 3
     if decoded_bytes > IN_MEMORY_LIMIT_BYTES:
         raise SetupError(
             f"the {split} split of {builder.name} is {decoded_bytes / 2**30:.1f} GiB decoded: too large to hold in "
-            f"memory, and it is prepared as {builder.info.file_format} files, which cannot be read by index. "
-            f"Prepare it as ArrayRecord: `tfds build {builder.name} --file_format=array_record --data_dir DIR`")
+            f"memory (TFRecord files, which cannot be read by index, or a TPU, whose hosts hold the data as graph "
+            f"constants). Prepare it as ArrayRecord: `tfds build {builder.name} --file_format=array_record "
+            "--data_dir DIR`; on a TPU, use a smaller data set or image size")
+
+
+def _decode_whole_split(builder: tfds.core.DatasetBuilder, split: str, image_size: int, count: int) -> InMemoryStore:
+    _check_fits_in_memory(builder, split, image_size, count)
     images = np.zeros([count, image_size, image_size, 3], np.uint8)
     labels = np.zeros([count], np.int32)
     for index, example in enumerate(tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False))):

@@ -254,3 +254,13 @@ def test_generated_data_never_stands_in_for_real_cifar10(tiny_data_dir, tmp_path
                            "--workdir", str(tmp_path / "inside"), env=OFFLINE, timeout=300)
     assert pointed.returncode == 2 and "holds generated stand-in data" in pointed.stderr, pointed.stderr[-2000:]
     assert not (tmp_path / "beside" / "checkpoints").exists() and not (tmp_path / "inside" / "checkpoints").exists()
+
+
+def test_a_tpu_holds_each_split_in_memory_with_the_same_examples(tiny_data_dir, source):
+    # TPU input pipelines run on the TPU hosts, where Python cannot: the data become graph constants.
+    in_memory = sources.prepare_source(tiny_data(data_dir=tiny_data_dir), "/unused", random_access=False)
+    assert isinstance(in_memory.train, sources.InMemoryStore) and in_memory.num_test == TINY_TEST
+    indices = tf.constant([5, 0, 639, 17], tf.int64)
+    for (images, labels), (other_images, other_labels) in [(in_memory.train.read(indices), source.train.read(indices))]:
+        np.testing.assert_array_equal(images, other_images)
+        np.testing.assert_array_equal(labels, other_labels)
