@@ -54,13 +54,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--baseline_batch", type=int, default=128, help="batch size of the Keras Model.fit baseline")
     parser.add_argument("--precisions", default="float32,bfloat16")
     parser.add_argument("--xla", default="false,true", help="XLA settings for the model step")
+    parser.add_argument("--batch_norm", default="fused",
+                        help="batch-norm kernels for the model step: fused (the default model), keras, or both")
     parser.add_argument("--end_to_end_precision", default="auto",
                         help="precision of the end-to-end run (auto: the launcher's default)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement")
     parser.add_argument("--pipeline_batches", type=int, default=200)
     parser.add_argument("--skip", default="", help="comma-separated: keras_fit, workers, startup")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    unknown = {name.strip() for name in args.batch_norm.split(",")} - {"fused", "keras"}
+    if unknown:
+        parser.error(f"--batch_norm: unknown {', '.join(sorted(unknown))} (choose fused, keras or fused,keras)")
+    return args
 
 
 def _timed(run, warmup: int, steps: int) -> float:
@@ -104,7 +110,8 @@ def peak_flops(precision: str, size: int = 2048, repeats: int = 5) -> float:
     return 2.0 * size**3 * repeats / seconds
 
 
-def model_step_images_per_sec(config, precision: str, xla: bool, warmup: int, steps: int) -> float:
+def model_step_images_per_sec(config, precision: str, xla: bool, warmup: int, steps: int,
+                              batch_norm: str = "fused") -> float:
     """Training steps on one synthetic batch that is already on the device (no input pipeline)."""
     import tensorflow as tf
 
@@ -113,7 +120,8 @@ def model_step_images_per_sec(config, precision: str, xla: bool, warmup: int, st
     from resnet18.model import DTYPE_POLICIES
 
     batch = config.train.global_batch_size
-    model = build_resnet18(width=config.model.width, dtype_policy=DTYPE_POLICIES[precision])
+    model = build_resnet18(width=config.model.width, dtype_policy=DTYPE_POLICIES[precision],
+                           fused_batch_norm=batch_norm == "fused")
     optimizer = make_optimizer(config, make_schedule(config, steps_per_epoch=100), precision=precision)
     optimizer.build(model.trainable_variables)
     # train.xla compiles the forward and backward pass, exactly as in training.
@@ -137,7 +145,8 @@ def pipeline_images_per_sec(source, config, batches: int) -> float:
 
     from resnet18 import input_pipeline
 
-    dataset_fn = input_pipeline.train_dataset_fn(source, config.data, config.train.global_batch_size, epochs=1000, seed=0)
+    dataset_fn = input_pipeline.train_dataset_fn(
+        source, config.data, config.train.global_batch_size, epochs=1000, seed=0)
     iterator = iter(dataset_fn(tf.distribute.InputContext(1, 0, 1)))
     for _ in range(20):  # fill the cache and the prefetch buffers
         next(iterator)
@@ -162,7 +171,7 @@ def keras_fit_baseline(source, width: int, batch: int, warmup: int, steps: int) 
         rotation_range=15, width_shift_range=0.1, height_shift_range=0.1, horizontal_flip=True, zoom_range=0.1)
     flow = generator.flow(images, labels, batch_size=batch, seed=0)
     generator_seconds = _timed(lambda: next(flow), 2, 20)
-    model = build_resnet18(width=width)
+    model = build_resnet18(width=width, fused_batch_norm=False)  # the tutorial's Keras layers
     model.compile(optimizer=tf.keras.optimizers.Adam(1e-3), loss="categorical_crossentropy", metrics=["accuracy"])
     model.fit(flow, steps_per_epoch=warmup, epochs=1, verbose=0)
     started = time.perf_counter()
@@ -186,10 +195,9 @@ def launcher_summary(args: list[str], workdir: str) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import tensorflow as tf
 
-    from resnet18.config import build_config
     from launcher.strategy import make_strategy
-    from resnet18.config import RuntimeConfig
-    from resnet18 import sources
+    from resnet18 import hardware, sources
+    from resnet18.config import RuntimeConfig, build_config
     from resnet18.model import build_resnet18
     from resnet18.train import train_and_evaluate
 
@@ -205,12 +213,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     strategy = make_strategy(RuntimeConfig(strategy="one_device"))
     device = strategy.extended.worker_devices[0]
     source = sources.prepare_source(config.data, scratch)
-    from resnet18 import hardware
-
     results: dict[str, Any] = {
         "device": device, "device_kind": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "cpu": hardware.cpu_summary(), "cpu_flags": sorted(set(hardware.PRECISION_CPU_FLAGS) & hardware.cpu_flags()),
-        "batch": args.batch, "baseline_batch": args.baseline_batch, "width": args.width, "tensorflow_version": tf.__version__,
+        "batch": args.batch, "baseline_batch": args.baseline_batch, "width": args.width,
+        "tensorflow_version": tf.__version__,
         "date": time.strftime("%Y-%m-%d"), "model_step": [], "cpu_environment": cpu_environment.describe(),
         # ONEDNN_MAX_CPU_ISA=AVX2 makes oneDNN (TensorFlow's CPU kernels) act as on a CPU without AVX-512.
         "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "native"),
@@ -226,14 +233,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         precisions.remove("bfloat16")  # the launcher refuses it here: emulated, several times slower
         results["skipped"] = "bfloat16: this CPU has no native bfloat16 (AVX512_BF16/AMX_BF16)"
         print(f"skipped {results['skipped']}", flush=True)
+    batch_norms = [name.strip() for name in args.batch_norm.split(",") if name.strip()]
     for precision in precisions:
         peak = peak_flops(precision)
         for xla in (value.strip() == "true" for value in args.xla.split(",")):
-            images_per_sec = model_step_images_per_sec(config, precision, xla, args.warmup, args.steps)
-            results["model_step"].append({"precision": precision, "xla": xla, "images_per_sec": images_per_sec,
-                                          "peak_flops": peak, "mfu": images_per_sec * flops_per_image / peak})
-    reference = next(entry for entry in results["model_step"]
-                     if entry["precision"] == args.end_to_end_precision and not entry["xla"])
+            for batch_norm in batch_norms:
+                images_per_sec = model_step_images_per_sec(config, precision, xla, args.warmup, args.steps,
+                                                           batch_norm)
+                results["model_step"].append({
+                    "precision": precision, "xla": xla, "batch_norm": batch_norm, "images_per_sec": images_per_sec,
+                    "peak_flops": peak, "mfu": images_per_sec * flops_per_image / peak})
+    reference = next(entry for entry in results["model_step"]  # the model the launcher trains
+                     if entry["precision"] == args.end_to_end_precision and not entry["xla"]
+                     and entry.get("batch_norm", "fused") == batch_norms[0])
     results.update(precision=args.end_to_end_precision, model_images_per_sec=reference["images_per_sec"],
                    peak_flops=reference["peak_flops"], mfu=reference["mfu"])
 
@@ -272,10 +284,12 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
         "pipeline_vs_model": results["pipeline_images_per_sec"] / model,
     }
     if "keras_fit_images_per_sec" in results:
-        found["pipeline_vs_image_data_generator"] = results["pipeline_images_per_sec"] / results["image_data_generator_images_per_sec"]
+        found["pipeline_vs_image_data_generator"] = (
+            results["pipeline_images_per_sec"] / results["image_data_generator_images_per_sec"])
         found["end_to_end_vs_keras_fit"] = results["end_to_end_images_per_sec"] / results["keras_fit_images_per_sec"]
     if "workers_2_images_per_sec" in results:
-        found["workers_vs_cpu_replicas"] = results["workers_2_images_per_sec"] / results["cpu_replicas_2_images_per_sec"]
+        found["workers_vs_cpu_replicas"] = (
+            results["workers_2_images_per_sec"] / results["cpu_replicas_2_images_per_sec"])
     return found
 
 
@@ -287,7 +301,10 @@ def table(results: dict[str, Any]) -> str:
              f"{'model step':32s} {'images/s':>10s} {'peak GFLOP/s':>13s} {'MFU':>7s}"]
     for entry in results["model_step"]:
         name = f"  {entry['precision']}{' + XLA' if entry['xla'] else ''}"
-        lines.append(f"{name:32s} {entry['images_per_sec']:10.1f} {entry['peak_flops'] / 1e9:13.1f} {entry['mfu']:7.1%}")
+        if entry.get("batch_norm", "fused") != "fused":
+            name += f" ({entry['batch_norm']} batch norm)"
+        peak = entry["peak_flops"] / 1e9
+        lines.append(f"{name:32s} {entry['images_per_sec']:10.1f} {peak:13.1f} {entry['mfu']:7.1%}")
     lines.append(f"{'model training GFLOP per image':32s} {results['model_flops_per_image'] / 1e9:10.3f}")
     for key in ("pipeline_images_per_sec", "end_to_end_images_per_sec", "keras_fit_images_per_sec",
                 "image_data_generator_images_per_sec", "cpu_replicas_2_images_per_sec", "workers_2_images_per_sec"):

@@ -22,7 +22,8 @@ weights for a seed are exactly the plain ResNet18's):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import keras
@@ -42,7 +43,6 @@ SE_REDUCTION = 16  # squeeze width = filters // SE_REDUCTION (the paper's r), at
 DTYPE_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 
 
-USE_FUSED_BATCH_NORM = True  # the fused kernel: +14 % (AVX-512) and +5 % (AVX2) on the train step (RESULTS.md)
 RESNET50_BLOCKS = (3, 4, 6, 3)
 BOTTLENECK_EXPANSION = 4
 
@@ -50,6 +50,9 @@ BOTTLENECK_EXPANSION = 4
 def build_model(config: Config, num_classes: int, precision: str = "float32") -> keras.Model:
     """The network a config describes (architecture, width, options, precision, seed)."""
     build = build_resnet50 if config.model.arch == "resnet50" else build_resnet18
+    # The fused kernel's results are reproducible for one layout but differ bitwise between 2
+    # workers and 2 replicas in one process (tests/test_multi_worker.py saw it); Keras' own
+    # layer gives the same bits in both, which deterministic mode promises. Same variables.
     return build(
         num_classes=num_classes,
         width=config.model.width,
@@ -58,6 +61,7 @@ def build_model(config: Config, num_classes: int, precision: str = "float32") ->
         seed=config.runtime.seed,
         se=config.model.se,
         sync_bn=config.model.sync_bn,
+        fused_batch_norm=not config.train.deterministic,
     )
 
 
@@ -74,6 +78,7 @@ def build_resnet18(
     seed: int = 0,
     se: bool = False,
     sync_bn: bool = False,
+    fused_batch_norm: bool = True,
 ) -> keras.Model:
     """Builds the CIFAR ResNet18 as a functional Keras model returning float32 logits.
 
@@ -87,14 +92,19 @@ def build_resnet18(
         touching global random state.
       se: add a squeeze-and-excitation gate to every basic block.
       sync_bn: synchronise BatchNormalization batch statistics across replicas.
+      fused_batch_norm: compute batch norm with TensorFlow's fused kernel (the same
+        variables and results as Keras' layer; the train step +14 % with AVX-512, +5 %
+        with AVX2, benchmarks/RESULTS.md); False gives Keras' own layer (the tutorial's),
+        which deterministic mode uses.
     """
     seeds = iter(range(seed * 1000, seed * 1000 + 1000))
-    inputs, x = _stem(image_size, width, dtype_policy, seeds, sync_bn)
+    batch_norm = _batch_norm_layers(dtype_policy, sync_bn, fused_batch_norm)
+    inputs, x = _stem(image_size, width, dtype_policy, seeds, batch_norm)
     for stage, multiplier in enumerate(STAGE_MULTIPLIERS, start=1):
         for block in range(1, BLOCKS_PER_STAGE + 1):
             strides = 2 if stage > 1 and block == 1 else 1
             x = _basic_block(
-                x, width * multiplier, strides, f"stage{stage}_block{block}", dtype_policy, seeds, se, sync_bn)
+                x, width * multiplier, strides, f"stage{stage}_block{block}", dtype_policy, seeds, se, batch_norm)
     return _head(inputs, x, num_classes, dtype_policy, seeds, f"resnet18_w{width}")
 
 
@@ -106,6 +116,7 @@ def build_resnet50(
     seed: int = 0,
     se: bool = False,
     sync_bn: bool = False,
+    fused_batch_norm: bool = True,
 ) -> keras.Model:
     """The CIFAR ResNet50 (the distillation teacher): bottleneck blocks 3-4-6-3, 3x3 stem, no max-pool.
 
@@ -114,16 +125,24 @@ def build_resnet50(
     Arguments as build_resnet18's.
     """
     seeds = iter(range(seed * 1000, seed * 1000 + 1000))
-    inputs, x = _stem(image_size, width, dtype_policy, seeds, sync_bn)
+    batch_norm = _batch_norm_layers(dtype_policy, sync_bn, fused_batch_norm)
+    inputs, x = _stem(image_size, width, dtype_policy, seeds, batch_norm)
     for stage, (multiplier, blocks) in enumerate(zip(STAGE_MULTIPLIERS, RESNET50_BLOCKS), start=1):
         for block in range(1, blocks + 1):
             strides = 2 if stage > 1 and block == 1 else 1
             x = _bottleneck_block(x, width * multiplier, strides, f"stage{stage}_block{block}", dtype_policy,
-                                  seeds, se, sync_bn)
+                                  seeds, se, batch_norm)
     return _head(inputs, x, num_classes, dtype_policy, seeds, f"resnet50_w{width}")
 
 
-def _stem(image_size: int, width: int, dtype_policy: str, seeds: Iterator[int], sync_bn: bool):
+def _batch_norm_layers(dtype_policy: str, sync_bn: bool, fused: bool) -> Callable[..., keras.layers.Layer]:
+    """A maker of the model's batch-norm layers: call it with the layer's name."""
+    layer = FusedBatchNormalization if fused else keras.layers.BatchNormalization
+    return functools.partial(layer, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, synchronized=sync_bn,
+                             dtype=dtype_policy)
+
+
+def _stem(image_size: int, width: int, dtype_policy: str, seeds: Iterator[int], batch_norm):
     inputs = keras.Input(shape=(image_size, image_size, 3), name="images")  # RGB 0-255, uint8 or float
     # In the graph rather than in tf.data: one less float pass per image on the host (the input
     # pipeline ran 50 % faster), and on a GPU it is a fused, free elementwise op. float32 always.
@@ -132,7 +151,7 @@ def _stem(image_size: int, width: int, dtype_policy: str, seeds: Iterator[int], 
     x = keras.layers.Rescaling(scale=[1.0 / std for std in STDDEV_RGB],
                                offset=[-mean / std for mean, std in zip(MEAN_RGB, STDDEV_RGB)],
                                name="standardize", dtype="float32")(inputs)
-    x = _conv_bn(x, width, 3, 1, "stem", dtype_policy, seeds, sync_bn)
+    x = _conv_bn(x, width, 3, 1, "stem", dtype_policy, seeds, batch_norm)
     return inputs, keras.layers.ReLU(name="stem_relu", dtype=dtype_policy)(x)
 
 
@@ -145,8 +164,7 @@ def _head(inputs, x, num_classes: int, dtype_policy: str, seeds: Iterator[int], 
 
 
 def _conv_bn(
-    x, filters: int, kernel_size: int, strides: int, name: str, dtype_policy: str, seeds: Iterator[int],
-    sync_bn: bool,
+    x, filters: int, kernel_size: int, strides: int, name: str, dtype_policy: str, seeds: Iterator[int], batch_norm,
 ):
     x = keras.layers.Conv2D(
         filters,
@@ -158,20 +176,18 @@ def _conv_bn(
         name=f"{name}_conv",
         dtype=dtype_policy,
     )(x)
-    layer = FusedBatchNormalization if USE_FUSED_BATCH_NORM else keras.layers.BatchNormalization
-    return layer(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, synchronized=sync_bn, name=f"{name}_bn",
-                 dtype=dtype_policy)(x)
+    return batch_norm(name=f"{name}_bn")(x)
 
 
 def _basic_block(
-    x, filters: int, strides: int, name: str, dtype_policy: str, seeds: Iterator[int], se: bool, sync_bn: bool,
+    x, filters: int, strides: int, name: str, dtype_policy: str, seeds: Iterator[int], se: bool, batch_norm,
 ):
     shortcut = x
     if strides != 1 or x.shape[-1] != filters:
-        shortcut = _conv_bn(x, filters, 1, strides, f"{name}_proj", dtype_policy, seeds, sync_bn)
-    y = _conv_bn(x, filters, 3, strides, f"{name}_a", dtype_policy, seeds, sync_bn)
+        shortcut = _conv_bn(x, filters, 1, strides, f"{name}_proj", dtype_policy, seeds, batch_norm)
+    y = _conv_bn(x, filters, 3, strides, f"{name}_a", dtype_policy, seeds, batch_norm)
     y = keras.layers.ReLU(name=f"{name}_a_relu", dtype=dtype_policy)(y)
-    y = _conv_bn(y, filters, 3, 1, f"{name}_b", dtype_policy, seeds, sync_bn)
+    y = _conv_bn(y, filters, 3, 1, f"{name}_b", dtype_policy, seeds, batch_norm)
     if se:  # seeds are drawn only when SE is on, so the default model's initial weights are unchanged
         y = _squeeze_excite(y, filters, name, dtype_policy, seeds)
     y = keras.layers.Add(name=f"{name}_add", dtype=dtype_policy)([shortcut, y])
@@ -179,17 +195,17 @@ def _basic_block(
 
 
 def _bottleneck_block(
-    x, filters: int, strides: int, name: str, dtype_policy: str, seeds: Iterator[int], se: bool, sync_bn: bool,
+    x, filters: int, strides: int, name: str, dtype_policy: str, seeds: Iterator[int], se: bool, batch_norm,
 ):
     expanded = filters * BOTTLENECK_EXPANSION
     shortcut = x
     if strides != 1 or x.shape[-1] != expanded:
-        shortcut = _conv_bn(x, expanded, 1, strides, f"{name}_proj", dtype_policy, seeds, sync_bn)
-    y = _conv_bn(x, filters, 1, 1, f"{name}_a", dtype_policy, seeds, sync_bn)
+        shortcut = _conv_bn(x, expanded, 1, strides, f"{name}_proj", dtype_policy, seeds, batch_norm)
+    y = _conv_bn(x, filters, 1, 1, f"{name}_a", dtype_policy, seeds, batch_norm)
     y = keras.layers.ReLU(name=f"{name}_a_relu", dtype=dtype_policy)(y)
-    y = _conv_bn(y, filters, 3, strides, f"{name}_b", dtype_policy, seeds, sync_bn)
+    y = _conv_bn(y, filters, 3, strides, f"{name}_b", dtype_policy, seeds, batch_norm)
     y = keras.layers.ReLU(name=f"{name}_b_relu", dtype=dtype_policy)(y)
-    y = _conv_bn(y, expanded, 1, 1, f"{name}_c", dtype_policy, seeds, sync_bn)
+    y = _conv_bn(y, expanded, 1, 1, f"{name}_c", dtype_policy, seeds, batch_norm)
     if se:
         y = _squeeze_excite(y, expanded, name, dtype_policy, seeds)
     y = keras.layers.Add(name=f"{name}_add", dtype=dtype_policy)([shortcut, y])

@@ -24,9 +24,10 @@ REQUIRED = ("model_images_per_sec", "pipeline_images_per_sec", "end_to_end_image
 def test_tiny_benchmark_writes_every_key(tmp_path):
     output = tmp_path / "throughput.json"
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.throughput", "--width", "4", "--batch", "32", "--baseline_batch", "32", "--steps", "2",
-         "--warmup", "1", "--precisions", "float32", "--xla", "false,true", "--end_to_end_precision", "float32",
-         "--pipeline_batches", "10", "--skip", "workers", "--json", str(output)],
+        [sys.executable, "-m", "benchmarks.throughput", "--width", "4", "--batch", "32", "--baseline_batch", "32",
+         "--steps", "2", "--warmup", "1", "--precisions", "float32", "--xla", "false,true",
+         "--batch_norm", "fused,keras", "--end_to_end_precision", "float32", "--pipeline_batches", "10",
+         "--skip", "workers", "--json", str(output)],
         cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads(output.read_text())
@@ -34,8 +35,10 @@ def test_tiny_benchmark_writes_every_key(tmp_path):
         assert key in results, key
         if isinstance(results[key], (int, float)):
             assert results[key] > 0, key
-    assert [(entry["precision"], entry["xla"]) for entry in results["model_step"]] == [("float32", False),
-                                                                                      ("float32", True)]
+    assert [(entry["xla"], entry["batch_norm"]) for entry in results["model_step"]] == [
+        (False, "fused"), (False, "keras"), (True, "fused"), (True, "keras")]
+    # The headline figure is the model the launcher trains: fused batch norm, no XLA.
+    assert results["model_images_per_sec"] == results["model_step"][0]["images_per_sec"]
     # Counted from the model: width 4 is 1/256 of the real ResNet18's ~3.3 GFLOP per training image.
     assert 3.3e9 / 256 * 0.8 < results["model_flops_per_image"] < 3.3e9 / 256 * 1.25
     assert 0 < results["mfu"] < 1

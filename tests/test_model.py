@@ -242,3 +242,18 @@ def test_fused_batch_norm_computes_what_keras_batch_norm_computes(dtype):
                                    rtol=10 * tolerance, atol=10 * tolerance)
     np.testing.assert_allclose(tf.cast(fused_bn(x, training=False), tf.float32), tf.cast(keras_bn(x, training=False),
                                tf.float32), rtol=tolerance, atol=tolerance)
+
+
+def test_fused_and_keras_batch_norm_models_share_weights_and_checkpoints():
+    """The fused default and Keras' own layers (the tutorial's) build the same variables from a seed."""
+    fused = build_resnet18(width=4, seed=3)
+    keras_layers = build_resnet18(width=4, seed=3, fused_batch_norm=False)
+    assert any(type(layer).__name__ == "FusedBatchNormalization" for layer in fused.layers)
+    assert not any(type(layer).__name__ == "FusedBatchNormalization" for layer in keras_layers.layers)
+    assert [v.path for v in fused.weights] == [v.path for v in keras_layers.weights]
+    for a, b in zip(fused.weights, keras_layers.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())  # same initial values: same seeds, same order
+    images = tf.random.stateless_uniform([4, 32, 32, 3], [5, 6], maxval=255.0)
+    # Inference mode: the same arithmetic in a different kernel, so float32 round-off only.
+    np.testing.assert_allclose(fused(images, training=False), keras_layers(images, training=False),
+                               rtol=1e-4, atol=1e-5)
