@@ -29,9 +29,9 @@ import tensorflow as tf
 from resnet18 import callbacks, hardware, replicas
 from resnet18 import config as config_lib
 from resnet18 import input_pipeline, sources
-from resnet18.checkpointing import Checkpointer, checkpoint_candidates
+from resnet18.checkpointing import Checkpointer
 from resnet18.config import Config
-from resnet18.errors import ConfigError, RetryableError, TrainingError, first_line
+from resnet18.errors import RetryableError, TrainingError, first_line
 from resnet18.evaluation import make_evaluate
 from resnet18.history import read_history, write_history
 from resnet18.optimization import make_train_step
@@ -41,6 +41,7 @@ from resnet18.preemption import PreemptionWatcher
 from resnet18.simclr import make_knn_evaluate
 from resnet18.state import TrainState, build_train_state
 from resnet18.summaries import Summaries
+from resnet18.run_config import check_resume_config, save_config
 from resnet18.run_status import Heartbeat, append_event
 from resnet18.topology import Topology, describe, topology_of
 from resnet18.watchdog import Watchdog
@@ -137,54 +138,6 @@ def _setup(config: Config, strategy: tf.distribute.Strategy, topology: Topology,
         print(f"Precision: {precision} (train.precision auto)", flush=True)
     check_resume_config(config, workdir)
     return config, precision
-
-
-def check_resume_config(config: Config, workdir: str) -> None:
-    """Refuses to resume checkpoints with a config that would change what they mean.
-
-    WORKDIR/config.yaml describes the checkpoints beside it. A run resuming from them may not change a
-    key that alters the model, the data order or the meaning of a step (config.FIXED); other changes
-    are allowed and recorded once the restore succeeded (`save_config`).
-
-    Raises:
-      ConfigError: such a key differs from the config that wrote the checkpoints (exit 2), each named.
-    """
-    path = os.path.join(workdir, "config.yaml")  # tf.io.gfile: the work directory may be a bucket (gs://...)
-    if not checkpoint_candidates(os.path.join(workdir, "checkpoints")) or not tf.io.gfile.exists(path):
-        return
-    with tf.io.gfile.GFile(path) as stream:
-        saved = config_lib.from_yaml_text(stream.read(), path)
-    refused, _ = config_lib.resume_changes(saved, config)
-    if refused:
-        raise ConfigError(
-            f"{workdir} holds checkpoints written with another config ({path}); these keys would change the "
-            "model, the data order or what a step means:\n  " + "\n  ".join(refused)
-            + f"\nresume with that config (--job {path}) or use another --workdir")
-
-
-def save_config(config: Config, workdir: str, restored: str | None) -> None:
-    """Makes WORKDIR/config.yaml this run's config (after a successful restore); records what changed."""
-    path = os.path.join(workdir, "config.yaml")
-    if restored and tf.io.gfile.exists(path):
-        with tf.io.gfile.GFile(path) as stream:
-            _, allowed = config_lib.resume_changes(config_lib.from_yaml_text(stream.read(), path), config)
-        if allowed:
-            print("Config changed since the checkpoints were written (recorded in config_changes.jsonl): "
-                  + "; ".join(allowed), flush=True)
-            _append_line(os.path.join(workdir, "config_changes.jsonl"), {
-                "time": time.time(), "checkpoint": os.path.basename(restored), "changes": allowed})
-    tf.io.gfile.makedirs(workdir)
-    with tf.io.gfile.GFile(path, "w") as stream:
-        stream.write(config_lib.dump(config))
-
-
-def _append_line(path: str, entry: dict[str, Any]) -> None:
-    existing = ""
-    if tf.io.gfile.exists(path):  # rewritten whole: object stores such as gs:// cannot append
-        with tf.io.gfile.GFile(path) as stream:
-            existing = stream.read()
-    with tf.io.gfile.GFile(path, "w") as stream:
-        stream.write(existing + json.dumps(entry) + "\n")
 
 
 def _make_evaluate(config: Config, strategy: tf.distribute.Strategy, state: TrainState, source: sources.Source,
@@ -423,7 +376,8 @@ def _end_epoch_without_evaluation(loop: Loop, progress: Progress, epoch: int, to
     loop.checkpointer.save(progress.step)  # pools the BN statistics first
     loop.checkpointer.save_for_evaluator(progress.step)
     loop.say(f"epoch {epoch + 1}/{loop.config.train.epochs}  step {progress.step}/{loop.total_steps}  "
-             f"loss {totals.loss / totals.steps:.4f}  accuracy {totals.correct / (totals.steps * loop.global_batch):.4f}"
+             f"loss {totals.loss / totals.steps:.4f}  "
+             f"accuracy {totals.correct / (totals.steps * loop.global_batch):.4f}"
              f"  {totals.steps * loop.global_batch / totals.seconds:.0f} img/s  (evaluated by the sidecar evaluator)")
 
 

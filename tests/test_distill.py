@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 
@@ -67,7 +68,7 @@ def test_distillation_on_two_replicas_takes_the_steps_of_one(two_replicas):
     two = replicated_steps(two_replicas, config, images, labels, 5, lambda: small_model(seed=3),
                            teacher_for(two_replicas))
     plain = replicated_steps(one_device, Config(train=config.train), images, labels, 5, lambda: small_model(seed=3))
-    for single, double, without_teacher in zip(one, two, plain):
+    for single, double in zip(one, two):
         np.testing.assert_allclose(double, single, rtol=1e-5, atol=1e-6)
     assert not all(np.allclose(a, b) for a, b in zip(one, plain))  # the teacher really changed the steps
 
@@ -89,7 +90,8 @@ def agreement(student_dir, teacher_dir) -> float:
     _, source, student, _ = load_trained_model(str(student_dir))
     _, _, teacher, _ = load_trained_model(str(teacher_dir))
     images, _ = labelled_test_images(source)
-    return float(np.mean(np.argmax(student(images, training=False), 1) == np.argmax(teacher(images, training=False), 1)))
+    student_classes = np.argmax(student(images, training=False), 1)
+    return float(np.mean(student_classes == np.argmax(teacher(images, training=False), 1)))
 
 
 @pytest.mark.slow
@@ -168,3 +170,17 @@ def test_the_cifar_resnet50_has_its_published_size():
     assert sum(int(np.prod(weight.shape)) for weight in model.trainable_weights) == 23_520_842  # kuangliu's ResNet50
     assert model.count_params() == 23_573_962  # + the batch-norm moving statistics
     assert isinstance(model.get_layer("stage1_block1_proj_conv"), keras.layers.Conv2D)  # 64 -> 256 projects
+
+
+@pytest.mark.slow
+def test_two_workers_distil_to_identical_weights(tiny_data_dir, tmp_path):
+    teacher = run_launcher("--job", TINY_JOB, "--workdir", str(tmp_path / "teacher"), "--set",
+                           f"data.data_dir={tiny_data_dir}", "model.arch=resnet50", "train.epochs=1")
+    assert teacher.returncode == 0, teacher.stderr[-2000:]
+    result = run_launcher("--workers", "2", "--job", TINY_JOB, "--workdir", str(tmp_path / "student"), "--set",
+                          f"data.data_dir={tiny_data_dir}", f"distill.teacher_workdir={tmp_path / 'teacher'}",
+                          "train.epochs=1", "train.grad_accum_steps=2")
+    assert result.returncode == 0, result.stdout[-3000:]
+    fingerprints = set(re.findall(r"\[worker \d\] Final weights sha256 ([0-9a-f]{64})", result.stdout))
+    assert len(fingerprints) == 1  # both workers distilled the same student
+    assert json.loads((tmp_path / "student" / "teacher.json").read_text())["arch"] == "resnet50"

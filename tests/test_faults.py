@@ -18,6 +18,7 @@ import time
 import pytest
 
 from launcher.local_workers import free_ports
+from launcher.status import collect
 from tests.conftest import TINY_JOB, run_launcher
 from tests.processes import Running
 
@@ -191,6 +192,7 @@ def test_nan_loss_exits_1_keeps_checkpoints_and_is_not_retried(tiny_data_dir, tm
     assert re.search(r"loss is (nan|inf) in steps \d+-\d+", result.stdout)
     assert "not retryable" in result.stderr and "Restarting" not in result.stderr
     assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+    assert collect(str(tmp_path))["state"] == "failed"  # what launcher.status says of the crashed run
 
 
 def corrupt_latest_and_resume(tiny_data_dir, workdir, damage) -> subprocess.CompletedProcess:

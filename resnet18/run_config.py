@@ -1,0 +1,73 @@
+"""The config of a work directory's checkpoints: WORKDIR/config.yaml, kept true across resumes.
+
+A run that resumes from checkpoints may change what does not change their meaning
+(epochs, the learning rate, logging, the checkpoint interval, devices, the number of
+workers): those changes are recorded in WORKDIR/config_changes.jsonl. A change to a key
+that alters the model, the data order or what a step means (config.FIXED) is refused
+with exit 2, naming each key, and config.yaml keeps describing the checkpoints; it is
+rewritten only once a restore has succeeded.
+
+    python -m launcher --job JOB --workdir runs/x --set train.epochs=60   # resumes, records the change
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import tensorflow as tf
+
+from resnet18 import config as config_lib
+from resnet18.checkpointing import checkpoint_candidates
+from resnet18.config import Config
+from resnet18.errors import ConfigError
+
+
+def check_resume_config(config: Config, workdir: str) -> None:
+    """Refuses to resume checkpoints with a config that would change what they mean.
+
+    WORKDIR/config.yaml describes the checkpoints beside it. A run resuming from them may not change a
+    key that alters the model, the data order or the meaning of a step (config.FIXED); other changes
+    are allowed and recorded once the restore succeeded (`save_config`).
+
+    Raises:
+      ConfigError: such a key differs from the config that wrote the checkpoints (exit 2), each named.
+    """
+    path = os.path.join(workdir, "config.yaml")  # tf.io.gfile: the work directory may be a bucket (gs://...)
+    if not checkpoint_candidates(os.path.join(workdir, "checkpoints")) or not tf.io.gfile.exists(path):
+        return
+    with tf.io.gfile.GFile(path) as stream:
+        saved = config_lib.from_yaml_text(stream.read(), path)
+    refused, _ = config_lib.resume_changes(saved, config)
+    if refused:
+        raise ConfigError(
+            f"{workdir} holds checkpoints written with another config ({path}); these keys would change the "
+            "model, the data order or what a step means:\n  " + "\n  ".join(refused)
+            + f"\nresume with that config (--job {path}) or use another --workdir")
+
+
+def save_config(config: Config, workdir: str, restored: str | None) -> None:
+    """Makes WORKDIR/config.yaml this run's config (after a successful restore); records what changed."""
+    path = os.path.join(workdir, "config.yaml")
+    if restored and tf.io.gfile.exists(path):
+        with tf.io.gfile.GFile(path) as stream:
+            _, allowed = config_lib.resume_changes(config_lib.from_yaml_text(stream.read(), path), config)
+        if allowed:
+            print("Config changed since the checkpoints were written (recorded in config_changes.jsonl): "
+                  + "; ".join(allowed), flush=True)
+            _append_line(os.path.join(workdir, "config_changes.jsonl"), {
+                "time": time.time(), "checkpoint": os.path.basename(restored), "changes": allowed})
+    tf.io.gfile.makedirs(workdir)
+    with tf.io.gfile.GFile(path, "w") as stream:
+        stream.write(config_lib.dump(config))
+
+
+def _append_line(path: str, entry: dict[str, Any]) -> None:
+    existing = ""
+    if tf.io.gfile.exists(path):  # rewritten whole: object stores such as gs:// cannot append
+        with tf.io.gfile.GFile(path) as stream:
+            existing = stream.read()
+    with tf.io.gfile.GFile(path, "w") as stream:
+        stream.write(existing + json.dumps(entry) + "\n")
