@@ -94,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
         return run_local_workers(config, workdir, args)
     only_with_workers = {"--gpus_per_worker": args.gpus_per_worker is not None, "--max_restarts": args.max_restarts,
                          "--min_workers": args.min_workers is not None, "--evaluator": args.evaluator,
-                         "--preemption_grace": args.preemption_grace is not None, "--log_workers": args.log_workers != "all"}
+                         "--preemption_grace": args.preemption_grace is not None,
+                         "--log_workers": args.log_workers != "all"}
     given = [flag for flag, used in only_with_workers.items() if used]
     if given:
         raise ConfigError(f"{', '.join(given)} go(es) with --workers N")

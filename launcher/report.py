@@ -168,7 +168,8 @@ def _markdown(config, summary, history, per_class, title) -> str:
         f"| devices | {', '.join(summary.get('devices', []))} |",
         f"| global batch | {summary['global_batch_size']} |",
         f"| training images/s | {ips:.0f} |" if ips else "| training images/s | n/a |",
-        f"| wall time | {summary['wall_seconds']:.0f} s (this run; resumed from step {summary.get('resumed_from_step', 0)}) |",
+        f"| wall time | {summary['wall_seconds']:.0f} s "
+        f"(this run; resumed from step {summary.get('resumed_from_step', 0)}) |",
         f"| precision | {summary.get('precision', 'float32')} |",
         f"| TensorFlow | {summary['tensorflow_version']} |",
         f"| hardware | {hardware()} |",

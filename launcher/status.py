@@ -90,7 +90,8 @@ def _restarts(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if starts > 1:
                 cause = "unknown (killed without a word)"
                 if previous_end:
-                    cause = previous_end.get("cause") or f"{previous_end.get('state')}: {previous_end.get('detail', '')}"
+                    cause = (previous_end.get("cause")
+                             or f"{previous_end.get('state')}: {previous_end.get('detail', '')}")
                 found.append({"time": event["time"], "step": event.get("step"), "cause": cause.strip(": ")})
             previous_end = None
     return found

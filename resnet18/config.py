@@ -126,7 +126,8 @@ class TrainConfig:
     grad_accum_steps: int = 1  # micro-batches per update: same effective batch, 1/N activation memory
     ema_decay: float = 0.0  # >0: evaluate, checkpoint and export an exponential moving average of the weights
     tta_flip: bool = False  # evaluate on the mean logits of each test image and its mirror image
-    xla: bool = False  # XLA-compile the forward+backward pass (meant for GPUs; slower on the CPUs measured; ignored on TPUs)
+    # XLA-compile the forward+backward pass (meant for GPUs; slower on the CPUs measured; ignored on TPUs).
+    xla: bool = False
     precision: Precision = "auto"  # auto: bfloat16 where the hardware has it (TPU, A100+, AVX512-BF16/AMX CPUs),
     #                          float16 (loss-scaled) on V100/T4, else float32; or name one
     steps_per_loop: int = 20  # train steps per tf.function call (host overhead)

@@ -121,7 +121,8 @@ def check_same_teacher(workdir: str, identity: dict, resuming: bool, is_chief: b
         with tf.io.gfile.GFile(path) as stream:
             recorded = json.load(stream)
         if recorded.get("weights_sha256") != identity["weights_sha256"]:
-            raise ConfigError(f"the checkpoints in {workdir} were distilled from the teacher {recorded.get('checkpoint')}"
+            raise ConfigError(f"the checkpoints in {workdir} were distilled from the teacher "
+                              f"{recorded.get('checkpoint')}"
                               f" (weights sha256 {recorded.get('weights_sha256', '?')[:12]}...); this run's teacher is "
                               f"{identity['checkpoint']} (sha256 {identity['weights_sha256'][:12]}...). Resume with "
                               "that teacher, or use another --workdir")

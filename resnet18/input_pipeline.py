@@ -42,7 +42,8 @@ def steps_per_epoch(num_train: int, global_batch_size: int) -> int:
     """Full global batches per epoch (the remainder, other examples each epoch, is left out)."""
     steps = num_train // global_batch_size
     if steps < 1:
-        raise SetupError(f"train.global_batch_size {global_batch_size} is larger than the {num_train} training examples")
+        raise SetupError(
+            f"train.global_batch_size {global_batch_size} is larger than the {num_train} training examples")
     return steps
 
 

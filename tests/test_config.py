@@ -135,7 +135,8 @@ def test_allowed_values_come_from_the_type_for_checks_and_the_command_line():
 
 
 def test_exponents_without_a_dot_are_numbers_although_yaml_reads_them_as_text(tmp_path):
-    config = build_config(write(tmp_path, "train:\n  learning_rate: 1e-3\n  weight_decay: 5E-4\n"), ["train.ema_decay=9e-1"])
+    config = build_config(write(tmp_path, "train:\n  learning_rate: 1e-3\n  weight_decay: 5E-4\n"),
+                          ["train.ema_decay=9e-1"])
     assert (config.train.learning_rate, config.train.weight_decay, config.train.ema_decay) == (1e-3, 5e-4, 0.9)
     with pytest.raises(ConfigError, match="train.learning_rate must be float"):
         build_config(None, ["train.learning_rate=fast"])

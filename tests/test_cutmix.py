@@ -150,7 +150,7 @@ def test_label_weight_distribution_with_alpha_one():
 def test_inside_tf_data_keeps_static_shapes():
     images, labels = random_batch(16)
     dataset = tf.data.Dataset.from_tensors((images, labels)).map(
-        lambda i, l: cutmix(i, l, NUM_CLASSES, tf.constant([1, 2], tf.int64)))
+        lambda xs, ys: cutmix(xs, ys, NUM_CLASSES, tf.constant([1, 2], tf.int64)))
     image_spec, target_spec = dataset.element_spec
     assert image_spec.shape.as_list() == [16, 32, 32, 3] and image_spec.dtype == tf.float32
     assert target_spec.shape.as_list() == [16, NUM_CLASSES] and target_spec.dtype == tf.float32
@@ -164,7 +164,7 @@ def test_inside_tf_data_keeps_static_shapes():
 def test_unknown_batch_size_inside_tf_data():
     images, labels = random_batch(10)
     dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(4).map(
-        lambda i, l: cutmix(i, l, NUM_CLASSES, tf.constant([1, 2], tf.int64)))
+        lambda xs, ys: cutmix(xs, ys, NUM_CLASSES, tf.constant([1, 2], tf.int64)))
     image_spec, target_spec = dataset.element_spec
     assert image_spec.shape.as_list() == [None, 32, 32, 3]
     assert target_spec.shape.as_list() == [None, NUM_CLASSES]
@@ -172,7 +172,7 @@ def test_unknown_batch_size_inside_tf_data():
 
 
 def test_batch_size_known_only_from_labels_is_kept():
-    trace = tf.function(lambda i, l: cutmix(i, l, NUM_CLASSES, seed(0))).get_concrete_function(
+    trace = tf.function(lambda xs, ys: cutmix(xs, ys, NUM_CLASSES, seed(0))).get_concrete_function(
         tf.TensorSpec([None, 32, 32, 3], tf.float32), tf.TensorSpec([16], tf.int32))
     image_shape, target_shape = (output.shape.as_list() for output in trace.structured_outputs)
     assert image_shape == [16, 32, 32, 3] and target_shape == [16, NUM_CLASSES]

@@ -1,4 +1,4 @@
-"""The shape of the code: imports flow one way, and no function outgrows a screen.
+"""The shape of the code: imports flow one way, no function outgrows a screen, lint is clean.
 
     launcher/    command line, cluster, worker processes, strategy factory, export/report/status
         |        may import resnet18/
@@ -79,3 +79,13 @@ def test_no_function_is_longer_than_a_screen():
                     if lines > MAX_FUNCTION_LINES:
                         long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({lines} lines)")
     assert not long, "\n".join(long)
+
+
+def test_lint_is_clean():
+    """pyflakes, pycodestyle and bugbear rules as pyproject.toml selects them (ruff)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-1000:]

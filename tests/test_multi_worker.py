@@ -140,7 +140,8 @@ def test_kill_9_of_one_worker_ends_the_group_within_30_seconds(tiny_data_dir, tm
     ("{oops", ["TF_CONFIG is not valid JSON"]),
     (json.dumps({"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker", "index": 5}}),
      ["out of range"]),
-    (json.dumps({"cluster": {"worker": ["127.0.0.1:1"], "ps": ["127.0.0.1:2"]}, "task": {"type": "worker", "index": 0}}),
+    (json.dumps({"cluster": {"worker": ["127.0.0.1:1"], "ps": ["127.0.0.1:2"]},
+                 "task": {"type": "worker", "index": 0}}),
      ['["ps"]']),
 ])
 def test_bad_tf_config_exits_2_before_tensorflow_starts(tf_config, words):

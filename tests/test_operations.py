@@ -261,7 +261,8 @@ def test_a_taken_port_ends_the_task_with_98_naming_its_address(tiny_data_dir, tm
         taken.bind(("", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        tf_config = {"cluster": {"worker": [f"127.0.0.1:{port}", "127.0.0.1:1"]}, "task": {"type": "worker", "index": 0}}
+        tf_config = {"cluster": {"worker": [f"127.0.0.1:{port}", "127.0.0.1:1"]},
+                     "task": {"type": "worker", "index": 0}}
         result = run_launcher(*job(tiny_data_dir, tmp_path), env={"TF_CONFIG": json.dumps(tf_config)}, timeout=120)
     assert result.returncode == 98, result.stderr[-3000:]
     assert f"could not listen on 127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr

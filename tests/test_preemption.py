@@ -1,4 +1,7 @@
-"""SIGTERM: exit 138 at once before training starts, an agreed checkpoint once it runs (real signals to this process)."""
+"""SIGTERM: exit 138 at once before training starts, an agreed checkpoint once it runs.
+
+Real signals to this process.
+"""
 
 from __future__ import annotations
 

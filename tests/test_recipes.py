@@ -79,8 +79,8 @@ def test_export_of_best_weights_without_a_best_checkpoint_exits_2_saying_how(tin
     from launcher import export
 
     workdir = str(tmp_path / "run")
-    train_and_evaluate(tiny_config(tiny_data_dir, "train.epochs=1"), make_strategy(RuntimeConfig(strategy="one_device")),
-                       workdir)
+    one_device = make_strategy(RuntimeConfig(strategy="one_device"))
+    train_and_evaluate(tiny_config(tiny_data_dir, "train.epochs=1"), one_device, workdir)
     assert export.main(["--workdir", workdir, "--weights", "best", "--formats", "saved_model"]) == 2
     assert "set train.best_checkpoint_metric to keep one" in capsys.readouterr().err
 
