@@ -37,6 +37,17 @@ from resnet18.errors import SetupError
 from resnet18.simclr import PARAMS_PER_IMAGE, two_views
 from resnet18.sources import ExampleStore, Source
 
+# tf.data's autotuner is off, with fixed parallelism instead: its model thread can miss the
+# cancellation when an iterator is destroyed and sleep out its optimisation period (up to 60 s).
+# Seen with gdb at the end of the smoke job (~RootDataset::Iterator waiting for
+# Model::OptimizeLoop); deleting an autotuned iterator after 25 s of use took 15.9 s in 1 of 4
+# trials, a fixed one 0.0 s in 6. (The per-device prefetch TensorFlow's distributed iterator adds
+# is autotuned and out of our reach: it can still stall the end of a run, less often.) Each map
+# call reads and augments a whole global-batch slice, vectorised, so a few calls in flight and two
+# steps of prefetch feed the model (pipeline rate against the model's: benchmarks/RESULTS.md).
+PARALLEL_BATCHES = max(2, min(os.cpu_count() or 2, 8))
+PREFETCH_STEPS = 2
+
 
 def steps_per_epoch(num_train: int, global_batch_size: int) -> int:
     """Full global batches per epoch (the remainder, other examples each epoch, is left out)."""
@@ -107,8 +118,8 @@ def train_dataset_fn(source: Source, data: DataConfig, global_batch_size: int, e
             return images, labels
 
         dataset = tf.data.Dataset.range(start_step, epochs * steps)
-        dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        return dataset.unbatch().prefetch(tf.data.AUTOTUNE)  # one element per local replica, in replica order
+        dataset = dataset.map(load, num_parallel_calls=PARALLEL_BATCHES, deterministic=True)
+        return _fixed(dataset.unbatch().prefetch(PREFETCH_STEPS * replicas))  # one element per local replica
 
     return dataset_fn
 
@@ -141,8 +152,15 @@ def ordered_batches(store: ExampleStore, global_batch_size: int, first: int, cou
                 tf.reshape(labels, [replicas, per_replica]), tf.reshape(mask, [replicas, per_replica]))
 
     dataset = tf.data.Dataset.range(eval_steps(store.num_examples, global_batch_size))
-    dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return dataset.unbatch().prefetch(tf.data.AUTOTUNE)
+    dataset = dataset.map(load, num_parallel_calls=PARALLEL_BATCHES, deterministic=True)
+    return _fixed(dataset.unbatch().prefetch(PREFETCH_STEPS * replicas))
+
+
+def _fixed(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """The dataset without tf.data's autotuner (see PARALLEL_BATCHES)."""
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return dataset.with_options(options)
 
 
 def whole_split(store: ExampleStore, batch_size: int = 256) -> tf.data.Dataset:

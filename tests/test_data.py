@@ -123,6 +123,15 @@ def test_evaluation_counts_every_example_exactly_once(source, global_batch, pipe
     assert len(seen) == TINY_TEST and set(seen) == every
 
 
+def test_our_pipelines_run_without_the_tf_data_autotuner(source):
+    # Its model thread can sleep through an iterator's deletion (up to 60 s at the end of a run):
+    # the pipelines use fixed parallelism instead (input_pipeline.PARALLEL_BATCHES).
+    train = input_pipeline.train_dataset_fn(source, tiny_data(), 64, epochs=1, seed=0)(context(1, 0))
+    evaluation = input_pipeline.eval_dataset_fn(source, DataConfig(), 64)(context(1, 0))
+    for dataset in (train, evaluation, input_pipeline.whole_split(source.test)):
+        assert dataset.options().autotune.enabled is False
+
+
 def test_crop_flip_is_an_exact_shift_and_flip():
     images = tf.cast(tf.reshape(tf.range(2 * 8 * 8 * 3) % 251, [2, 8, 8, 3]), tf.uint8)
     out = crop_flip(images, tf.random.stateless_uniform([2, 3], [1, 2]), padding=2).numpy()
