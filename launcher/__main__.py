@@ -56,7 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int,
                         help="start N local worker processes on 127.0.0.1 (MultiWorkerMirroredStrategy)")
     parser.add_argument("--gpus_per_worker", type=int,
-                        help="with --workers: GPUs of this host per worker (0 = CPU only; default: all visible)")
+                        help="with --workers: GPUs of this host per worker "
+                             "(0 = CPU only; default: the visible GPUs split evenly)")
     parser.add_argument("--max_restarts", type=int, default=0,
                         help="with --workers: restart the whole group up to N times after a retryable failure")
     parser.add_argument("--min_workers", type=int,

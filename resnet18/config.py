@@ -133,7 +133,7 @@ class TrainConfig:
     steps_per_loop: int = 20  # train steps per tf.function call (host overhead)
     checkpoint_every_steps: int = 100  # also at every epoch end; 0 = epoch ends only
     checkpoint_max_to_keep: int = 3
-    deterministic: bool = False  # op determinism: same seed -> bitwise-identical weights
+    deterministic: bool = False  # op determinism, Keras' BN layer: same seed -> bitwise-identical weights
     evaluation: Evaluation = "inline"  # inline: every worker evaluates each epoch; sidecar: an evaluator task does
     step_timeout_seconds: float = 1800.0  # no training call, evaluation or save done in this long: dump the
     #                                       stacks and exit 138 (the first call, which compiles, is exempt); 0 = off
