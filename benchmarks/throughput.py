@@ -215,7 +215,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from launcher.strategy import make_strategy
     from resnet18 import hardware, sources
     from resnet18.config import RuntimeConfig, build_config
-    from resnet18.model import build_resnet18
     from resnet18.train import train_and_evaluate
 
     skip = {name.strip() for name in args.skip.split(",") if name.strip()}
@@ -235,41 +234,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cpu": hardware.cpu_summary(), "cpu_flags": sorted(set(hardware.PRECISION_CPU_FLAGS) & hardware.cpu_flags()),
         "batch": args.batch, "baseline_batch": args.baseline_batch, "width": args.width,
         "tensorflow_version": tf.__version__,
-        "date": time.strftime("%Y-%m-%d"), "model_step": [], "cpu_environment": cpu_environment.describe(),
+        "date": time.strftime("%Y-%m-%d"), "cpu_environment": cpu_environment.describe(),
         # ONEDNN_MAX_CPU_ISA=AVX2 makes oneDNN (TensorFlow's CPU kernels) act as on a CPU without AVX-512.
         "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "native"),
     }
 
     if args.end_to_end_precision == "auto":
         args.end_to_end_precision = hardware.strategy_precision("auto", strategy)
-    # 1 and 4: model step and peak, per precision and XLA setting.
-    flops_per_image = model_flops_per_image(build_resnet18(width=args.width))
-    results["model_flops_per_image"] = flops_per_image
-    precisions = [name.strip() for name in args.precisions.split(",") if name.strip()]
-    if "CPU" in device and not hardware.has_native_bfloat16(hardware.cpu_flags()) and "bfloat16" in precisions:
-        precisions.remove("bfloat16")  # the launcher refuses it here: emulated, several times slower
-        results["skipped"] = "bfloat16: this CPU has no native bfloat16 (AVX512_BF16/AMX_BF16)"
-        print(f"skipped {results['skipped']}", flush=True)
-    batch_norms = [name.strip() for name in args.batch_norm.split(",") if name.strip()]
-    for precision in precisions:
-        peak = peak_flops(precision)
-        for xla in (value.strip() == "true" for value in args.xla.split(",")):
-            for batch_norm in batch_norms:
-                images_per_sec = model_step_images_per_sec(config, precision, xla, args.warmup, args.steps,
-                                                           batch_norm)
-                results["model_step"].append({
-                    "precision": precision, "xla": xla, "batch_norm": batch_norm, "images_per_sec": images_per_sec,
-                    "peak_flops": peak, "mfu": images_per_sec * flops_per_image / peak})
-    reference = next(entry for entry in results["model_step"]  # the model the launcher trains
-                     if entry["precision"] == args.end_to_end_precision and not entry["xla"]
-                     and entry.get("batch_norm", "fused") == batch_norms[0])
-    results.update(precision=args.end_to_end_precision, model_images_per_sec=reference["images_per_sec"],
-                   peak_flops=reference["peak_flops"], mfu=reference["mfu"])
+    # 1 and 4: model step and peak, per precision, XLA setting and batch-norm kernel.
+    results.update(_model_steps(args, config, device))
 
     # 2: the input pipeline alone.
     results["pipeline_images_per_sec"] = pipeline_images_per_sec(source, config, args.pipeline_batches)
 
-    # 3: end to end through the real strategy, pipeline and loop (no XLA: the loop has none yet).
+    # 3: end to end through the real strategy, pipeline and loop, as the launcher trains by default.
     e2e_config = build_config(None, overrides + [f"train.precision={args.end_to_end_precision}"])
     summary = train_and_evaluate(e2e_config, strategy, os.path.join(scratch, "end_to_end"))
     results["end_to_end_images_per_sec"] = summary["train_images_per_sec"]
@@ -292,6 +270,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results["workers_2_images_per_sec"] = workers["train_images_per_sec"]
     results["ratios"] = ratios(results)
     return results
+
+
+def _model_steps(args: argparse.Namespace, config, device: str) -> dict[str, Any]:
+    """Model step and matmul peak per precision, XLA setting and batch-norm kernel; the headline entry."""
+    from resnet18 import hardware
+    from resnet18.model import build_resnet18
+
+    flops_per_image = model_flops_per_image(build_resnet18(width=args.width))
+    found: dict[str, Any] = {"model_flops_per_image": flops_per_image, "model_step": []}
+    precisions = [name.strip() for name in args.precisions.split(",") if name.strip()]
+    if "CPU" in device and not hardware.has_native_bfloat16(hardware.cpu_flags()) and "bfloat16" in precisions:
+        precisions.remove("bfloat16")  # the launcher refuses it here: emulated, several times slower
+        found["skipped"] = "bfloat16: this CPU has no native bfloat16 (AVX512_BF16/AMX_BF16)"
+        print(f"skipped {found['skipped']}", flush=True)
+    batch_norms = [name.strip() for name in args.batch_norm.split(",") if name.strip()]
+    for precision in precisions:
+        peak = peak_flops(precision)
+        for xla in (value.strip() == "true" for value in args.xla.split(",")):
+            for batch_norm in batch_norms:
+                images_per_sec = model_step_images_per_sec(config, precision, xla, args.warmup, args.steps,
+                                                           batch_norm)
+                found["model_step"].append({
+                    "precision": precision, "xla": xla, "batch_norm": batch_norm, "images_per_sec": images_per_sec,
+                    "peak_flops": peak, "mfu": images_per_sec * flops_per_image / peak})
+    reference = next(entry for entry in found["model_step"]  # the model the launcher trains
+                     if entry["precision"] == args.end_to_end_precision and not entry["xla"]
+                     and entry["batch_norm"] == batch_norms[0])
+    found.update(precision=args.end_to_end_precision, model_images_per_sec=reference["images_per_sec"],
+                 peak_flops=reference["peak_flops"], mfu=reference["mfu"])
+    return found
 
 
 def ratios(results: dict[str, Any]) -> dict[str, float]:
