@@ -25,13 +25,33 @@ PRECISION_CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16", "amx
 
 @functools.lru_cache(maxsize=1)
 def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags of /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    """The CPU feature flags TensorFlow's kernels may use: /proc/cpuinfo's (empty where there is
+    none, e.g. macOS), less those above the oneDNN ISA cap `ONEDNN_MAX_CPU_ISA` if one is set."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as stream:
             line = next((line for line in stream if line.startswith("flags")), "")
     except OSError:
         return frozenset()
-    return frozenset(line.partition(":")[2].split())
+    return frozenset(line.partition(":")[2].split()) - flags_above_isa_cap(os.environ.get("ONEDNN_MAX_CPU_ISA", ""))
+
+
+def flags_above_isa_cap(cap: str) -> frozenset[str]:
+    """The CPU flags oneDNN leaves unused under ONEDNN_MAX_CPU_ISA=cap (e.g. AVX2: every AVX-512 one).
+
+    oneDNN's ISA names (AVX2, AVX512_CORE, AVX512_CORE_BF16, AVX512_CORE_AMX, AVX10_1_512, ...)
+    say what they include; ALL, DEFAULT and no cap leave everything.
+    """
+    cap = cap.strip().upper()
+    if cap in ("", "ALL", "DEFAULT"):
+        return frozenset()
+    unused = set()
+    if not cap.startswith(("AVX512", "AVX10")):
+        unused |= {"avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16"}
+    if not any(part in cap for part in ("BF16", "FP16", "AMX", "AVX10")):
+        unused |= {"avx512_bf16", "amx_bf16"}
+    if "AMX" not in cap:
+        unused |= {"amx_bf16", "amx_fp16"}
+    return frozenset(unused)
 
 
 @functools.lru_cache(maxsize=1)
@@ -49,6 +69,8 @@ def cpu_summary() -> str:
     flags = cpu_flags()
     present = [flag for flag in PRECISION_CPU_FLAGS if flag in flags]
     kind = "AVX512-BF16" if has_native_bfloat16(flags) else "AVX-512, no BF16" if "avx512f" in flags else "no AVX-512"
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    kind += f" for oneDNN (ONEDNN_MAX_CPU_ISA={cap})" if cap else ""
     return f"{cpu_model()}, {os.cpu_count()} logical CPUs, {kind} ({' '.join(present) or 'flags unknown'})"
 
 
@@ -78,8 +100,11 @@ def resolve_precision(requested: str, device_kind: str, gpu_capability: tuple[in
     if requested == "bfloat16" and not native:
         raise ConfigError(
             "train.precision bfloat16: this CPU has no native bfloat16 (neither of the CPU flags "
-            f"{' nor '.join(NATIVE_BFLOAT16_CPU_FLAGS)}), so TensorFlow would emulate it, several times slower "
-            "than float32; use train.precision auto (float32 here) or float32")
+            f"{' nor '.join(NATIVE_BFLOAT16_CPU_FLAGS)}"
+            + (f" within ONEDNN_MAX_CPU_ISA={os.environ['ONEDNN_MAX_CPU_ISA']}"
+               if os.environ.get("ONEDNN_MAX_CPU_ISA") else "")
+            + "), so TensorFlow would emulate it, several times slower than float32; use train.precision auto "
+            "(float32 here) or float32")
     return requested
 
 

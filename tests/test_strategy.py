@@ -128,6 +128,20 @@ def test_precision_follows_what_the_hardware_computes_natively():
     assert resolve_precision("auto", "TPU") == "bfloat16"
 
 
+def test_a_onednn_isa_cap_takes_away_the_flags_above_it():
+    # ONEDNN_MAX_CPU_ISA=AVX2 makes TensorFlow's kernels run as on a CPU without AVX-512: bfloat16
+    # is then emulated there too, so `auto` must pick float32 and an explicit bfloat16 be refused.
+    from resnet18.hardware import flags_above_isa_cap, has_native_bfloat16
+
+    cpu = frozenset({"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"})
+    assert not has_native_bfloat16(cpu - flags_above_isa_cap("AVX2"))
+    assert "avx512f" not in cpu - flags_above_isa_cap("avx2")
+    assert cpu - flags_above_isa_cap("AVX512_CORE") == {"avx2", "fma", "avx512f"}
+    assert cpu - flags_above_isa_cap("AVX512_CORE_BF16") == {"avx2", "fma", "avx512f", "avx512_bf16"}
+    for everything in ("", "ALL", "DEFAULT", "AVX512_CORE_AMX"):
+        assert cpu - flags_above_isa_cap(everything) == cpu
+
+
 def test_a_multi_host_tpu_has_one_chief_and_one_input_pipeline_per_host():
     from resnet18 import input_pipeline
     from resnet18.topology import tpu_topology
