@@ -40,6 +40,8 @@ def test_architecture_shape():
 
 
 def test_logits_are_float32_under_mixed_bfloat16():
+    if not hardware.has_native_bfloat16(hardware.cpu_flags()):
+        pytest.skip("bfloat16 is emulated on this CPU (hardware.py): the launcher refuses it there")
     model = build_resnet18(width=4, dtype_policy="mixed_bfloat16")
     logits = model(np.zeros([2, 32, 32, 3], np.float32), training=False)
     assert logits.shape == (2, 10) and logits.dtype == tf.float32
@@ -108,6 +110,8 @@ def test_squeeze_excitation_gate_changes_the_output():
 
 
 def test_squeeze_excitation_under_mixed_bfloat16():
+    if not hardware.has_native_bfloat16(hardware.cpu_flags()):
+        pytest.skip("bfloat16 is emulated on this CPU (hardware.py): the launcher refuses it there")
     model = build_resnet18(width=16, dtype_policy="mixed_bfloat16", se=True)
     for name in ("pool", "squeeze", "excite", "scale"):
         assert model.get_layer(f"stage2_block1_se_{name}").compute_dtype == "bfloat16"
