@@ -43,6 +43,13 @@ SE_REDUCTION = 16  # squeeze width = filters // SE_REDUCTION (the paper's r), at
 DTYPE_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 
 
+# oneDNN 3.7 (TensorFlow 2.21) gets the weight gradient of a strided 1x1 convolution wrong, and
+# writes past its workspace, when the input has fewer channels than its SIMD block (8 with AVX2,
+# 16 with AVX-512): https://github.com/uxlfoundation/oneDNN/issues/6035. Narrower than this, a
+# strided 1x1 convolution subsamples first and convolves with stride 1: the same function (a 1x1
+# "same" convolution pads nothing, so output[i] = input[stride * i]) on kernels without the bug.
+STRIDED_1X1_MIN_CHANNELS = 16
+
 RESNET50_BLOCKS = (3, 4, 6, 3)
 BOTTLENECK_EXPANSION = 4
 
@@ -166,6 +173,9 @@ def _head(inputs, x, num_classes: int, dtype_policy: str, seeds: Iterator[int], 
 def _conv_bn(
     x, filters: int, kernel_size: int, strides: int, name: str, dtype_policy: str, seeds: Iterator[int], batch_norm,
 ):
+    if kernel_size == 1 and strides > 1 and x.shape[-1] < STRIDED_1X1_MIN_CHANNELS:
+        x = Subsample(strides, name=f"{name}_subsample", dtype=dtype_policy)(x)
+        strides = 1
     x = keras.layers.Conv2D(
         filters,
         kernel_size,
@@ -235,6 +245,26 @@ def _squeeze_excite(y, filters: int, name: str, dtype_policy: str, seeds: Iterat
 def decayed_kernels(model: keras.Model) -> list:
     """Conv and dense kernels: the weights that get weight decay (not BN, not biases)."""
     return [layer.kernel for layer in model.layers if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense))]
+
+
+class Subsample(keras.layers.Layer):
+    """Every `stride`-th row and column of NHWC images: what a strided 1x1 convolution reads."""
+
+    def __init__(self, stride: int, **kwargs):
+        super().__init__(**kwargs)
+        self.stride = stride
+
+    def call(self, inputs):
+        return inputs[:, :: self.stride, :: self.stride, :]
+
+    def compute_output_shape(self, input_shape):
+        def subsampled(size):
+            return None if size is None else -(-size // self.stride)
+
+        return (input_shape[0], subsampled(input_shape[1]), subsampled(input_shape[2]), input_shape[3])
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "stride": self.stride}
 
 
 class FusedBatchNormalization(keras.layers.BatchNormalization):

@@ -13,7 +13,9 @@ import pytest
 import tensorflow as tf
 
 from resnet18 import hardware
-from resnet18.model import BLOCKS_PER_STAGE, SE_REDUCTION, STAGE_MULTIPLIERS, build_resnet18, decayed_kernels
+from resnet18.model import (
+    BLOCKS_PER_STAGE, SE_REDUCTION, STAGE_MULTIPLIERS, Subsample, build_resnet18, decayed_kernels,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -261,3 +263,74 @@ def test_fused_and_keras_batch_norm_models_share_weights_and_checkpoints():
     # Inference mode: the same arithmetic in a different kernel, so float32 round-off only.
     np.testing.assert_allclose(fused(images, training=False), keras_layers(images, training=False),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_a_narrow_models_strided_shortcut_still_computes_a_strided_1x1_convolution():
+    """Below STRIDED_1X1_MIN_CHANNELS the shortcut subsamples, then convolves with stride 1: the same function."""
+    model = build_resnet18(width=2, image_size=28)  # stage inputs 28, 14, 7 (odd): every shortcut is narrow
+    subsampled = [layer.name for layer in model.layers if isinstance(layer, Subsample)]
+    assert subsampled == [f"stage{stage}_block1_proj_subsample" for stage in (2, 3, 4)]
+    images = tf.random.stateless_uniform([4, 28, 28, 3], [7, 8], maxval=255.0)
+    for stage in (2, 3, 4):
+        block_input = model.get_layer(f"stage{stage - 1}_block2_out").output
+        conv = model.get_layer(f"stage{stage}_block1_proj_conv")
+        shortcut = keras.Model(model.input, [block_input, conv.output])
+        inputs, outputs = shortcut(images, training=False)
+        strided = tf.nn.conv2d(inputs, conv.kernel, strides=2, padding="SAME")
+        assert outputs.shape == strided.shape
+        # Each output is the same dot product over <= 8 channels: float32 round-off at most.
+        np.testing.assert_allclose(outputs, strided, rtol=1e-6, atol=1e-6)
+    wide = build_resnet18(width=16)
+    assert not any(isinstance(layer, Subsample) for layer in wide.layers)  # real widths keep the plain conv
+
+
+# Gradients of the width-4 model (batch 64), four times in one process, saved to the .npz in argv[1].
+# Inference-mode BN keeps the kernel gradients well conditioned (training-mode BN cancels them to noise).
+_GRADIENTS_SCRIPT = """
+import sys
+import numpy as np
+import tensorflow as tf
+from resnet18.model import build_resnet18
+
+model = build_resnet18(width=4, seed=1)
+rng = np.random.default_rng(0)
+images = tf.constant(rng.uniform(0, 255, size=(64, 32, 32, 3)), tf.float32)
+labels = tf.constant(rng.integers(0, 10, size=64))
+
+@tf.function
+def gradients():
+    with tf.GradientTape() as tape:
+        logits = model(images, training=False)
+        loss = tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True))
+    return tape.gradient(loss, model.trainable_variables)
+
+runs = [gradients() for _ in range(4)]
+np.savez(sys.argv[1], **{f"{i} {v.path}": g.numpy() for i, run in enumerate(runs)
+                         for v, g in zip(model.trainable_variables, run)})
+"""
+
+
+@pytest.mark.slow  # two fresh TensorFlow processes
+def test_narrow_model_gradients_are_right_on_avx2_kernels_too(tmp_path):
+    """oneDNN's AVX2 kernels give the narrow model the gradients TensorFlow's own (Eigen) kernels give.
+
+    Guards the strided-1x1 workaround (resnet18/model.py, oneDNN issue 6035): with a plain strided
+    conv, ONEDNN_MAX_CPU_ISA=AVX2 gave stage2_block1_proj_conv a gradient 2.3x its size off, different
+    call to call. The cap makes this machine run the kernels of a CPU without AVX-512.
+    """
+    results = {}
+    cases = {"eigen": {"TF_ENABLE_ONEDNN_OPTS": "0"}, "native": {}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2"}}
+    for name, env in cases.items():
+        path = tmp_path / f"{name}.npz"
+        run = subprocess.run([sys.executable, "-c", _GRADIENTS_SCRIPT, str(path)], cwd=REPO, capture_output=True,
+                             text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **env})
+        assert run.returncode == 0, run.stderr[-3000:]
+        results[name] = np.load(path)
+    reference = results["eigen"]
+    for key in reference:
+        # float32 sums of up to 64 x 32 x 32 products in another order: ~sqrt(n) x 6e-8 = 1.5e-5 of
+        # the layer's largest gradient (3.9e-6 measured); the bug was off by more than the gradient.
+        scale = np.abs(reference[key]).max()
+        for name in ("native", "avx2"):
+            np.testing.assert_allclose(results[name][key], reference[key], rtol=0, atol=1e-4 * scale,
+                                       err_msg=f"{name}: {key}")
