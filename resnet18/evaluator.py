@@ -17,8 +17,11 @@ collective, and on one device:
 - after the last epoch adds the test metrics to summary.json and exits 0 (the
   launcher then writes the report);
 - exits 138 when the chief stops making progress (its status.json heartbeat is older
-  than train.step_timeout_seconds) without finishing, or reports a preemption or a
-  failure: a restart of the job fixes that.
+  than train.step_timeout_seconds plus the heartbeat interval) without finishing, or
+  reports a preemption or a failure: a restart of the job fixes that. Until the chief's
+  first heartbeat since the evaluator started, the chief is starting (data, tracing,
+  compilation: what its own watchdog leaves untimed too), and it gets
+  CHIEF_STARTUP_SECONDS more.
 
 Rules that need each epoch's test metrics during training (plateau, early stopping,
 best checkpoint) are refused with sidecar evaluation (config.validate): they would
@@ -43,11 +46,12 @@ from resnet18.errors import RetryableError, TrainingError
 from resnet18.evaluation import make_evaluate
 from resnet18.history import EVALUATIONS_FILE, read_evaluations
 from resnet18.model import build_model
-from resnet18.run_status import append_event, read_json, read_status, write_json
+from resnet18.run_status import HEARTBEAT_SECONDS, append_event, read_json, read_status, write_json
 from resnet18.summaries import Summaries
 
 POLL_SECONDS = 1.0
 SUMMARY_WAIT_SECONDS = 120  # after the last epoch, how long to wait for the trainer's summary.json
+CHIEF_STARTUP_SECONDS = 600.0  # beyond train.step_timeout_seconds, for a chief not yet past its first step
 
 
 def run_evaluator(config: Config, strategy: tf.distribute.Strategy, workdir: str) -> dict[str, Any]:
@@ -85,7 +89,7 @@ def run_evaluator(config: Config, strategy: tf.distribute.Strategy, workdir: str
             if total_steps in done:
                 _finish(workdir, last or _last_evaluation(workdir))
                 return last or _last_evaluation(workdir)
-            _check_chief(workdir, config.train.step_timeout_seconds, started)
+            check_chief(workdir, config.train.step_timeout_seconds, started)
             time.sleep(POLL_SECONDS)
 
 
@@ -117,16 +121,28 @@ def _last_evaluation(workdir: str) -> dict[str, Any]:
     return max(read_evaluations(workdir), key=lambda entry: entry["step"])
 
 
-def _check_chief(workdir: str, timeout: float, started: float) -> None:
-    """Raises RetryableError when the chief ended without the last epoch, or stopped making progress."""
+def check_chief(workdir: str, timeout: float, started: float) -> None:
+    """Raises RetryableError when the chief ended without the last epoch, or stopped making progress.
+
+    `started` is when this evaluator started; `timeout` is train.step_timeout_seconds (0: never).
+    """
     status = read_status(workdir) or {}
-    state, updated = status.get("state"), max(status.get("updated") or 0.0, started)
+    state, updated = status.get("state"), status.get("updated") or 0.0
     if state in ("preempted", "failed") and updated >= started:
         raise RetryableError(f"the chief's training ended ({state}: {status.get('detail', '')}) before the last "
                              "epoch; restart the job to resume, and the evaluator with it")
-    if timeout and time.time() - updated > timeout:
-        raise RetryableError(f"lost the chief: no progress in {workdir}/status.json for {timeout:g} s "
-                             "(train.step_timeout_seconds); restart the job to resume")
+    if not timeout:
+        return
+    # A healthy chief writes status.json at most every HEARTBEAT_SECONDS, after a call its watchdog
+    # bounds by `timeout`; before its first heartbeat since we started, it may still be compiling.
+    if updated >= started:
+        allowance = timeout + HEARTBEAT_SECONDS
+    else:
+        updated, allowance = started, timeout + CHIEF_STARTUP_SECONDS
+    if time.time() - updated > allowance:
+        raise RetryableError(f"lost the chief: no progress in {workdir}/status.json for {allowance:g} s "
+                             "(train.step_timeout_seconds, plus the heartbeat interval or the chief's start-up); "
+                             "restart the job to resume")
 
 
 def _finish(workdir: str, last: dict[str, Any]) -> None:

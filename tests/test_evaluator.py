@@ -1,0 +1,50 @@
+"""When the sidecar evaluator gives up on the chief: real status.json files, no processes.
+
+    python -m pytest tests/test_evaluator.py
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from resnet18.errors import RetryableError
+from resnet18.evaluator import CHIEF_STARTUP_SECONDS, check_chief
+from resnet18.run_status import HEARTBEAT_SECONDS, STATUS_FILE, write_json
+
+TIMEOUT = 5.0  # train.step_timeout_seconds, as tests/test_operations.py sets it
+
+
+def write_status(workdir, state: str, age: float) -> None:
+    write_json(str(workdir / STATUS_FILE), {"state": state, "updated": time.time() - age})
+
+
+def test_a_chief_still_starting_is_not_lost_after_one_step_timeout(tmp_path):
+    # The evaluator started 3 timeouts ago; the chief (its status is from an earlier run) is
+    # still tracing and compiling its first step, which its own watchdog does not time either.
+    # The old check counted from the evaluator's start and gave up here (seen on 2 cores under
+    # ONEDNN_MAX_CPU_ISA=AVX2, where start-up is slower).
+    write_status(tmp_path, "training", age=3600)
+    check_chief(str(tmp_path), TIMEOUT, started=time.time() - 3 * TIMEOUT)
+    with pytest.raises(RetryableError, match="lost the chief"):
+        check_chief(str(tmp_path), TIMEOUT, started=time.time() - TIMEOUT - CHIEF_STARTUP_SECONDS - 1)
+
+
+def test_a_healthy_heartbeat_interval_is_not_mistaken_for_a_lost_chief(tmp_path):
+    # status.json is written at most every HEARTBEAT_SECONDS: with a step timeout no longer than
+    # that, a healthy chief's file is older than the timeout between two heartbeats.
+    started = time.time() - 60
+    write_status(tmp_path, "training", age=TIMEOUT + HEARTBEAT_SECONDS - 1)
+    check_chief(str(tmp_path), TIMEOUT, started)
+    write_status(tmp_path, "training", age=TIMEOUT + HEARTBEAT_SECONDS + 1)
+    with pytest.raises(RetryableError, match="lost the chief"):
+        check_chief(str(tmp_path), TIMEOUT, started)
+
+
+def test_a_chief_that_failed_since_the_evaluator_started_ends_the_evaluator(tmp_path):
+    write_status(tmp_path, "failed", age=1)
+    with pytest.raises(RetryableError, match="training ended"):
+        check_chief(str(tmp_path), 0, started=time.time() - 10)
+    write_status(tmp_path, "failed", age=20)  # a failure of the run before this one: not ours to report
+    check_chief(str(tmp_path), 0, started=time.time() - 10)
