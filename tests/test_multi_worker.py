@@ -47,15 +47,19 @@ def test_two_local_workers_train_to_identical_weights(two_worker_run):
     assert list((workdir / "checkpoints").glob("ckpt-*.index"))  # only the chief's directory
 
 
-@pytest.mark.slow
-def test_two_workers_match_one_process_with_two_cpu_replicas(two_worker_run, tiny_data_dir, tmp_path):
-    result, workdir = two_worker_run
-    assert result.returncode == 0
-    single = run_launcher("--cpu_replicas", "2", "--job", TINY_JOB, "--set", f"data.data_dir={tiny_data_dir}",
-                          "train.deterministic=true", "--workdir", str(tmp_path / "single"))
-    assert single.returncode == 0, single.stderr[-3000:]
-    workers, replicas = summary(workdir), summary(tmp_path / "single")
+# Known defect (2026-12-01): in float32 the two layouts diverge from the first epoch (train loss
+# 2.6175 vs 2.6199 on the tiny job, every variable different), each reproducible run to run;
+# in bfloat16 they are bitwise equal. Seen natively with train.precision=float32 and under
+# ONEDNN_MAX_CPU_ISA=AVX2 or AVX512_CORE (where auto picks float32); cause not found yet.
+FLOAT32_LAYOUTS_DIVERGE = "float32: 2 workers and 2 in-process replicas diverge (known defect, see the comment above)"
+
+
+def assert_two_workers_match_two_replicas(workers: dict, replicas: dict) -> None:
     assert workers["global_batch_size"] == replicas["global_batch_size"] and workers["steps"] == replicas["steps"]
+    if workers["precision"] == "float32":
+        # Strict: the day the layouts agree in float32, this fails and the exception goes.
+        assert workers["weights_sha256"] != replicas["weights_sha256"], "float32 layouts agree now: drop the xfail"
+        pytest.xfail(FLOAT32_LAYOUTS_DIVERGE)
     # The same examples and augmentation reach replica r in both (the order does not depend on the
     # number of processes), and a sum of two values is one addition whatever the order: bitwise equal.
     assert workers["weights_sha256"] == replicas["weights_sha256"]
@@ -64,6 +68,30 @@ def test_two_workers_match_one_process_with_two_cpu_replicas(two_worker_run, tin
             assert first[key] == second[key], key
         # The reported loss adds the two replicas' losses in the all-reduce's own order: 1 ulp.
         assert first["train_loss"] == pytest.approx(second["train_loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_two_workers_match_one_process_with_two_cpu_replicas(two_worker_run, tiny_data_dir, tmp_path):
+    """Auto precision: bfloat16 where the CPU has it natively, float32 elsewhere."""
+    result, workdir = two_worker_run
+    assert result.returncode == 0
+    single = run_launcher("--cpu_replicas", "2", "--job", TINY_JOB, "--set", f"data.data_dir={tiny_data_dir}",
+                          "train.deterministic=true", "--workdir", str(tmp_path / "single"))
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert_two_workers_match_two_replicas(summary(workdir), summary(tmp_path / "single"))
+
+
+@pytest.mark.slow
+def test_two_workers_match_two_cpu_replicas_in_float32(tiny_data_dir, tmp_path):
+    """float32 on every CPU, so the known float32 divergence is seen on CPUs with bfloat16 too."""
+    runs = {}
+    for name, layout in (("workers", "--workers"), ("replicas", "--cpu_replicas")):
+        result = run_launcher(layout, "2", "--job", TINY_JOB, "--set", f"data.data_dir={tiny_data_dir}",
+                              "train.deterministic=true", "train.precision=float32",
+                              "--workdir", str(tmp_path / name))
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        runs[name] = summary(tmp_path / name)
+    assert_two_workers_match_two_replicas(runs["workers"], runs["replicas"])
 
 
 def start(args, env_extra):
