@@ -274,16 +274,20 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
     under a mixed policy); the fused kernel (oneDNN's on CPUs, cuDNN's on GPUs) does the
     forward and the backward pass each in one op. The variables, their names and the
     moving-average rule are Keras', so checkpoints are interchangeable. Synchronized BN
-    (all-reduced moments) keeps Keras' own path.
+    (all-reduced moments) keeps Keras' own path in training.
     """
 
     def call(self, inputs, training=None, mask=None):
         import tensorflow as tf
 
-        if self.synchronized or mask is not None or self.renorm or len(inputs.shape) != 4 or self.axis not in (-1, 3):
+        # Synchronisation only changes the batch moments of training; inference is the same kernel
+        # either way, so a sync-BN model predicts exactly what the plain model does.
+        training = bool(training) and self.trainable
+        keras_path = self.synchronized and training
+        if keras_path or mask is not None or self.renorm or len(inputs.shape) != 4 or self.axis not in (-1, 3):
             return super().call(inputs, training=training, mask=mask)
         gamma, beta = tf.cast(self.gamma, tf.float32), tf.cast(self.beta, tf.float32)
-        if training and self.trainable:
+        if training:
             outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
                 inputs, gamma, beta, epsilon=self.epsilon, data_format="NHWC", is_training=True)
             # The kernel returns the unbiased (n - 1) variance; Keras' moving average uses the biased one.
