@@ -64,8 +64,13 @@ def assert_two_workers_match_two_replicas(workers: dict, replicas: dict) -> None
     # number of processes), and a sum of two values is one addition whatever the order: bitwise equal.
     assert workers["weights_sha256"] == replicas["weights_sha256"]
     for first, second in zip(workers["history"], replicas["history"]):
-        for key in ("test_loss", "test_accuracy", "train_accuracy", "learning_rate"):
+        for key in ("test_accuracy", "train_accuracy", "learning_rate"):
             assert first[key] == second[key], key
+        # The test loss is a float32 sum over the test split. On an Intel Xeon with AMX (not on an AMD
+        # EPYC with AVX512-BF16) the two layouts' final sums came out one float32 ulp apart (2716.45679
+        # vs 2716.45703 over 250 examples, each layout reproducible, weights bitwise equal; the cause is
+        # not known): so one ulp of the sum, relative 2**-23.
+        assert first["test_loss"] == pytest.approx(second["test_loss"], rel=2**-23, abs=0)
         # The reported loss adds the two replicas' losses in the all-reduce's own order: 1 ulp.
         assert first["train_loss"] == pytest.approx(second["train_loss"], rel=1e-6)
 

@@ -141,7 +141,9 @@ def test_bfloat16_trains_where_the_cpu_has_it_and_is_refused_where_it_would_be_e
 @pytest.mark.slow
 @pytest.mark.parametrize("option", ["train.xla=true", "train.grad_accum_steps=2"])
 def test_option_trains_and_lowers_the_loss(tiny_data_dir, tmp_path, option):
-    config = tiny_config(tiny_data_dir, option, "train.epochs=4", "model.width=8")
+    # 6 epochs, as the bfloat16 test: after 4, test accuracy with XLA was 0.13, 0.16, 0.18 and 0.38 in four
+    # runs on an Intel Xeon (the test's 0.2 failed in CI), after 6 it was 0.36, 0.38 and 0.56.
+    config = tiny_config(tiny_data_dir, option, "train.epochs=6", "model.width=8")
     summary = train_and_evaluate(config, make_strategy(RuntimeConfig(strategy="one_device")), str(tmp_path / "run"))
     history = summary["history"]
     assert history[-1]["train_loss"] < 0.9 * history[0]["train_loss"]
