@@ -7,6 +7,9 @@ elsewhere. An explicit `bfloat16` on a CPU without native support is refused:
 TensorFlow would emulate it, and the emulation is far slower than float32
 (measured on the smoke model, batch 128, 2 cores: 61 against 735 images/s where
 oneDNN has no AVX-512 path for it, 495 against 1,027 with AVX-512 but no BF16).
+An explicit `float16` on a CPU is refused where an ONEDNN_MAX_CPU_ISA cap hides the
+CPU's AVX512-FP16/AMX-FP16: TensorFlow sends float16 convolutions to oneDNN by the
+CPU's own flags, and oneDNN under the cap cannot build one (the first step aborts).
 
     python -c "from resnet18 import hardware; print(hardware.cpu_summary())"
 """
@@ -20,19 +23,31 @@ import platform
 from resnet18.errors import ConfigError
 
 NATIVE_BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+NATIVE_FLOAT16_CPU_FLAGS = ("avx512_fp16", "amx_fp16")
 PRECISION_CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16", "amx_fp16", "avx2", "fma")
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags TensorFlow's kernels may use: /proc/cpuinfo's (empty where there is
-    none, e.g. macOS), less those above the oneDNN ISA cap `ONEDNN_MAX_CPU_ISA` if one is set."""
+def reported_cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo reports them (empty where there is none, e.g. macOS)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as stream:
             line = next((line for line in stream if line.startswith("flags")), "")
     except OSError:
         return frozenset()
-    return frozenset(line.partition(":")[2].split()) - flags_above_isa_cap(os.environ.get("ONEDNN_MAX_CPU_ISA", ""))
+    return frozenset(line.partition(":")[2].split())
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags TensorFlow's kernels may use: the reported ones less those above the
+    oneDNN ISA cap `ONEDNN_MAX_CPU_ISA` if one is set."""
+    return reported_cpu_flags() - flags_above_isa_cap(os.environ.get("ONEDNN_MAX_CPU_ISA", ""))
+
+
+def float16_blocked_by_isa_cap(reported: frozenset[str] | set[str], usable: frozenset[str] | set[str]) -> bool:
+    """Whether TensorFlow would send float16 convolutions to oneDNN (the CPU reports AVX512-FP16 or
+    AMX-FP16) while the oneDNN ISA cap leaves neither usable, so oneDNN cannot build them."""
+    return bool(set(NATIVE_FLOAT16_CPU_FLAGS) & set(reported)) and not set(NATIVE_FLOAT16_CPU_FLAGS) & set(usable)
 
 
 def flags_above_isa_cap(cap: str) -> frozenset[str]:
@@ -84,7 +99,8 @@ def resolve_precision(requested: str, device_kind: str, gpu_capability: tuple[in
     """The precision to train in on `device_kind` ("TPU", "GPU" or "CPU").
 
     Raises:
-      ConfigError: bfloat16 asked for on a CPU that would only emulate it (exit 2).
+      ConfigError: bfloat16 asked for on a CPU that would only emulate it, or float16 on a CPU
+        whose float16 instructions the oneDNN ISA cap hides (exit 2).
     """
     flags = cpu_flags() if flags is None else flags
     if device_kind == "TPU":
@@ -105,6 +121,12 @@ def resolve_precision(requested: str, device_kind: str, gpu_capability: tuple[in
                if os.environ.get("ONEDNN_MAX_CPU_ISA") else "")
             + "), so TensorFlow would emulate it, several times slower than float32; use train.precision auto "
             "(float32 here) or float32")
+    if requested == "float16" and float16_blocked_by_isa_cap(reported_cpu_flags(), flags):
+        raise ConfigError(
+            f"train.precision float16: ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '')} hides this "
+            f"CPU's {' and '.join(sorted(set(NATIVE_FLOAT16_CPU_FLAGS) & reported_cpu_flags()))}, but TensorFlow "
+            "still sends float16 convolutions to oneDNN, which cannot build them under the cap; unset "
+            "ONEDNN_MAX_CPU_ISA or use train.precision auto or float32")
     return requested
 
 

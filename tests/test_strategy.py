@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from launcher.cluster import read_tf_config
 from resnet18.config import RuntimeConfig
-from resnet18.errors import SetupError
+from resnet18.errors import ConfigError, SetupError
 from launcher.strategy import make_strategy, resolve_strategy_name
 from resnet18.topology import topology_of
 from tests.conftest import TINY_JOB, run_launcher
@@ -140,6 +140,26 @@ def test_a_onednn_isa_cap_takes_away_the_flags_above_it():
     assert cpu - flags_above_isa_cap("AVX512_CORE_BF16") == {"avx2", "fma", "avx512f", "avx512_bf16"}
     for everything in ("", "ALL", "DEFAULT", "AVX512_CORE_AMX"):
         assert cpu - flags_above_isa_cap(everything) == cpu
+
+
+def test_float16_is_refused_where_the_isa_cap_hides_the_cpus_float16(monkeypatch):
+    # TensorFlow routes float16 convolutions to oneDNN by the CPU's own flags; under a cap below
+    # AVX512-FP16 oneDNN cannot build them (seen on an Intel Xeon with AMX: AbortedError at the first step).
+    from resnet18 import hardware
+
+    intel = frozenset({"avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16"})
+    assert hardware.float16_blocked_by_isa_cap(intel, intel - hardware.flags_above_isa_cap("AVX2"))
+    assert not hardware.float16_blocked_by_isa_cap(intel, intel)
+    amd = frozenset({"avx2", "fma", "avx512f", "avx512_bf16"})  # no float16 instructions: Eigen's kernels
+    assert not hardware.float16_blocked_by_isa_cap(amd, amd - hardware.flags_above_isa_cap("AVX2"))
+
+    monkeypatch.setattr(hardware, "reported_cpu_flags", lambda: intel)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    with pytest.raises(ConfigError, match="ONEDNN_MAX_CPU_ISA=AVX2 hides this CPU's avx512_fp16"):
+        hardware.resolve_precision("float16", "CPU")
+    assert hardware.resolve_precision("auto", "CPU") == "float32"
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert hardware.resolve_precision("float16", "CPU") == "float16"
 
 
 def test_a_multi_host_tpu_has_one_chief_and_one_input_pipeline_per_host():
