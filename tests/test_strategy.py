@@ -108,7 +108,6 @@ def test_dry_run_and_device_errors_through_the_cli(args, code, words):
 
 
 def test_precision_follows_what_the_hardware_computes_natively():
-    from resnet18.errors import ConfigError
     from resnet18.hardware import resolve_precision
 
     native, avx512_only, avx2_only = {"avx512f", "avx512_bf16"}, {"avx512f"}, {"avx2", "fma"}
