@@ -115,9 +115,9 @@ def model_step_images_per_sec(config, precision: str, xla: bool, warmup: int, st
     """Training steps on one synthetic batch that is already on the device (no input pipeline)."""
     import tensorflow as tf
 
-    from resnet18.model import build_resnet18
-    from resnet18.optimization import make_optimizer, make_schedule, make_train_step
-    from resnet18.model import DTYPE_POLICIES
+    from resnet18.models.resnet import build_resnet18
+    from resnet18.training.optimizers import make_optimizer, make_schedule, make_train_step
+    from resnet18.models.resnet import DTYPE_POLICIES
 
     batch = config.train.global_batch_size
     model = build_resnet18(width=config.model.width, dtype_policy=DTYPE_POLICIES[precision],
@@ -143,7 +143,7 @@ def pipeline_images_per_sec(source, config, batches: int) -> float:
     """The training input pipeline alone (default augmentation), on this host."""
     import tensorflow as tf
 
-    from resnet18 import input_pipeline
+    from resnet18.data import pipeline as input_pipeline
 
     dataset_fn = input_pipeline.train_dataset_fn(
         source, config.data, config.train.global_batch_size, epochs=1000, seed=0)
@@ -160,7 +160,7 @@ def keras_fit_baseline(source, width: int, batch: int, warmup: int, steps: int) 
     """(Model.fit on ImageDataGenerator.flow images/s, ImageDataGenerator alone images/s), float32."""
     import tensorflow as tf
 
-    from resnet18.model import build_resnet18
+    from resnet18.models.resnet import build_resnet18
 
     # Enough batches for every step: Keras 3 ends a fit epoch when the generator runs out.
     count = min(source.num_train, batch * (max(warmup, steps) + 1))
@@ -213,9 +213,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import tensorflow as tf
 
     from launcher.strategy import make_strategy
-    from resnet18 import hardware, sources
+    from resnet18.data import sources
+    from resnet18.runtime import hardware
     from resnet18.config import RuntimeConfig, build_config
-    from resnet18.train import train_and_evaluate
+    from resnet18.training.loop import train_and_evaluate
 
     skip = {name.strip() for name in args.skip.split(",") if name.strip()}
     scratch = tempfile.mkdtemp(prefix="throughput_")
@@ -274,8 +275,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _model_steps(args: argparse.Namespace, config, device: str) -> dict[str, Any]:
     """Model step and matmul peak per precision, XLA setting and batch-norm kernel; the headline entry."""
-    from resnet18 import hardware
-    from resnet18.model import build_resnet18
+    from resnet18.runtime import hardware
+    from resnet18.models.resnet import build_resnet18
 
     flops_per_image = model_flops_per_image(build_resnet18(width=args.width))
     found: dict[str, Any] = {"model_flops_per_image": flops_per_image, "model_step": []}

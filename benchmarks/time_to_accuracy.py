@@ -56,9 +56,9 @@ import time
 from typing import Any
 
 from launcher.cluster import environment_without_cluster
-from resnet18.history import read_history
+from resnet18.runtime.history import read_history
 from resnet18 import config as config_lib
-from resnet18.errors import ConfigError
+from resnet18.runtime.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_JOB = os.path.join("jobs", "cifar10_fast.yaml")

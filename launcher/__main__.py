@@ -29,8 +29,8 @@ from launcher.cluster import ClusterSpec, cluster_address, read_tf_config
 from launcher.plan import STRATEGY_CLASSES, Plan, describe
 from launcher.slurm import tf_config_from_slurm
 from resnet18 import config as config_lib
-from resnet18.preemption import preempted_before_training
-from resnet18.errors import (EXIT_FAILURE, EXIT_OK, ConfigError, LauncherError, PortInUseError, RetryableError,
+from resnet18.runtime.preemption import preempted_before_training
+from resnet18.runtime.errors import (EXIT_FAILURE, EXIT_OK, ConfigError, LauncherError, PortInUseError, RetryableError,
                              TrainingError, first_line)
 
 DEFAULT_RUNS_DIR = "runs"
@@ -123,8 +123,8 @@ def run(args: argparse.Namespace) -> int:
     import tensorflow as tf
 
     from launcher.strategy import make_strategy
-    from resnet18.topology import describe as describe_strategy
-    from resnet18.topology import topology_of
+    from resnet18.runtime.topology import describe as describe_strategy
+    from resnet18.runtime.topology import topology_of
 
     with _retryable_tensorflow_errors(tf):
         strategy = make_strategy(config.runtime, cluster)
@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     if chief:
         print(describe(plan), flush=True)
 
-    from resnet18.train import train_and_evaluate
+    from resnet18.training.loop import train_and_evaluate
 
     with _retryable_tensorflow_errors(tf):
         train_and_evaluate(config, strategy, workdir)
@@ -159,7 +159,7 @@ def run_evaluator_task(config: config_lib.Config, workdir: str, cluster: Cluster
     import tensorflow as tf
 
     from launcher.strategy import make_strategy
-    from resnet18.evaluator import run_evaluator
+    from resnet18.training.evaluator import run_evaluator
 
     print(describe(plan), flush=True)
     one_device = dataclasses.replace(config.runtime, strategy="one_device", gpus=None,

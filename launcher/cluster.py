@@ -13,8 +13,8 @@ import json
 import os
 from typing import Mapping
 
-from resnet18.errors import SetupError
-from resnet18.topology import TRAINING_ROLES, chief_task
+from resnet18.runtime.errors import SetupError
+from resnet18.runtime.topology import TRAINING_ROLES, chief_task
 
 # Chief and workers train (MultiWorkerMirroredStrategy); an `evaluator` evaluates the chief's
 # checkpoints as they appear (train.evaluation: sidecar) and joins no collective. Kubeflow lists it in

@@ -44,7 +44,7 @@ import warnings
 from typing import Any, Callable
 
 from resnet18 import config as config_lib
-from resnet18.errors import EXIT_FAILURE, EXIT_OK, LauncherError, SetupError, first_line
+from resnet18.runtime.errors import EXIT_FAILURE, EXIT_OK, LauncherError, SetupError, first_line
 
 FORMATS = ("saved_model", "tflite", "tflite_int8", "onnx")
 CALIBRATION_IMAGES = 256
@@ -75,9 +75,9 @@ def load_trained_model(workdir: str, weights: str = "latest"):
     """
     import tensorflow as tf
 
-    from resnet18 import sources
-    from resnet18.checkpointing import checkpoint_candidates, restore_latest_good
-    from resnet18.state import build_network
+    from resnet18.data import sources
+    from resnet18.runtime.checkpoint_files import checkpoint_candidates, restore_latest_good
+    from resnet18.training.state import build_network
 
     config_path = _confined(workdir, os.path.join(workdir, "config.yaml"))
     if not os.path.isfile(config_path):
@@ -153,7 +153,7 @@ def labelled_test_images(source):
     """Every test image (uint8) and label, in order."""
     import numpy as np
 
-    from resnet18.input_pipeline import whole_split
+    from resnet18.data.pipeline import whole_split
 
     batches = list(whole_split(source.test).as_numpy_iterator())
     return np.concatenate([images for images, _ in batches]), np.concatenate([labels for _, labels in batches])
@@ -278,7 +278,7 @@ def export_encoder(workdir: str, model, source, prefix: str) -> dict[str, Any]:
     import numpy as np
     import tensorflow as tf
 
-    from resnet18.model import encoder_of
+    from resnet18.models.resnet import encoder_of
 
     encoder = encoder_of(model)
     size = model.input_shape[1]

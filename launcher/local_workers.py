@@ -48,8 +48,9 @@ import threading
 import time
 from typing import IO, Callable
 
-from resnet18.errors import EXIT_FAILURE, EXIT_PORT_IN_USE, EXIT_RETRYABLE, EXIT_USAGE, LauncherError, SetupError
-from resnet18.run_status import append_event
+from resnet18.runtime.errors import (EXIT_FAILURE, EXIT_PORT_IN_USE, EXIT_RETRYABLE, EXIT_USAGE, LauncherError,
+                                     SetupError)
+from resnet18.runtime.status import append_event
 
 STOP_GRACE_SECONDS = 5  # SIGTERM -> SIGKILL for the survivors of a genuine failure (their group is broken)
 DEFAULT_PREEMPTION_GRACE_SECONDS = 60  # a preempted worker's peers may still be writing their checkpoint

@@ -27,8 +27,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
-from resnet18.errors import EXIT_OK, SetupError  # noqa: E402
-from resnet18.history import read_history  # noqa: E402
+from resnet18.runtime.errors import EXIT_OK, SetupError  # noqa: E402
+from resnet18.runtime.history import read_history  # noqa: E402
 
 
 def _read_json(path: str) -> Any:
@@ -113,7 +113,7 @@ def plot_confusion(confusion: list[list[int]], class_names: list[str], title: st
 
 
 def hardware() -> str:
-    from resnet18.hardware import cpu_summary
+    from resnet18.runtime.hardware import cpu_summary
 
     return f"{cpu_summary()}, {platform.system()} {platform.release()}"
 

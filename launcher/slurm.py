@@ -20,7 +20,7 @@ import json
 import re
 from typing import Mapping
 
-from resnet18.errors import SetupError
+from resnet18.runtime.errors import SetupError
 
 DEFAULT_PORT_BASE = 8888
 

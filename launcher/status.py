@@ -24,7 +24,7 @@ import sys
 import time
 from typing import Any
 
-from resnet18.errors import EXIT_OK, EXIT_USAGE, SetupError
+from resnet18.runtime.errors import EXIT_OK, EXIT_USAGE, SetupError
 
 STALE_AFTER_SECONDS = 120  # a heartbeat older than this while "training": the chief is stalled or gone
 
@@ -33,9 +33,9 @@ def collect(workdir: str, now: float | None = None) -> dict[str, Any]:
     """Everything the status says, as data."""
     import tensorflow as tf
 
-    from resnet18.checkpointing import checkpoint_candidates
-    from resnet18.history import read_history
-    from resnet18.run_status import read_events, read_json, read_status
+    from resnet18.runtime.checkpoint_files import checkpoint_candidates
+    from resnet18.runtime.history import read_history
+    from resnet18.runtime.status import read_events, read_json, read_status
 
     now = time.time() if now is None else now
     if not tf.io.gfile.exists(os.path.join(workdir, "config.yaml")):

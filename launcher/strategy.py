@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from launcher.cluster import ClusterSpec
 from resnet18.config import RuntimeConfig
-from resnet18.errors import SetupError, first_line
+from resnet18.runtime.errors import SetupError, first_line
 
 TPU_CONNECT_TIMEOUT_SECONDS = 120
 T = TypeVar("T")

@@ -19,7 +19,7 @@ import os
 import sys
 import threading
 
-from resnet18 import watchdog
+from resnet18.runtime import watchdog
 
 def tee_output(path: str, header: str) -> bool:
     """Copies everything written to fds 1 and 2 into `path` as well; False where it cannot (URLs)."""

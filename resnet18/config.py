@@ -19,7 +19,7 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
-from resnet18.errors import ConfigError
+from resnet18.runtime.errors import ConfigError
 
 # The allowed values of a key live in its type: the check, the error message and the
 # command line's choices all read them from here (`choices`).

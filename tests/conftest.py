@@ -41,7 +41,7 @@ def two_replicas():
 
 def prepare_generated(root: str, train: int, test: int) -> str:
     """Prepares generated CIFAR-10 where a run with data.data_dir=ROOT and these sizes looks for it."""
-    from resnet18 import generated_cifar10
+    from resnet18.data import generated_cifar10
 
     generated_cifar10.prepare(generated_cifar10.generated_data_dir(root, train, test), train, test)
     return root

@@ -7,7 +7,7 @@ import numpy as np
 import tensorflow as tf
 
 from resnet18.config import Config, SimCLRConfig, TrainConfig
-from resnet18.optimization import make_optimizer, make_schedule, make_train_step
+from resnet18.training.optimizers import make_optimizer, make_schedule, make_train_step
 
 
 def small_model(seed: int, batch_norm: bool = False) -> keras.Model:

@@ -7,7 +7,7 @@ import random
 import keras
 import pytest
 
-from resnet18 import callbacks
+from resnet18.training import epoch_rules as callbacks
 
 
 @pytest.mark.parametrize("trial", range(20))

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from resnet18.checkpointing import (Checkpointer, checkpoint_candidates, holds_object, remove_stale_temporaries,
-                                    restore_latest_good)
-from resnet18.errors import TrainingError
+from resnet18.runtime.checkpoint_files import (checkpoint_candidates, holds_object, remove_stale_temporaries,
+                                               restore_latest_good)
+from resnet18.runtime.errors import TrainingError
+from resnet18.training.checkpointing import Checkpointer
 
 
 def saved_steps(directory, steps=(4, 8)) -> tf.Variable:
@@ -99,9 +100,9 @@ def test_workers_other_than_the_chief_save_into_a_directory_they_delete(tmp_path
 def test_a_weight_average_turned_on_late_starts_from_the_restored_weights_not_a_fresh_init(micro_data_dir, tmp_path):
     from launcher.strategy import make_strategy
     from resnet18.config import RuntimeConfig
-    from resnet18.model import build_model
-    from resnet18.state import build_train_state
-    from resnet18.train import train_and_evaluate
+    from resnet18.models.resnet import build_model
+    from resnet18.training.state import build_train_state
+    from resnet18.training.loop import train_and_evaluate
     from tests.test_loop import micro_config
 
     strategy = make_strategy(RuntimeConfig(strategy="one_device"))

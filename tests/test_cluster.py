@@ -7,7 +7,7 @@ import json
 import pytest
 
 from launcher.cluster import read_tf_config
-from resnet18.errors import SetupError
+from resnet18.runtime.errors import SetupError
 
 WORKERS = {"worker": ["127.0.0.1:20001", "127.0.0.1:20002"]}
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from resnet18.cutmix import cutmix
+from resnet18.data.cutmix import cutmix
 
 NUM_CLASSES = 10
 

@@ -11,10 +11,11 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from resnet18 import generated_cifar10, input_pipeline, sources
-from resnet18.augment import crop_flip, make_augmentation
+from resnet18.data import generated_cifar10, sources
+from resnet18.data import pipeline as input_pipeline
+from resnet18.data.augment import crop_flip, make_augmentation
 from resnet18.config import DataConfig
-from resnet18.errors import SetupError
+from resnet18.runtime.errors import SetupError
 from tests.conftest import TINY_JOB, TINY_TEST, TINY_TRAIN, run_launcher
 
 GENERATED = {"train_examples": TINY_TRAIN, "test_examples": TINY_TEST}

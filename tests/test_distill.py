@@ -16,9 +16,9 @@ import tensorflow as tf
 
 from launcher.strategy import make_strategy
 from resnet18.config import Config, DistillConfig, RuntimeConfig, TrainConfig
-from resnet18.distill import distillation_loss
-from resnet18.errors import ConfigError
-from resnet18.train import train_and_evaluate
+from resnet18.tasks.distillation import distillation_loss
+from resnet18.runtime.errors import ConfigError
+from resnet18.training.loop import train_and_evaluate
 from tests.conftest import TINY_JOB, run_launcher
 from tests.helpers_tiny_model import replicated_steps, small_model
 from tests.processes import Running
@@ -164,7 +164,7 @@ def test_a_killed_distillation_resumes_bit_for_bit(tiny_data_dir, tmp_path):
 
 
 def test_the_cifar_resnet50_has_its_published_size():
-    from resnet18.model import build_resnet50
+    from resnet18.models.resnet import build_resnet50
 
     model = build_resnet50()
     assert sum(int(np.prod(weight.shape)) for weight in model.trainable_weights) == 23_520_842  # kuangliu's ResNet50

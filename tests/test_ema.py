@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from resnet18.ema import WeightAverage
+from resnet18.training.ema import WeightAverage
 from tests.helpers_tiny_model import small_model
 
 

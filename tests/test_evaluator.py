@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from resnet18.errors import RetryableError
-from resnet18.evaluator import CHIEF_STARTUP_SECONDS, check_chief
-from resnet18.run_status import HEARTBEAT_SECONDS, STATUS_FILE, write_json
+from resnet18.runtime.errors import RetryableError
+from resnet18.training.evaluator import CHIEF_STARTUP_SECONDS, check_chief
+from resnet18.runtime.status import HEARTBEAT_SECONDS, STATUS_FILE, write_json
 
 TIMEOUT = 5.0  # train.step_timeout_seconds, as tests/test_operations.py sets it
 

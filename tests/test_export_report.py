@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from launcher.report import write_report
 from launcher.serving import grpc_predict_request, rest_request_body
-from resnet18 import sources
+from resnet18.data import sources
 from resnet18.config import build_config
 from tests.serving_simulator import run_grpc_request, run_rest_request
 

@@ -23,7 +23,7 @@ from packaging.requirements import Requirement
 
 from launcher.cluster import parse_tf_config
 from resnet18.config import build_config
-from resnet18.errors import EXIT_FAILURE, EXIT_RETRYABLE, EXIT_USAGE
+from resnet18.runtime.errors import EXIT_FAILURE, EXIT_RETRYABLE, EXIT_USAGE
 from launcher.slurm import tf_config_from_slurm
 from tests.conftest import REPO, run_launcher
 

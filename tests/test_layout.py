@@ -22,7 +22,13 @@ MAX_FUNCTION_LINES = 85
 
 
 def modules(package: str) -> list[pathlib.Path]:
-    return sorted(pathlib.Path(REPO, package).glob("*.py"))
+    return sorted(pathlib.Path(REPO, package).rglob("*.py"))
+
+
+def module_name(path: pathlib.Path) -> str:
+    """resnet18/data/sources.py -> resnet18.data.sources; a package's __init__.py -> the package."""
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def imported(path: pathlib.Path) -> list[tuple[str, list[str]]]:
@@ -66,7 +72,7 @@ def test_every_module_of_every_package_imports():
     for package in PACKAGES:
         for path in modules(package):
             if path.stem != "__main__":
-                importlib.import_module(f"{package}.{path.stem}")
+                importlib.import_module(module_name(path))
 
 
 def test_no_function_is_longer_than_a_screen():

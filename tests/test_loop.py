@@ -14,8 +14,8 @@ import pytest
 
 from launcher.strategy import make_strategy
 from resnet18.config import RuntimeConfig, build_config
-from resnet18.errors import TrainingError
-from resnet18.train import train_and_evaluate
+from resnet18.runtime.errors import TrainingError
+from resnet18.training.loop import train_and_evaluate
 from tests.conftest import MICRO_TEST, MICRO_TRAIN, TINY_JOB
 
 BATCH = 8

@@ -18,9 +18,9 @@ import tensorflow as tf
 
 from launcher.cluster import environment_without_cluster
 from launcher.local_workers import free_ports
-from resnet18 import hardware
+from resnet18.runtime import hardware
 from resnet18.config import Config, TrainConfig
-from resnet18.optimization import AgreedLossScaleOptimizer, make_optimizer, make_schedule, make_train_step
+from resnet18.training.optimizers import AgreedLossScaleOptimizer, make_optimizer, make_schedule, make_train_step
 from tests.conftest import REPO
 
 BATCH = 8  # global
@@ -83,7 +83,7 @@ WORKER_SCRIPT = textwrap.dedent("""
     from launcher.cluster import read_tf_config
     from launcher.strategy import make_strategy
     from resnet18.config import Config, RuntimeConfig, TrainConfig
-    from resnet18.optimization import make_optimizer, make_schedule, make_train_step
+    from resnet18.training.optimizers import make_optimizer, make_schedule, make_train_step
     from tests.test_loss_scaling import float16_model
     strategy = make_strategy(RuntimeConfig(strategy="multi_worker"), read_tf_config())
     worker = strategy.cluster_resolver.task_id

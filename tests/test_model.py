@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from resnet18 import hardware
-from resnet18.model import (
+from resnet18.runtime import hardware
+from resnet18.models.resnet import (
     BLOCKS_PER_STAGE, SE_REDUCTION, STAGE_MULTIPLIERS, Subsample, build_resnet18, decayed_kernels,
 )
 
@@ -152,7 +152,7 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 
 import keras
 import numpy as np
-from resnet18.model import BN_MOMENTUM, build_resnet18
+from resnet18.models.resnet import BN_MOMENTUM, build_resnet18
 
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 per_replica_shape = [2, 8, 8, 3]
@@ -222,7 +222,7 @@ def test_sync_bn_all_reduces_batch_moments_across_replicas():
 
 @pytest.mark.parametrize("dtype", ["float32", "mixed_bfloat16"])
 def test_fused_batch_norm_computes_what_keras_batch_norm_computes(dtype):
-    from resnet18.model import FusedBatchNormalization
+    from resnet18.models.resnet import FusedBatchNormalization
 
     if dtype == "mixed_bfloat16" and not hardware.has_native_bfloat16(hardware.cpu_flags()):
         pytest.skip("bfloat16 is emulated on this CPU (hardware.py): float32 is the case there")
@@ -290,7 +290,7 @@ _GRADIENTS_SCRIPT = """
 import sys
 import numpy as np
 import tensorflow as tf
-from resnet18.model import build_resnet18
+from resnet18.models.resnet import build_resnet18
 
 model = build_resnet18(width=4, seed=1)
 rng = np.random.default_rng(0)

@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from launcher import local_workers
 from launcher.status import collect
-from resnet18.input_pipeline import epoch_order
+from resnet18.data.pipeline import epoch_order
 from tests.conftest import REPO, TINY_JOB, TINY_TRAIN, run_launcher
 from tests.processes import Running, cluster_group
 

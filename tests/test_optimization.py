@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from resnet18.config import Config, TrainConfig
-from resnet18.optimization import make_optimizer, make_schedule, make_train_step, peak_learning_rate
+from resnet18.training.optimizers import make_optimizer, make_schedule, make_train_step, peak_learning_rate
 from tests.helpers_tiny_model import batch, run_steps, small_model
 
 

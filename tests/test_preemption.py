@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from resnet18.errors import RetryableError
-from resnet18.preemption import PreemptionWatcher
+from resnet18.runtime.errors import RetryableError
+from resnet18.runtime.preemption import PreemptionWatcher
 
 
 def wait_until(condition, seconds: float = 5.0) -> None:

@@ -17,10 +17,10 @@ import pytest
 import tensorflow as tf
 
 from launcher.strategy import make_strategy
-from resnet18 import hardware
+from resnet18.runtime import hardware
 from resnet18.config import Config, RuntimeConfig, build_config
-from resnet18.errors import ConfigError
-from resnet18.train import train_and_evaluate
+from resnet18.runtime.errors import ConfigError
+from resnet18.training.loop import train_and_evaluate
 from tests.conftest import REPO, TINY_JOB, TINY_TRAIN, run_launcher
 
 STEPS_PER_EPOCH = TINY_TRAIN // 64
@@ -100,7 +100,7 @@ def test_weight_average_and_flip_tta_are_what_is_evaluated_and_exported(tiny_dat
     accuracy = float(np.mean(np.argmax(logits.numpy(), -1) == labels))
     assert accuracy == pytest.approx(summary["test_accuracy"], abs=0.5 / len(labels))
     # The average moved away from the initial weights (it was updated every step) ...
-    from resnet18.model import build_model
+    from resnet18.models.resnet import build_model
 
     initial = build_model(config, source.num_classes)
     moved = [not np.allclose(a.numpy(), b.numpy()) for a, b in zip(model.trainable_weights, initial.trainable_weights)]
@@ -112,7 +112,7 @@ def test_weight_average_and_flip_tta_are_what_is_evaluated_and_exported(tiny_dat
 
 
 def load_live_model(workdir: str, config: Config, num_classes: int):
-    from resnet18.model import build_model
+    from resnet18.models.resnet import build_model
 
     model = build_model(config, num_classes)
     checkpoint = tf.train.Checkpoint(model=model)
@@ -205,7 +205,7 @@ def test_two_workers_take_the_epoch_rules_together_with_averaged_weights(tiny_da
 
 @pytest.mark.slow
 def test_checkpoints_of_another_model_are_named_as_such_and_kept(tiny_data_dir, tmp_path):
-    from resnet18.errors import ConfigError, SetupError
+    from resnet18.runtime.errors import ConfigError, SetupError
 
     workdir = str(tmp_path / "run")
     strategy = make_strategy(RuntimeConfig(strategy="one_device"))
@@ -234,7 +234,7 @@ def test_weight_average_turned_on_later_starts_from_the_restored_weights(tiny_da
 
 
 def test_a_torn_history_line_is_ignored_with_a_warning(tmp_path, capsys):
-    from resnet18.history import read_history
+    from resnet18.runtime.history import read_history
 
     (tmp_path / "history.jsonl").write_text('{"epoch": 1, "step": 10}\n{"epoch": 2, "st')
     assert read_history(str(tmp_path)) == [{"epoch": 1, "step": 10}]

@@ -7,7 +7,7 @@ import numpy as np
 import tensorflow as tf
 
 from launcher.strategy import make_strategy
-from resnet18 import replicas
+from resnet18.training import replicas
 from resnet18.config import RuntimeConfig
 
 

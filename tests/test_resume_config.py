@@ -8,8 +8,8 @@ import pytest
 
 from launcher.strategy import make_strategy
 from resnet18.config import RuntimeConfig, build_config
-from resnet18.errors import ConfigError
-from resnet18.train import train_and_evaluate
+from resnet18.runtime.errors import ConfigError
+from resnet18.training.loop import train_and_evaluate
 from tests.test_loop import micro_config
 
 

@@ -17,9 +17,9 @@ from launcher.cluster import environment_without_cluster
 from launcher.local_workers import free_ports
 from launcher.strategy import make_strategy
 from resnet18.config import RuntimeConfig, SimCLRConfig
-from resnet18.optimization import LARS
-from resnet18.simclr import PARAMS_PER_IMAGE, knn_predict, nt_xent, two_views
-from resnet18.train import train_and_evaluate
+from resnet18.training.optimizers import LARS
+from resnet18.tasks.simclr import PARAMS_PER_IMAGE, knn_predict, nt_xent, two_views
+from resnet18.training.loop import train_and_evaluate
 from tests.conftest import REPO
 from tests.helpers_tiny_model import LABELS, SIMCLR, VIEWS, encoder_and_head, replicated_steps
 from tests.test_loop import micro_config

@@ -9,9 +9,9 @@ import tensorflow as tf
 
 from launcher.cluster import read_tf_config
 from resnet18.config import RuntimeConfig
-from resnet18.errors import ConfigError, SetupError
+from resnet18.runtime.errors import ConfigError, SetupError
 from launcher.strategy import make_strategy, resolve_strategy_name
-from resnet18.topology import topology_of
+from resnet18.runtime.topology import topology_of
 from tests.conftest import TINY_JOB, run_launcher
 
 CLUSTER = read_tf_config({"TF_CONFIG": json.dumps(
@@ -108,7 +108,7 @@ def test_dry_run_and_device_errors_through_the_cli(args, code, words):
 
 
 def test_precision_follows_what_the_hardware_computes_natively():
-    from resnet18.hardware import resolve_precision
+    from resnet18.runtime.hardware import resolve_precision
 
     native, avx512_only, avx2_only = {"avx512f", "avx512_bf16"}, {"avx512f"}, {"avx2", "fma"}
     assert resolve_precision("auto", "CPU", flags=native) == "bfloat16"
@@ -130,7 +130,7 @@ def test_precision_follows_what_the_hardware_computes_natively():
 def test_a_onednn_isa_cap_takes_away_the_flags_above_it():
     # ONEDNN_MAX_CPU_ISA=AVX2 makes TensorFlow's kernels run as on a CPU without AVX-512: bfloat16
     # is then emulated there too, so `auto` must pick float32 and an explicit bfloat16 be refused.
-    from resnet18.hardware import flags_above_isa_cap, has_native_bfloat16
+    from resnet18.runtime.hardware import flags_above_isa_cap, has_native_bfloat16
 
     cpu = frozenset({"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"})
     assert not has_native_bfloat16(cpu - flags_above_isa_cap("AVX2"))
@@ -144,7 +144,7 @@ def test_a_onednn_isa_cap_takes_away_the_flags_above_it():
 def test_float16_is_refused_where_the_isa_cap_hides_the_cpus_float16(monkeypatch):
     # TensorFlow routes float16 convolutions to oneDNN by the CPU's own flags; under a cap below
     # AVX512-FP16 oneDNN cannot build them (seen on an Intel Xeon with AMX: AbortedError at the first step).
-    from resnet18 import hardware
+    from resnet18.runtime import hardware
 
     intel = frozenset({"avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16"})
     assert hardware.float16_blocked_by_isa_cap(intel, intel - hardware.flags_above_isa_cap("AVX2"))
@@ -162,8 +162,8 @@ def test_float16_is_refused_where_the_isa_cap_hides_the_cpus_float16(monkeypatch
 
 
 def test_a_multi_host_tpu_has_one_chief_and_one_input_pipeline_per_host():
-    from resnet18 import input_pipeline
-    from resnet18.topology import tpu_topology
+    from resnet18.data import pipeline as input_pipeline
+    from resnet18.runtime.topology import tpu_topology
 
     pod = tpu_topology(num_replicas=32, num_hosts=4)  # e.g. a v4-32 slice: 4 hosts x 8 cores
     assert pod.is_chief and pod.num_processes == 1 and pod.num_input_pipelines == 4

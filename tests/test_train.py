@@ -10,7 +10,7 @@ import pytest
 
 from resnet18.config import RuntimeConfig, build_config
 from launcher.strategy import make_strategy
-from resnet18.train import train_and_evaluate
+from resnet18.training.loop import train_and_evaluate
 from tests.conftest import TINY_JOB, TINY_TEST, TINY_TRAIN, run_launcher
 
 SUMMARY_KEYS = {"test_accuracy", "test_loss", "epochs", "steps", "global_batch_size", "strategy",

@@ -1,4 +1,4 @@
-"""Checkpoints: a restore that survives a corrupt or partial latest checkpoint, and the Checkpointer.
+"""Checkpoint files: which checkpoints a directory holds, and a restore that survives damaged ones.
 
 tf.train.CheckpointManager writes a checkpoint to a temporary name and records it
 in the `checkpoint` state file only once it is complete, so a crash mid-save
@@ -7,20 +7,21 @@ when the latest files are damaged afterwards (truncated copy, full disk, a bad
 sync) or the state file is garbage: restoring then fails with DataLossError and
 a naive job starts again from step 0. Here every checkpoint found is tried,
 newest first, and the first that restores completely wins.
+
+Used by training (resume), warm starts, teachers, the sidecar evaluator, export and status.
+
+    python -c "from resnet18.runtime.checkpoint_files import checkpoint_candidates as c; print(c('runs/x/checkpoints'))"
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
-from typing import Callable
 
 import tensorflow as tf
 from absl import logging
 
-from resnet18.errors import SetupError, TrainingError, first_line
+from resnet18.runtime.errors import first_line
 
 _CHECKPOINT_INDEX = re.compile(r"^(ckpt-(\d+))\.index$")
 EPOCHS_DIR = "epoch_checkpoints"  # sidecar evaluation: each epoch's evaluated weights, until evaluated
@@ -120,80 +121,3 @@ def remove_stale_temporaries(directory: str) -> list[str]:
                     tf.io.gfile.remove(path)
                 removed.append(path)
     return removed
-
-
-class Checkpointer:
-    """Saves and restores a TrainState in WORKDIR/checkpoints (and the best epoch in WORKDIR/best).
-
-    Every worker restores the chief's newest good checkpoint (WORKDIR must be storage
-    all workers see) and takes part in every save (saving may use collectives), but
-    only the chief keeps what it saves: the others write into a temporary directory
-    deleted by `close()`. Weights are checked to be finite before every save.
-    """
-
-    def __init__(self, state, workdir: str, is_chief: bool, max_to_keep: int,
-                 sync_statistics: Callable[[], None], weights_are_finite: Callable[[], bool]):
-        self.state = state
-        self.is_chief = is_chief
-        self.chief_dir = os.path.join(workdir, "checkpoints")
-        self.directory = self.chief_dir if is_chief else tempfile.mkdtemp(prefix="ckpt_worker_")
-        self.last_saved: str | None = None
-        self._sync_statistics = sync_statistics
-        self._weights_are_finite = weights_are_finite
-        self._manager = tf.train.CheckpointManager(state.checkpoint(), self.directory, max_to_keep=max_to_keep)
-        best_dir = os.path.join(workdir, "best") if is_chief else os.path.join(self.directory, "best")
-        self._best = tf.train.CheckpointManager(tf.train.Checkpoint(model=state.evaluated_model), best_dir,
-                                                max_to_keep=1)
-        # For a sidecar evaluator: every epoch's evaluated weights, kept until it has evaluated them
-        # (it deletes each), so none is lost to checkpoint_max_to_keep while it is busy.
-        epochs_dir = os.path.join(workdir, EPOCHS_DIR) if is_chief else os.path.join(self.directory, EPOCHS_DIR)
-        self._epochs = tf.train.CheckpointManager(tf.train.Checkpoint(model=state.evaluated_model), epochs_dir,
-                                                  max_to_keep=None)
-
-    def restore(self) -> int:
-        """Restores the newest good checkpoint, if any; returns the step to start from.
-
-        Raises:
-          SetupError: checkpoints exist but none can be restored into this state.
-        """
-        if self.is_chief:
-            for path in remove_stale_temporaries(self.chief_dir):
-                print(f"Removed {path}, left by an interrupted save", flush=True)
-        average = self.state.average
-        # A weight average turned on for a run whose checkpoints have none starts from the restored weights.
-        average_is_new = average is not None and not holds_object(self.chief_dir, "ema_model")
-        try:
-            self.last_saved = restore_latest_good(self.state.checkpoint(with_average=not average_is_new),
-                                                  self.chief_dir)
-        except RuntimeError as error:
-            raise SetupError(str(error)) from None
-        if average_is_new and self.last_saved:
-            average.copy_weights()
-            if self.is_chief:
-                print("train.ema_decay is new for this run: the weight average starts from the restored weights",
-                      flush=True)
-        return int(self.state.step.numpy())
-
-    def save(self, step: int, statistics_synced: bool = False) -> None:
-        """Checkpoints at `step` on every worker; never writes non-finite weights."""
-        if not statistics_synced:
-            self._sync_statistics()
-        if not self._weights_are_finite():
-            raise TrainingError(f"weights became NaN/Inf by step {step}; stopping without saving "
-                                f"(the last good checkpoint, {self.last_saved}, is kept)")
-        self.state.step.assign(step)
-        self.last_saved = self._manager.save(checkpoint_number=step)
-        if self.is_chief:
-            print(f"Checkpoint at step {step}: {self.last_saved}", flush=True)
-
-    def save_for_evaluator(self, step: int) -> str:
-        """Keeps the evaluated weights of the epoch ending at `step` for the sidecar evaluator."""
-        return self._epochs.save(checkpoint_number=step)
-
-    def save_best(self, step: int) -> str:
-        """Keeps the evaluated weights as the best epoch's (every worker takes part)."""
-        return self._best.save(checkpoint_number=step)
-
-    def close(self) -> None:
-        if not self.is_chief:
-            shutil.rmtree(self.directory, ignore_errors=True)

@@ -11,7 +11,7 @@ An explicit `float16` on a CPU is refused where an ONEDNN_MAX_CPU_ISA cap hides 
 CPU's AVX512-FP16/AMX-FP16: TensorFlow sends float16 convolutions to oneDNN by the
 CPU's own flags, and oneDNN under the cap cannot build one (the first step aborts).
 
-    python -c "from resnet18 import hardware; print(hardware.cpu_summary())"
+    python -c "from resnet18.runtime import hardware; print(hardware.cpu_summary())"
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import functools
 import os
 import platform
 
-from resnet18.errors import ConfigError
+from resnet18.runtime.errors import ConfigError
 
 NATIVE_BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 NATIVE_FLOAT16_CPU_FLAGS = ("avx512_fp16", "amx_fp16")

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 
-from resnet18.errors import EXIT_RETRYABLE
+from resnet18.runtime.errors import EXIT_RETRYABLE
 
 BEFORE_HARD_EXIT: list = []  # callables run before the watchdog's os._exit (e.g. flushing a task's log copy)
 

@@ -19,7 +19,7 @@ data_dir with the real one: the launcher always prepares it in a directory of
 its own, `generated_data_dir(ROOT, ...)` = ROOT/generated-cifar10-<train>-<test>,
 marked by a `generated.json`, and a real-data run refuses a data_dir so marked.
 
-    python -m resnet18.generated_cifar10 --root /tmp/fake_tfds --train 3000 --test 1000
+    python -m resnet18.data.generated_cifar10 --root /tmp/fake_tfds --train 3000 --test 1000
 """
 
 from __future__ import annotations

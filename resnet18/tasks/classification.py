@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from resnet18.errors import TrainingError
+from resnet18.runtime.errors import TrainingError
 
 
 def make_evaluate(strategy: tf.distribute.Strategy, model: keras.Model, dataset, steps: int, num_classes: int,

@@ -4,7 +4,7 @@ Everything here creates variables, so `build_train_state` runs inside the
 strategy scope. The checkpoint is built from the state and only from it, so
 what is saved and what is restored can never drift apart.
 
-    python -c "import resnet18.state as s; help(s.build_train_state)"
+    python -c "import resnet18.training.state as s; help(s.build_train_state)"
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import keras
 import tensorflow as tf
 
 from resnet18.config import Config
-from resnet18.ema import WeightAverage
-from resnet18.model import build_model
-from resnet18.optimization import WarmupDecay, make_optimizer, make_schedule
+from resnet18.training.ema import WeightAverage
+from resnet18.models.resnet import build_model
+from resnet18.training.optimizers import WarmupDecay, make_optimizer, make_schedule
 
 
 @dataclasses.dataclass
@@ -50,7 +50,7 @@ def build_network(config: Config, num_classes: int, precision: str = "float32") 
     inference mode (Keras does so for non-trainable BatchNormalization).
     """
     if config.train.task == "simclr":
-        from resnet18.simclr import build_simclr_model
+        from resnet18.tasks.simclr import build_simclr_model
 
         return build_simclr_model(config, num_classes, precision)
     model = build_model(config, num_classes, precision)
@@ -66,7 +66,7 @@ def build_train_state(config: Config, strategy: tf.distribute.Strategy, num_clas
     with strategy.scope():
         model = build_network(config, num_classes, precision)
         if config.train.init_from:
-            from resnet18.warm_start import initialize_from
+            from resnet18.training.weights import initialize_from
 
             initialize_from(model, config, num_classes)
         schedule = make_schedule(config, steps_per_epoch)

@@ -20,9 +20,9 @@ from typing import Any
 import tensorflow as tf
 
 from resnet18 import config as config_lib
-from resnet18.checkpointing import checkpoint_candidates
+from resnet18.runtime.checkpoint_files import checkpoint_candidates
 from resnet18.config import Config
-from resnet18.errors import ConfigError
+from resnet18.runtime.errors import ConfigError
 
 
 def check_resume_config(config: Config, workdir: str) -> None:

@@ -27,7 +27,7 @@ area smaller than (1 - lam) on average, so with alpha=1 the mean own-label
 weight is about 0.69 on 32x32 images, not 0.5 (the paper's code has the same
 property).
 
-    python -c "import resnet18.cutmix as c; help(c)"
+    python -c "import resnet18.data.cutmix as c; help(c)"
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from typing import Callable
 import keras
 import tensorflow as tf
 
-from resnet18.errors import SetupError
+from resnet18.runtime.errors import SetupError
 
 
 def batch_norm_statistics(models: list[keras.Model]) -> list[tuple[tf.Variable, tf.Variable]]:

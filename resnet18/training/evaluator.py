@@ -39,15 +39,17 @@ from typing import Any
 
 import tensorflow as tf
 
-from resnet18 import hardware, input_pipeline, sources
-from resnet18.checkpointing import EPOCHS_DIR, checkpoint_candidates
+from resnet18.data import pipeline as input_pipeline
+from resnet18.data import sources
+from resnet18.runtime import hardware
+from resnet18.runtime.checkpoint_files import EPOCHS_DIR, checkpoint_candidates
 from resnet18.config import Config
-from resnet18.errors import RetryableError, TrainingError
-from resnet18.evaluation import make_evaluate
-from resnet18.history import EVALUATIONS_FILE, read_evaluations
-from resnet18.model import build_model
-from resnet18.run_status import HEARTBEAT_SECONDS, append_event, read_json, read_status, write_json
-from resnet18.summaries import Summaries
+from resnet18.runtime.errors import RetryableError, TrainingError
+from resnet18.tasks.classification import make_evaluate
+from resnet18.runtime.history import EVALUATIONS_FILE, read_evaluations
+from resnet18.models.resnet import build_model
+from resnet18.runtime.status import HEARTBEAT_SECONDS, append_event, read_json, read_status, write_json
+from resnet18.runtime.summaries import Summaries
 
 POLL_SECONDS = 1.0
 SUMMARY_WAIT_SECONDS = 120  # after the last epoch, how long to wait for the trainer's summary.json

@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from resnet18.config import Config, SimCLRConfig
-from resnet18.model import build_model, encoder_of
+from resnet18.models.resnet import build_model, encoder_of
 
 LARGE = 1e9  # masks an anchor's similarity with itself
 # Uniform random numbers per view: crop area, aspect ratio, top, left; flip; jitter gate; brightness,
@@ -88,7 +88,7 @@ def _color_jitter(pixels: tf.Tensor, u: tf.Tensor, options: SimCLRConfig) -> tf.
 
 def build_simclr_model(config: Config, num_classes: int, precision: str = "float32") -> keras.Model:
     """Images -> projections: the encoder of `config`'s network and the projection head."""
-    from resnet18.model import DTYPE_POLICIES
+    from resnet18.models.resnet import DTYPE_POLICIES
 
     encoder = encoder_of(build_model(config, num_classes, precision))
     policy = DTYPE_POLICIES[precision]

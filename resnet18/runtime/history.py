@@ -5,7 +5,7 @@ The epoch-end rules (callbacks.py) replay it on resume, the report plots it and
 mid-write on storage without atomic rename) is skipped with a warning, the same
 way for every reader.
 
-    python -c "from resnet18.history import read_history; print(read_history('runs/cpu_smoke'))"
+    python -c "from resnet18.runtime.history import read_history; print(read_history('runs/cpu_smoke'))"
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ weights for a seed are exactly the plain ResNet18's):
                 every replica normalises (and updates its moving statistics) with
                 the global batch's; without a strategy it is plain BN.
 
-    python -c "import resnet18.model as m; m.build_resnet18().summary()"
+    python -c "import resnet18.models.resnet as m; m.build_resnet18().summary()"
 """
 
 from __future__ import annotations

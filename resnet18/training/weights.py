@@ -19,9 +19,9 @@ import keras
 import tensorflow as tf
 
 from resnet18 import config as config_lib
-from resnet18.checkpointing import restore_latest_good
+from resnet18.runtime.checkpoint_files import restore_latest_good
 from resnet18.config import Config
-from resnet18.errors import ConfigError, SetupError
+from resnet18.runtime.errors import ConfigError, SetupError
 
 MUST_MATCH = ("model.arch", "model.width", "model.se", "data.image_size")
 HEADS = ("logits", "projection_hidden", "projection_bn", "projection_relu", "projection_out")
@@ -34,7 +34,7 @@ def initialize_from(model: keras.Model, config: Config, num_classes: int) -> str
       SetupError: the directory holds no run or no readable checkpoint.
       ConfigError: its network is another architecture (each differing key named).
     """
-    from resnet18.state import build_network
+    from resnet18.training.state import build_network
 
     source_dir = config.train.init_from
     path = os.path.join(source_dir, "config.yaml")

@@ -11,7 +11,7 @@ for training (from the strategy), so the two can never disagree:
   pipeline per TPU host (`InputContext.num_input_pipelines == extended.num_hosts`).
 - Every other strategy is one process, one pipeline, chief.
 
-    python -c "import resnet18.topology as t; help(t)"
+    python -c "import resnet18.runtime.topology as t; help(t)"
 """
 
 from __future__ import annotations

@@ -29,10 +29,10 @@ import numpy as np
 import tensorflow as tf
 
 from resnet18 import config as config_lib
-from resnet18.checkpointing import checkpoint_candidates, restore_latest_good
+from resnet18.runtime.checkpoint_files import checkpoint_candidates, restore_latest_good
 from resnet18.config import Config
-from resnet18.errors import ConfigError, SetupError
-from resnet18.model import build_model
+from resnet18.runtime.errors import ConfigError, SetupError
+from resnet18.models.resnet import build_model
 
 TEACHER_FILE = "teacher.json"
 MUST_MATCH = ("data.dataset", "data.image_folder", "data.image_size", "data.generated")  # same task as the student

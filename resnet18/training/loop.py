@@ -26,25 +26,28 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from resnet18 import callbacks, hardware, replicas
+from resnet18.runtime import hardware
+from resnet18.training import epoch_rules as callbacks
+from resnet18.training import replicas
 from resnet18 import config as config_lib
-from resnet18 import input_pipeline, sources
-from resnet18.checkpointing import Checkpointer
+from resnet18.data import pipeline as input_pipeline
+from resnet18.data import sources
+from resnet18.training.checkpointing import Checkpointer
 from resnet18.config import Config
-from resnet18.errors import RetryableError, TrainingError, first_line
-from resnet18.evaluation import make_evaluate
-from resnet18.history import read_history, write_history
-from resnet18.optimization import make_train_step
-from resnet18.distill import check_same_teacher, load_teacher
-from resnet18.model import encoder_of
-from resnet18.preemption import PreemptionWatcher
-from resnet18.simclr import make_knn_evaluate
-from resnet18.state import TrainState, build_train_state
-from resnet18.summaries import Summaries
-from resnet18.run_config import check_resume_config, save_config
-from resnet18.run_status import Heartbeat, append_event
-from resnet18.topology import Topology, describe, topology_of
-from resnet18.watchdog import Watchdog
+from resnet18.runtime.errors import RetryableError, TrainingError, first_line
+from resnet18.tasks.classification import make_evaluate
+from resnet18.runtime.history import read_history, write_history
+from resnet18.training.optimizers import make_train_step
+from resnet18.tasks.distillation import check_same_teacher, load_teacher
+from resnet18.models.resnet import encoder_of
+from resnet18.runtime.preemption import PreemptionWatcher
+from resnet18.tasks.simclr import make_knn_evaluate
+from resnet18.training.state import TrainState, build_train_state
+from resnet18.runtime.summaries import Summaries
+from resnet18.training.run_config import check_resume_config, save_config
+from resnet18.runtime.status import Heartbeat, append_event
+from resnet18.runtime.topology import Topology, describe, topology_of
+from resnet18.runtime.watchdog import Watchdog
 
 _IMPORT_TIME = time.time()
 

@@ -20,8 +20,8 @@ import keras
 import tensorflow as tf
 
 from resnet18.config import Config
-from resnet18.ema import WeightAverage
-from resnet18.model import decayed_kernels
+from resnet18.training.ema import WeightAverage
+from resnet18.models.resnet import decayed_kernels
 
 
 class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
@@ -174,7 +174,7 @@ def make_objective(model: keras.Model, config: Config, num_classes: int, teacher
     train = config.train
     smoothing = train.label_smoothing
     if train.task == "simclr":
-        from resnet18.simclr import nt_xent
+        from resnet18.tasks.simclr import nt_xent
 
         def contrastive(views, targets):  # noqa: ARG001 - no labels in self-supervised training
             shape = tf.shape(views)
@@ -192,7 +192,7 @@ def make_objective(model: keras.Model, config: Config, num_classes: int, teacher
         if teacher is None:
             per_example = tf.nn.softmax_cross_entropy_with_logits(smoothed, tf.cast(logits, tf.float32))
         else:
-            from resnet18.distill import distillation_loss
+            from resnet18.tasks.distillation import distillation_loss
 
             teacher_logits = tf.stop_gradient(teacher(images, training=False))  # frozen, inference mode
             per_example = distillation_loss(logits, teacher_logits, smoothed, config.distill.alpha,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import signal
 import threading
 
-from resnet18.errors import RetryableError
+from resnet18.runtime.errors import RetryableError
 
 
 def preempted_before_training(signum=None, frame=None) -> None:  # noqa: ARG001 - signal handler signature

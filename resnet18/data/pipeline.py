@@ -18,7 +18,7 @@ Evaluation walks the test split in order in global batches of B positions; the
 positions past the end are padding with mask 0, so every example counts exactly
 once, whatever B and the number of replicas.
 
-    python -c "import resnet18.input_pipeline as p; help(p.train_dataset_fn)"
+    python -c "import resnet18.data.pipeline as p; help(p.train_dataset_fn)"
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ from typing import Callable
 
 import tensorflow as tf
 
-from resnet18.augment import Augmentation, make_augmentation
+from resnet18.data.augment import Augmentation, make_augmentation
 from resnet18.config import DataConfig, SimCLRConfig
-from resnet18.cutmix import cutmix
-from resnet18.errors import SetupError
-from resnet18.simclr import PARAMS_PER_IMAGE, two_views
-from resnet18.sources import ExampleStore, Source
+from resnet18.data.cutmix import cutmix
+from resnet18.runtime.errors import SetupError
+from resnet18.tasks.simclr import PARAMS_PER_IMAGE, two_views
+from resnet18.data.sources import ExampleStore, Source
 
 # tf.data's autotuner is off, with fixed parallelism instead: its model thread can miss the
 # cancellation when an iterator is destroyed and sleep out its optimisation period (up to 60 s).

@@ -18,7 +18,7 @@ Generated stand-in data lives in a directory of its own
 (`generated_cifar10.generated_data_dir`), never in a TFDS data_dir that real data
 could share, and a real-data run refuses a data_dir that holds generated data.
 
-    python -c "from resnet18 import sources; help(sources.prepare_source)"
+    python -c "from resnet18.data import sources; help(sources.prepare_source)"
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from resnet18 import generated_cifar10
+from resnet18.data import generated_cifar10
 from resnet18.config import DataConfig
-from resnet18.errors import SetupError, first_line
+from resnet18.runtime.errors import SetupError, first_line
 
 # TFDS suggests OpenCV on every worker's first decode; PIL decodes these small images well enough.
 logging.getLogger("absl").addFilter(lambda record: "OpenCV is not installed" not in record.getMessage())
