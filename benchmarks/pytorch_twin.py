@@ -5,7 +5,7 @@
     python -m benchmarks.throughput --batch 128 --precisions float32 --end_to_end_precision float32 --xla false \
         --batch_norm fused,keras --skip keras_fit,workers,startup         # the TensorFlow side, same batch
 
-The network mirrors resnet18/model.py (11,173,962 trainable parameters at width 64, as
+The network mirrors resnet18/models/resnet.py (11,173,962 trainable parameters at width 64, as
 tests/test_model.py pins for ours; 3x3 stem without max-pool, two basic blocks per
 stage, 1x1 projection shortcuts, global average pool, dense head) and the step is the
 launcher's (SGD with Nesterov momentum, cross-entropy; no weight decay, which is a few

@@ -116,8 +116,11 @@ def model_step_images_per_sec(config, precision: str, xla: bool, warmup: int, st
     import tensorflow as tf
 
     from resnet18.models.resnet import build_resnet18
-    from resnet18.training.optimizers import make_optimizer, make_schedule, make_train_step
-    from resnet18.models.resnet import DTYPE_POLICIES
+    from resnet18.training.optimizers import make_optimizer
+    from resnet18.training.schedules import make_schedule
+    from resnet18.models.layers import DTYPE_POLICIES
+    from resnet18.tasks.classification import cross_entropy
+    from resnet18.training.step import make_train_step
 
     batch = config.train.global_batch_size
     model = build_resnet18(width=config.model.width, dtype_policy=DTYPE_POLICIES[precision],
@@ -126,7 +129,7 @@ def model_step_images_per_sec(config, precision: str, xla: bool, warmup: int, st
     optimizer.build(model.trainable_variables)
     # train.xla compiles the forward and backward pass, exactly as in training.
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, xla=xla))
-    train_step = make_train_step(model, optimizer, config, num_classes=10)
+    train_step = make_train_step(model, optimizer, cross_entropy(model, config, 10), config, num_classes=10)
     images = tf.random.stateless_normal([batch, 32, 32, 3], [5, 6])
     labels = tf.random.stateless_uniform([batch], [7, 8], 0, 10, dtype=tf.int32)
 
@@ -143,10 +146,12 @@ def pipeline_images_per_sec(source, config, batches: int) -> float:
     """The training input pipeline alone (default augmentation), on this host."""
     import tensorflow as tf
 
-    from resnet18.data import pipeline as input_pipeline
+    from resnet18.data import pipeline
+    from resnet18.data.augment import AUGMENTATIONS
 
-    dataset_fn = input_pipeline.train_dataset_fn(
-        source, config.data, config.train.global_batch_size, epochs=1000, seed=0)
+    dataset_fn = pipeline.train_dataset_fn(
+        source, config.data, AUGMENTATIONS[config.data.augmentation], config.train.global_batch_size, epochs=1000,
+        seed=0)
     iterator = iter(dataset_fn(tf.distribute.InputContext(1, 0, 1)))
     for _ in range(20):  # fill the cache and the prefetch buffers
         next(iterator)
@@ -178,7 +183,7 @@ def keras_fit_baseline(source, width: int, batch: int, warmup: int, steps: int) 
     model.fit(flow, steps_per_epoch=steps, epochs=1, verbose=0, callbacks=[clock])
     # From the start of training to the end of its last step: the deletion of fit's tf.data
     # iterator afterwards is left out, as the launcher's figure leaves out the end of its run
-    # (it sleeps up to a minute in 2 of 4 runs here: see resnet18/input_pipeline.py).
+    # (it sleeps up to a minute in 2 of 4 runs here: see resnet18/data/pipeline.py).
     return batch * steps / (clock.last_step_end - clock.train_begin), 20 * batch / generator_seconds
 
 

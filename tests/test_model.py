@@ -13,9 +13,9 @@ import pytest
 import tensorflow as tf
 
 from resnet18.runtime import hardware
-from resnet18.models.resnet import (
-    BLOCKS_PER_STAGE, SE_REDUCTION, STAGE_MULTIPLIERS, Subsample, build_resnet18, decayed_kernels,
-)
+from resnet18.models import ARCHITECTURES, decayed_kernels
+from resnet18.models.layers import SE_REDUCTION, Subsample
+from resnet18.models.resnet import BLOCKS_PER_STAGE, STAGE_MULTIPLIERS, build_resnet18
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -152,7 +152,8 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 
 import keras
 import numpy as np
-from resnet18.models.resnet import BN_MOMENTUM, build_resnet18
+from resnet18.models.layers import BN_MOMENTUM
+from resnet18.models.resnet import build_resnet18
 
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 per_replica_shape = [2, 8, 8, 3]
@@ -222,7 +223,7 @@ def test_sync_bn_all_reduces_batch_moments_across_replicas():
 
 @pytest.mark.parametrize("dtype", ["float32", "mixed_bfloat16"])
 def test_fused_batch_norm_computes_what_keras_batch_norm_computes(dtype):
-    from resnet18.models.resnet import FusedBatchNormalization
+    from resnet18.models.layers import FusedBatchNormalization
 
     if dtype == "mixed_bfloat16" and not hardware.has_native_bfloat16(hardware.cpu_flags()):
         pytest.skip("bfloat16 is emulated on this CPU (hardware.py): float32 is the case there")
@@ -290,9 +291,9 @@ _GRADIENTS_SCRIPT = """
 import sys
 import numpy as np
 import tensorflow as tf
-from resnet18.models.resnet import build_resnet18
+from resnet18.models import ARCHITECTURES
 
-model = build_resnet18(width=4, seed=1)
+model = ARCHITECTURES[sys.argv[2]](width=4, seed=1)
 rng = np.random.default_rng(0)
 images = tf.constant(rng.uniform(0, 255, size=(64, 32, 32, 3)), tf.float32)
 labels = tf.constant(rng.integers(0, 10, size=64))
@@ -310,19 +311,21 @@ np.savez(sys.argv[1], **{f"{i} {v.path}": g.numpy() for i, run in enumerate(runs
 """
 
 
-@pytest.mark.slow  # two fresh TensorFlow processes
-def test_narrow_model_gradients_are_right_on_avx2_kernels_too(tmp_path):
+@pytest.mark.slow  # three fresh TensorFlow processes
+@pytest.mark.parametrize("arch", ["resnet18", "resnext29_8x64d"])
+def test_narrow_model_gradients_are_right_on_avx2_kernels_too(tmp_path, arch):
     """oneDNN's AVX2 kernels give the narrow model the gradients TensorFlow's own (Eigen) kernels give.
 
-    Guards the strided-1x1 workaround (resnet18/model.py, oneDNN issue 6035): with a plain strided
+    Guards the strided-1x1 workaround (resnet18/models/layers.py, oneDNN issue 6035): with a plain strided
     conv, ONEDNN_MAX_CPU_ISA=AVX2 gave stage2_block1_proj_conv a gradient 2.3x its size off, different
-    call to call. The cap makes this machine run the kernels of a CPU without AVX-512.
+    call to call. The cap makes this machine run the kernels of a CPU without AVX-512. ResNeXt's
+    grouped convolutions (8 groups of 4 to 16 channels at width 4) go through the same three paths.
     """
     results = {}
     cases = {"eigen": {"TF_ENABLE_ONEDNN_OPTS": "0"}, "native": {}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2"}}
     for name, env in cases.items():
         path = tmp_path / f"{name}.npz"
-        run = subprocess.run([sys.executable, "-c", _GRADIENTS_SCRIPT, str(path)], cwd=REPO, capture_output=True,
+        run = subprocess.run([sys.executable, "-c", _GRADIENTS_SCRIPT, str(path), arch], cwd=REPO, capture_output=True,
                              text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **env})
         assert run.returncode == 0, run.stderr[-3000:]
         results[name] = np.load(path)
@@ -334,3 +337,31 @@ def test_narrow_model_gradients_are_right_on_avx2_kernels_too(tmp_path):
         for name in ("native", "avx2"):
             np.testing.assert_allclose(results[name][key], reference[key], rtol=0, atol=1e-4 * scale,
                                        err_msg=f"{name}: {key}")
+
+
+# --- ResNeXt-29 -------------------------------------------------------------------------------
+
+def test_resnext29_has_the_papers_size_and_kuangliu_s_at_2x64d():
+    counts = {}
+    for arch in ("resnext29_8x64d", "resnext29_2x64d"):
+        model = ARCHITECTURES[arch](num_classes=10)
+        counts[arch] = sum(int(np.prod(variable.shape)) for variable in model.trainable_variables)
+    # Xie et al. 2017, Table 7: ResNeXt-29 8x64d has 34.4 M parameters.
+    assert counts["resnext29_8x64d"] == 34_426_698
+    # kuangliu/pytorch-cifar's ResNeXt29_2x64d counts 9,128,778 (torch, its models/resnext.py): the same
+    # blocks with a 1x1 stem conv (3 x 64 weights) where the paper's, and ours, is 3x3 (3 x 64 x 9).
+    assert counts["resnext29_2x64d"] == 9_128_778 + 3 * 64 * 8
+
+
+def test_resnext_blocks_are_grouped_convolutions_of_cardinality_groups():
+    model = ARCHITECTURES["resnext29_8x64d"](width=4, image_size=16)
+    grouped = model.get_layer("stage1_block1_b_conv")
+    assert grouped.groups == 8 and grouped.kernel.shape == (3, 3, 4, 32)  # 8 groups of d = 4 channels
+    assert model.get_layer("stage3_block3_c_conv").filters == 4 * 16  # 4 n, n = width x 2^(3-1)
+    images = tf.random.stateless_uniform([2, 16, 16, 3], [1, 2], maxval=255.0)
+    block_input = model.get_layer("stage1_block1_a_relu").output
+    inputs, outputs = keras.Model(model.input, [block_input, grouped.output])(images, training=False)
+    per_group = tf.concat([tf.nn.conv2d(part, kernel, 1, "SAME") for part, kernel in zip(
+        tf.split(inputs, 8, axis=-1), tf.split(grouped.kernel, 8, axis=-1))], axis=-1)
+    # Each output channel is the same 36-term dot product of its own group: round-off at most.
+    np.testing.assert_allclose(outputs, per_group, rtol=1e-5, atol=1e-5)
