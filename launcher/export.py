@@ -77,7 +77,7 @@ def load_trained_model(workdir: str, weights: str = "latest"):
 
     from resnet18.data import sources
     from resnet18.runtime.checkpoint_files import checkpoint_candidates, restore_latest_good
-    from resnet18.training.state import build_network
+    from resnet18.tasks import task_of
 
     config_path = _confined(workdir, os.path.join(workdir, "config.yaml"))
     if not os.path.isfile(config_path):
@@ -92,7 +92,7 @@ def load_trained_model(workdir: str, weights: str = "latest"):
         for path in glob.glob(glob.escape(prefix) + ".*"):
             _confined(workdir, path)
     source = sources.prepare_source(config.data, workdir)
-    model = build_network(config, source.num_classes)
+    model = task_of(config).build_network(config, source.num_classes, "float32")
     # The evaluated weights: the best checkpoint holds them as `model`; training checkpoints
     # hold the weight average (if any) as `ema_model`. The optimizer is not needed for inference.
     use_average = weights == "latest" and config.train.ema_decay > 0
@@ -194,16 +194,21 @@ def _tflite_predict(path: str):
 
 
 def export(workdir: str, formats: list[str], weights: str = "latest") -> dict[str, Any]:
-    """Writes WORKDIR/export/ and its report.json; returns the report."""
+    """Writes WORKDIR/export/ and its report.json, as the run's task exports (EXPORTERS); returns the report."""
+    from resnet18.tasks import task_of
+
+    config, source, model, prefix = load_trained_model(workdir, weights)
+    os.makedirs(os.path.join(workdir, "export"), exist_ok=True)
+    return EXPORTERS[task_of(config).exports](workdir, formats, config, source, model, prefix)
+
+
+def export_classifier(workdir: str, formats: list[str], config, source, model, prefix: str) -> dict[str, Any]:
+    """A classifier: SavedModel, TFLite float32 and int8, ONNX, each evaluated on the test split."""
     import numpy as np
     import tensorflow as tf
 
-    config, source, model, prefix = load_trained_model(workdir, weights)
     size = config.data.image_size
     out = os.path.join(workdir, "export")
-    os.makedirs(out, exist_ok=True)
-    if config.train.task == "simclr":  # a pre-trained encoder: images -> features, nothing to classify yet
-        return export_encoder(workdir, model, source, prefix)
     with open(os.path.join(out, "labels.txt"), "w", encoding="utf-8") as stream:
         stream.write("\n".join(source.class_names) + "\n")
     module = ServingModule(model, size)
@@ -270,7 +275,8 @@ def export(workdir: str, formats: list[str], weights: str = "latest") -> dict[st
     return report
 
 
-def export_encoder(workdir: str, model, source, prefix: str) -> dict[str, Any]:
+def export_encoder(workdir: str, formats: list[str], config, source, model, prefix: str  # noqa: ARG001
+                   ) -> dict[str, Any]:
     """WORKDIR/export/encoder/1: a SavedModel, uint8 images [N, H, W, 3] -> features [N, D] (SimCLR runs).
 
     Checked against the checkpoint's encoder on the test images (largest difference reported).
@@ -278,7 +284,7 @@ def export_encoder(workdir: str, model, source, prefix: str) -> dict[str, Any]:
     import numpy as np
     import tensorflow as tf
 
-    from resnet18.models.resnet import encoder_of
+    from resnet18.models import encoder_of
 
     encoder = encoder_of(model)
     size = model.input_shape[1]
@@ -305,6 +311,13 @@ def export_encoder(workdir: str, model, source, prefix: str) -> dict[str, Any]:
     print(f"encoder      {_size(path) / 1e6:8.2f} MB  images -> {exported.shape[1]} features "
           f"(largest difference from the checkpoint {report['artifacts'][0]['max_abs_difference']:.2e})", flush=True)
     return report
+
+
+# Task.exports -> what `python -m launcher.export` writes for it.
+EXPORTERS: dict[str, Callable[..., dict[str, Any]]] = {
+    "classifier": export_classifier,
+    "encoder": export_encoder,
+}
 
 
 def _size(path: str) -> int:

@@ -159,9 +159,8 @@ def _markdown(config, summary, history, per_class, title) -> str:
         "",
         "| | |",
         "|---|---|",
-        f"| test accuracy | {_number(summary.get('test_accuracy'))} ({summary.get('test_examples', '?')} test examples)"
-        + (" (kNN monitor on the encoder's features)" if config.get("train", {}).get("task") == "simclr" else "")
-        + " |",
+        f"| test accuracy | {_number(summary.get('test_accuracy'))} ({summary.get('test_accuracy_of', 'test split')}, "
+        f"{summary.get('test_examples', '?')} test examples) |",
         f"| test loss | {_number(summary.get('test_loss'))} |",
         f"| epochs / steps | {summary['epochs']} / {summary['steps']} |",
         f"| strategy | {summary['strategy']}, {summary['num_replicas']} replica(s) |",

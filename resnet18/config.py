@@ -19,6 +19,7 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
+from resnet18.identity import RESUME, TEACHER, WARM_START, must_match
 from resnet18.runtime.errors import ConfigError
 
 # The allowed values of a key live in its type: the check, the error message and the
@@ -26,26 +27,19 @@ from resnet18.runtime.errors import ConfigError
 Strategy = Literal["auto", "one_device", "mirrored", "multi_worker", "tpu"]
 Augmentation = Literal["crop_flip", "rotate_shift_zoom_flip", "none"]
 Optimizer = Literal["sgd", "adam", "lars"]
-Task = Literal["classification", "simclr"]
+Task = Literal["classification", "distillation", "simclr"]
+Source = Literal["tfds", "image_folder", "generated"]
 Schedule = Literal["cosine", "constant", "plateau"]
 WeightDecayMode = Literal["l2", "decoupled"]
 BestMetric = Literal["test_accuracy", "test_loss"]
 Precision = Literal["auto", "float32", "bfloat16", "float16"]
 LrScaling = Literal["linear", "none"]
 Evaluation = Literal["inline", "sidecar"]
-Architecture = Literal["resnet18", "resnet50"]
+Architecture = Literal["resnet18", "resnet50", "resnext29_8x64d", "resnext29_2x64d"]
 
 # Old values still read, with a warning naming the new one; old keys ignored, with a warning saying why.
-DEPRECATED_VALUES = {
-    "data.augmentation": {"seed": "rotate_shift_zoom_flip"},
-}
-DEPRECATED_KEYS = {
-    "data.shuffle_buffer": "every epoch is a full permutation of the training set now",
-}
-# A key whose change makes the checkpoints of a work directory mean something else: it alters the
-# model, the data order or what a step is. A resumed run refuses such a change (exit 2); any other
-# key (epochs, learning rate, logging, checkpoint interval, devices, ...) may change and is recorded.
-FIXED = {"on_resume": "fixed"}
+DEPRECATED_VALUES = {"data.augmentation": {"seed": "rotate_shift_zoom_flip"}}
+DEPRECATED_KEYS = {"data.shuffle_buffer": "every epoch is a full permutation of the training set now"}
 FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
@@ -57,7 +51,7 @@ class RuntimeConfig:
     gpus: int | None = None  # GPUs of this machine to use; None = all found
     cpu_replicas: int = 0  # >0: split the CPU into N logical devices (MirroredStrategy)
     tpu: str | None = None  # TPU name, grpc:// address, or "local" on a TPU VM
-    seed: int = dataclasses.field(default=0, metadata=FIXED)  # model init, data order and augmentation
+    seed: int = dataclasses.field(default=0, metadata=must_match(RESUME))  # model init, data order, augmentation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,12 +66,18 @@ class GeneratedDataConfig:
 class DataConfig:
     """What to train on and how it is fed."""
 
-    dataset: str = dataclasses.field(default="cifar10", metadata=FIXED)  # any TFDS image-classification name
-    image_folder: str | None = dataclasses.field(default=None, metadata=FIXED)  # train/<class>/*, test/<class>/*
+    source: Source = dataclasses.field(default="tfds", metadata=must_match(RESUME, TEACHER))  # where images come
+    #                from: a TFDS data set (dataset), a folder of images (image_folder), or the generated stand-in
+    dataset: str = dataclasses.field(default="cifar10", metadata=must_match(RESUME, TEACHER))  # a TFDS image-
+    #                classification name (source tfds; generated data is in CIFAR-10's format)
+    image_folder: str | None = dataclasses.field(default=None, metadata=must_match(RESUME, TEACHER))  # source
+    #                image_folder: train/<class>/*, test/<class>/*
     data_dir: str | None = None  # TFDS data_dir (local path or gs://); None = TFDS default
     manual_dir: str | None = None  # folder holding cifar-10-binary.tar.gz for offline prep
-    generated: GeneratedDataConfig = dataclasses.field(default=GeneratedDataConfig(), metadata=FIXED)
-    image_size: int = dataclasses.field(default=32, metadata=FIXED)  # images of another size are resized to this
+    generated: GeneratedDataConfig = dataclasses.field(default=GeneratedDataConfig(),  # source generated
+                                                       metadata=must_match(RESUME, TEACHER))
+    image_size: int = dataclasses.field(default=32, metadata=must_match(RESUME, TEACHER, WARM_START))  # images
+    #                of another size are resized to this
     augmentation: Augmentation = "crop_flip"  # crop_flip: pad-4 crop + flip; rotate_shift_zoom_flip: rotation 15°,
     #                                        shift 0.1, zoom 0.1, flip (Keras ImageDataGenerator-style); none
     cutmix_prob: float = 0.0  # share of training batches mixed by CutMix (0 = off)
@@ -90,10 +90,14 @@ class DataConfig:
 class ModelConfig:
     """The network: the CIFAR ResNet18 (or ResNet50, e.g. as a distillation teacher)."""
 
-    arch: Architecture = "resnet18"  # resnet50: bottleneck blocks 3-4-6-3 (23.5 M parameters at width 64)
+    arch: Architecture = dataclasses.field(default="resnet18", metadata=must_match(WARM_START))  # resnet50:
+    #                bottleneck blocks 3-4-6-3 (23.5 M parameters at width 64); resnext29_8x64d / _2x64d:
+    #                ResNeXt-29 with 8 or 2 groups of 64 channels (34.4 M / 9.1 M parameters)
     freeze_encoder: bool = False  # train only the classifier (linear evaluation of a train.init_from encoder)
-    width: int = 64  # channels of stage 1; stages use width x (1, 2, 4, 8)
-    se: bool = False  # squeeze-and-excitation in every block (+89,080 parameters, +0.8 %, at width 64)
+    width: int = dataclasses.field(default=64, metadata=must_match(WARM_START))  # channels of stage 1; ResNet
+    #                stages use width x (1, 2, 4, 8), ResNeXt's bottlenecks width x (1, 2, 4)
+    se: bool = dataclasses.field(default=False, metadata=must_match(WARM_START))  # squeeze-and-excitation in
+    #                every block (+89,080 parameters, +0.8 %, at width 64 in ResNet18)
     sync_bn: bool = False  # batch-norm moments over the global batch (all replicas), not per replica
 
 
@@ -102,11 +106,13 @@ class TrainConfig:
     """The optimisation recipe and loop settings."""
 
     epochs: int = 30
-    global_batch_size: int = dataclasses.field(default=512, metadata=FIXED)  # summed over all replicas and workers
-    optimizer: Optimizer = dataclasses.field(default="sgd", metadata=FIXED)  # sgd (Nesterov momentum), adam, or
+    global_batch_size: int = dataclasses.field(default=512, metadata=must_match(RESUME))  # summed over all
+    #                replicas and workers
+    optimizer: Optimizer = dataclasses.field(default="sgd", metadata=must_match(RESUME))  # sgd (Nesterov), adam, or
     #                  lars (SimCLR's large-batch optimizer; weight decay inside it, not as a loss term)
-    task: Task = dataclasses.field(default="classification", metadata=FIXED)  # or simclr: self-supervised
-    #                  pre-training of the encoder (section simclr); accuracy is then the kNN monitor's
+    task: Task = dataclasses.field(default="classification", metadata=must_match(RESUME))  # classification;
+    #                  distillation from a teacher (section distill); or simclr: self-supervised pre-training
+    #                  of the encoder (section simclr), whose accuracy is the kNN monitor's (resnet18/tasks/)
     init_from: str | None = None  # a work directory whose latest weights start this run (layers matched by
     #                               name: a SimCLR encoder for linear evaluation or fine-tuning)
     learning_rate: float = 0.2  # per 256 images when lr_scaling is linear
@@ -141,10 +147,10 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
-    """Knowledge distillation (Hinton et al. 2015) from a teacher this launcher trained."""
+    """Knowledge distillation (Hinton et al. 2015) from a teacher this launcher trained (train.task distillation)."""
 
     # The teacher's work directory (its config.yaml and best, else latest, checkpoint); null = off.
-    teacher_workdir: str | None = dataclasses.field(default=None, metadata=FIXED)
+    teacher_workdir: str | None = dataclasses.field(default=None, metadata=must_match(RESUME))
     # loss = alpha x CE(labels) + (1 - alpha) x T^2 x KL(teacher_T || student_T). T = 4 as in CRD's
     # RepDistiller benchmark (Tian et al. 2020) for CIFAR; alpha = 0.5 weighs both terms equally
     # (RepDistiller uses 0.1 / 0.9, Hinton a small CE weight: tune it per pair).
@@ -157,8 +163,9 @@ class SimCLRConfig:
     """SimCLR pre-training (Chen et al. 2020), used when train.task is simclr."""
 
     temperature: float = 0.5  # NT-Xent tau (the paper's CIFAR-10 setting; 0.1 on ImageNet)
-    projection_dim: int = 128  # the 2-layer MLP head's output
-    projection_hidden: int = 0  # its hidden width; 0 = the encoder's output width
+    projection_dim: int = dataclasses.field(default=128, metadata=must_match(RESUME))  # the 2-layer MLP head's
+    projection_hidden: int = dataclasses.field(default=0, metadata=must_match(RESUME))  # output; its hidden width
+    #                                                                      (0 = the encoder's output width)
     crop_scale_min: float = 0.08  # random resized crop: area in [this, 1], aspect ratio in [3/4, 4/3]
     color_jitter_probability: float = 0.8
     brightness: float = 0.4  # jitter strengths (0.8 x the paper's colour strength 0.5)
@@ -177,7 +184,7 @@ class Config:
     name: str = "default"
     runtime: RuntimeConfig = RuntimeConfig()
     data: DataConfig = DataConfig()
-    model: ModelConfig = dataclasses.field(default=ModelConfig(), metadata=FIXED)
+    model: ModelConfig = dataclasses.field(default=ModelConfig(), metadata=must_match(RESUME))
     train: TrainConfig = TrainConfig()
     distill: DistillConfig = DistillConfig()
     simclr: SimCLRConfig = SimCLRConfig()
@@ -355,16 +362,7 @@ def validate(config: Config) -> None:
     for ok, key, expected in checks:
         if not ok:
             raise ConfigError(f"{key} must be {expected}, got {_value_of(config, key)!r}")
-    generated = config.data.generated
-    if (generated.train_examples > 0) != (generated.test_examples > 0):
-        raise ConfigError(
-            "data.generated.train_examples and data.generated.test_examples must both be > 0 "
-            "(generated data) or both be 0 (real data)"
-        )
-    if generated.train_examples and config.data.dataset != "cifar10":
-        raise ConfigError("data.generated works only with data.dataset: cifar10")
-    if generated.train_examples and config.data.image_folder:
-        raise ConfigError("data.generated and data.image_folder cannot be used together")
+    _validate_source(config.data)
     if config.train.xla and config.model.sync_bn and not config.runtime.tpu:
         # XLA compiles the pass as a nested function; synchronized BN all-reduces inside it,
         # which TensorFlow's mirrored strategies refuse ("merge_call called while defining a new graph").
@@ -380,7 +378,9 @@ def validate(config: Config) -> None:
         if needs_test_metrics:
             raise ConfigError(f"train.evaluation sidecar cannot drive {', '.join(needs_test_metrics)}: they need "
                               "each epoch's test metrics during training; use train.evaluation inline")
-    _validate_modes(config)
+    if config.model.freeze_encoder and not config.train.init_from:
+        raise ConfigError("model.freeze_encoder trains only the classifier: set train.init_from to the work "
+                          "directory of a trained encoder (e.g. a SimCLR pre-training)")
     if config.runtime.cpu_replicas and config.runtime.gpus:
         raise ConfigError("runtime.cpu_replicas and runtime.gpus cannot be used together")
     if config.runtime.strategy == "one_device" and config.runtime.cpu_replicas > 1:
@@ -419,24 +419,23 @@ def _mode_checks(config: Config) -> list[tuple[bool, str, str]]:
     ]
 
 
-def _validate_modes(config: Config) -> None:
-    """Distillation, SimCLR and linear evaluation: the combinations that make sense."""
-    simclr, teacher = config.train.task == "simclr", config.distill.teacher_workdir
-    if simclr and teacher:
-        raise ConfigError("distill.teacher_workdir and train.task simclr cannot be used together: SimCLR has no labels "
-                          "to distil")
-    if simclr and (config.data.cutmix_prob or config.train.tta_flip or config.model.freeze_encoder):
-        raise ConfigError("train.task simclr makes its own views: data.cutmix_prob, train.tta_flip and "
-                          "model.freeze_encoder do not apply")
-    if simclr and (config.train.lr_schedule == "plateau" or config.train.early_stopping_patience):
-        raise ConfigError("train.task simclr has no test loss to drive train.lr_schedule plateau or early stopping "
-                          "(its accuracy is the kNN monitor's)")
-    if simclr and config.train.xla and not config.runtime.tpu:
-        raise ConfigError("train.xla and train.task simclr cannot be used together on GPUs and CPUs: the gather of "
-                          "the global batch's projections would sit inside the compiled pass (on TPUs it is ignored)")
-    if config.model.freeze_encoder and not config.train.init_from:
-        raise ConfigError("model.freeze_encoder trains only the classifier: set train.init_from to the work "
-                          "directory of a trained encoder (e.g. a SimCLR pre-training)")
+def _validate_source(data: DataConfig) -> None:
+    """The keys of data.source are set, and the keys of the other sources are not."""
+    generated = data.generated
+    if data.source == "generated":
+        if generated.train_examples < 1 or generated.test_examples < 1:
+            raise ConfigError("data.source generated needs data.generated.train_examples and "
+                              "data.generated.test_examples > 0")
+        if data.dataset != "cifar10":
+            raise ConfigError("data.source generated writes CIFAR-10's format: data.dataset must be cifar10")
+    elif generated.train_examples or generated.test_examples:
+        raise ConfigError(f"data.generated is read only with data.source generated (data.source is {data.source})")
+    if data.source == "image_folder" and not data.image_folder:
+        raise ConfigError("data.source image_folder needs data.image_folder (a folder with train/<class>/* and "
+                          "test/<class>/*)")
+    if data.source != "image_folder" and data.image_folder:
+        raise ConfigError(f"data.image_folder is read only with data.source image_folder (data.source is "
+                          f"{data.source})")
 
 
 def check_batch_divisible(config: Config, num_replicas: int) -> None:
@@ -476,6 +475,7 @@ def build_config(
         config = merge(config, nest_overrides(parsed), "--set")
     if flags:
         config = merge(config, nest_overrides(list(flags.items())), "command line")
+    config = upgrade(config, job_file or "the command line")
     validate(config)
     return config
 
@@ -487,7 +487,24 @@ def from_yaml_text(text: str, source: str) -> Config:
     except yaml.YAMLError as error:
         raise ConfigError(f"{source} is not valid YAML: {error}") from None
     config = merge(Config(), content, source)
+    config = upgrade(config, source)
     validate(config)
+    return config
+
+
+def upgrade(config: Config, source: str) -> Config:
+    """Reads configs written before data.source and the distillation task as they were meant, with a warning."""
+    data, train = config.data, config.train
+    implied = "image_folder" if data.image_folder else "generated" if data.generated.train_examples else None
+    notes = []
+    if implied and data.source == "tfds":
+        notes.append(f"data.source is {implied} where data.{implied} is set; set data.source: {implied}")
+        config = dataclasses.replace(config, data=dataclasses.replace(data, source=implied))
+    if config.distill.teacher_workdir and train.task == "classification":
+        notes.append("distillation is train.task: distillation now (distill.teacher_workdir is set); set it")
+        config = dataclasses.replace(config, train=dataclasses.replace(train, task="distillation"))
+    for note in notes:
+        print(f"warning: {source}: {note}", file=sys.stderr, flush=True)
     return config
 
 
@@ -499,21 +516,3 @@ def to_dict(config: Config) -> dict[str, Any]:
 def dump(config: Config) -> str:
     """The config as YAML that `--job` reads back to the same config."""
     return yaml.safe_dump(to_dict(config), sort_keys=False)
-
-
-def resume_changes(saved: Config, new: Config) -> tuple[list[str], list[str]]:
-    """(refused, allowed): the keys that differ between the config of a work directory's
-    checkpoints and a new one, as "key: old -> new", split by whether they may change."""
-    refused, allowed = [], []
-    _compare(saved, new, "", False, refused, allowed)
-    return refused, allowed
-
-
-def _compare(saved: Any, new: Any, prefix: str, fixed: bool, refused: list[str], allowed: list[str]) -> None:
-    for field in dataclasses.fields(saved):
-        key, old, value = f"{prefix}{field.name}", getattr(saved, field.name), getattr(new, field.name)
-        is_fixed = fixed or field.metadata.get("on_resume") == "fixed"
-        if dataclasses.is_dataclass(old):
-            _compare(old, value, f"{key}.", is_fixed, refused, allowed)
-        elif old != value:
-            (refused if is_fixed else allowed).append(f"{key}: {old!r} -> {value!r}")

@@ -7,7 +7,12 @@ import numpy as np
 import tensorflow as tf
 
 from resnet18.config import Config, SimCLRConfig, TrainConfig
-from resnet18.training.optimizers import make_optimizer, make_schedule, make_train_step
+from resnet18.tasks import task_of
+from resnet18.tasks.distillation import distilled
+from resnet18.tasks.task import Setting
+from resnet18.training.optimizers import make_optimizer
+from resnet18.training.schedules import make_schedule
+from resnet18.training.step import make_train_step
 
 
 def small_model(seed: int, batch_norm: bool = False) -> keras.Model:
@@ -27,10 +32,19 @@ def run_steps(train: TrainConfig, images, labels, steps: int = 2, batch_norm: bo
     model = small_model(seed=3, batch_norm=batch_norm)
     optimizer = make_optimizer(config, make_schedule(config, steps_per_epoch=10), model=model)
     optimizer.build(model.trainable_variables)
-    step = tf.function(make_train_step(model, optimizer, config, num_classes=10))
+    step = tf.function(make_train_step(model, optimizer, objective(model, config), config, num_classes=10))
     for _ in range(steps):
         step(images, labels)
     return [weight.numpy() for weight in model.trainable_weights]
+
+
+def objective(model: keras.Model, config: Config, teacher: keras.Model | None = None,
+              strategy: tf.distribute.Strategy | None = None):
+    """The objective of `config`'s task for `model` (10 classes); with `teacher`, distillation from it."""
+    if teacher is not None:
+        return distilled(model, teacher, config, 10)
+    setting = Setting(config, strategy or tf.distribute.get_strategy(), 10, "float32")
+    return task_of(config).make_objective(setting, model, False)
 
 
 def batch(size: int = 128):
@@ -46,7 +60,7 @@ def replicated_steps(strategy: tf.distribute.Strategy, config: Config, images, l
         model = make_model()
         optimizer = make_optimizer(config, make_schedule(config, 10), "float32", model)
         optimizer.build(model.trainable_variables)
-    step = make_train_step(model, optimizer, config, num_classes=10, teacher=teacher)
+    step = make_train_step(model, optimizer, objective(model, config, teacher, strategy), config, num_classes=10)
     share = int(images.shape[0]) // strategy.num_replicas_in_sync
     batch = strategy.experimental_distribute_values_from_function(lambda context: (
         images[context.replica_id_in_sync_group * share:][:share],

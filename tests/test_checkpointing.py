@@ -61,6 +61,7 @@ class TinyState:
     """What a Checkpointer needs from a TrainState."""
 
     average = None
+    loss_scaled = False
 
     def __init__(self):
         self.step = tf.Variable(0, dtype=tf.int64)
@@ -68,7 +69,7 @@ class TinyState:
         self.evaluated_model = tf.Module()
         self.evaluated_model.weights = self.weights
 
-    def checkpoint(self, with_average: bool = True) -> tf.train.Checkpoint:
+    def checkpoint(self, with_average: bool = True, with_loss_scale: bool = True) -> tf.train.Checkpoint:
         return tf.train.Checkpoint(step=self.step, weights=self.weights)
 
 
@@ -100,7 +101,8 @@ def test_workers_other_than_the_chief_save_into_a_directory_they_delete(tmp_path
 def test_a_weight_average_turned_on_late_starts_from_the_restored_weights_not_a_fresh_init(micro_data_dir, tmp_path):
     from launcher.strategy import make_strategy
     from resnet18.config import RuntimeConfig
-    from resnet18.models.resnet import build_model
+    from resnet18.models import build_model
+    from resnet18.tasks import task_of
     from resnet18.training.state import build_train_state
     from resnet18.training.loop import train_and_evaluate
     from tests.test_loop import micro_config
@@ -108,7 +110,7 @@ def test_a_weight_average_turned_on_late_starts_from_the_restored_weights_not_a_
     strategy = make_strategy(RuntimeConfig(strategy="one_device"))
     train_and_evaluate(micro_config(micro_data_dir), strategy, str(tmp_path))  # no average in its checkpoints
     config = micro_config(micro_data_dir, "train.epochs=2", "train.ema_decay=0.99")
-    state = build_train_state(config, strategy, 10, "float32", steps_per_epoch=12)
+    state = build_train_state(config, strategy, task_of(config), 10, "float32", steps_per_epoch=12)
     fresh = [weight.numpy() for weight in build_model(config, 10).weights]
     assert all(np.array_equal(a, b.numpy()) for a, b in zip(fresh, state.average.model.weights))  # before restore
     checkpointer = Checkpointer(state, str(tmp_path), True, 3, lambda: None, lambda: True)

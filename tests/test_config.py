@@ -57,7 +57,7 @@ def test_bad_job_files_name_the_key(tmp_path, text, words):
     ("train.epochs", ["expected key.path=value"]),
     ("train.nope=1", ["unknown key 'train.nope'"]),
     ("model.width=-4", ["model.width must be >= 1"]),
-    ("data.generated.train_examples=10", ["must both be > 0"]),
+    ("data.generated.train_examples=10", ["data.source generated needs", "data.generated.test_examples > 0"]),
 ])
 def test_bad_overrides_name_the_key(override, words):
     with pytest.raises(ConfigError) as error:

@@ -13,12 +13,17 @@ import tensorflow_datasets as tfds
 
 from resnet18.data import generated_cifar10, sources
 from resnet18.data import pipeline as input_pipeline
-from resnet18.data.augment import crop_flip, make_augmentation
+from resnet18.data.augment import AUGMENTATIONS, crop_flip
 from resnet18.config import DataConfig
 from resnet18.runtime.errors import SetupError
 from tests.conftest import TINY_JOB, TINY_TEST, TINY_TRAIN, run_launcher
 
 GENERATED = {"train_examples": TINY_TRAIN, "test_examples": TINY_TEST}
+
+
+def train_fn(source, data: DataConfig, global_batch: int, **options):
+    """The training dataset function with the data config's own augmentation."""
+    return input_pipeline.train_dataset_fn(source, data, AUGMENTATIONS[data.augmentation], global_batch, **options)
 
 
 def context(pipelines: int, pipeline_id: int, replicas: int | None = None) -> tf.distribute.InputContext:
@@ -28,7 +33,7 @@ def context(pipelines: int, pipeline_id: int, replicas: int | None = None) -> tf
 def tiny_data(**changes) -> DataConfig:
     from resnet18.config import GeneratedDataConfig
 
-    return DataConfig(generated=GeneratedDataConfig(**GENERATED), **changes)
+    return DataConfig(source="generated", generated=GeneratedDataConfig(**GENERATED), **changes)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +44,7 @@ def source(tiny_data_dir):
 def global_batches(source, data: DataConfig, batch: int, pipelines: int, replicas: int, steps: int,
                    start_step: int = 0, epochs: int = 2, seed: int = 5) -> list[tuple[np.ndarray, np.ndarray]]:
     """The first `steps` global batches, each put together from every pipeline's replica batches in order."""
-    fn = input_pipeline.train_dataset_fn(source, data, batch, epochs=epochs, seed=seed, start_step=start_step)
+    fn = train_fn(source, data, batch, epochs=epochs, seed=seed, start_step=start_step)
     per_pipeline = replicas // pipelines
     streams = [iter(fn(context(pipelines, index, replicas))) for index in range(pipelines)]
     result = []
@@ -82,7 +87,7 @@ def test_cutmix_is_the_same_whatever_the_replicas_when_their_batches_are_even(so
 def test_each_epoch_is_a_permutation_and_each_pipeline_reads_only_its_examples(tiny_data_dir):
     source = sources.prepare_source(tiny_data(data_dir=tiny_data_dir), "/unused")  # fresh stores: nothing read yet
     steps = TINY_TRAIN // 64
-    fn = input_pipeline.train_dataset_fn(source, DataConfig(augmentation="none"), 64, epochs=1, seed=0)
+    fn = train_fn(source, DataConfig(augmentation="none"), 64, epochs=1, seed=0)
     batches = list(fn(context(2, 1, 2)).as_numpy_iterator())  # the second of two workers
     assert len(batches) == steps
     read = source.train.decoded
@@ -94,7 +99,7 @@ def test_each_epoch_is_a_permutation_and_each_pipeline_reads_only_its_examples(t
 
 def test_training_order_is_deterministic_resumable_and_changes_with_seed_and_epoch(source):
     def labels(start_step=0, seed=5):
-        fn = input_pipeline.train_dataset_fn(source, DataConfig(), 64, epochs=2, seed=seed, start_step=start_step)
+        fn = train_fn(source, DataConfig(), 64, epochs=2, seed=seed, start_step=start_step)
         return [batch_labels for _, batch_labels in fn(context(1, 0)).as_numpy_iterator()]
 
     full = labels()
@@ -110,7 +115,7 @@ def test_training_order_is_deterministic_resumable_and_changes_with_seed_and_epo
 @pytest.mark.parametrize("global_batch, pipelines, replicas", [(64, 1, 1), (48, 2, 2), (96, 1, 2), (30, 3, 3),
                                                                (512, 2, 4)])
 def test_evaluation_counts_every_example_exactly_once(source, global_batch, pipelines, replicas):
-    fn = input_pipeline.eval_dataset_fn(source, DataConfig(), global_batch)
+    fn = input_pipeline.ordered_dataset_fn(source.test, global_batch)
     steps = input_pipeline.eval_steps(source.num_test, global_batch)
     seen = []
     for pipeline in range(pipelines):
@@ -127,8 +132,8 @@ def test_evaluation_counts_every_example_exactly_once(source, global_batch, pipe
 def test_our_pipelines_run_without_the_tf_data_autotuner(source):
     # Its model thread can sleep through an iterator's deletion (up to 60 s at the end of a run):
     # the pipelines use fixed parallelism instead (input_pipeline.PARALLEL_BATCHES).
-    train = input_pipeline.train_dataset_fn(source, tiny_data(), 64, epochs=1, seed=0)(context(1, 0))
-    evaluation = input_pipeline.eval_dataset_fn(source, DataConfig(), 64)(context(1, 0))
+    train = train_fn(source, tiny_data(), 64, epochs=1, seed=0)(context(1, 0))
+    evaluation = input_pipeline.ordered_dataset_fn(source.test, 64)(context(1, 0))
     for dataset in (train, evaluation, input_pipeline.whole_split(source.test)):
         assert dataset.options().autotune.enabled is False
 
@@ -151,7 +156,7 @@ def test_crop_flip_is_an_exact_shift_and_flip():
 @pytest.mark.parametrize("name", ["crop_flip", "rotate_shift_zoom_flip", "none"])
 def test_augmentations_keep_shape_and_follow_their_random_numbers(name):
     images = tf.cast(tf.random.stateless_uniform([4, 32, 32, 3], [1, 2], 0, 255, tf.int32), tf.uint8)
-    augmentation = make_augmentation(name)
+    augmentation = AUGMENTATIONS[name]
     uniforms = tf.random.stateless_uniform([4, max(augmentation.num_params, 1)], [3, 4])
     first = augmentation.apply(images, uniforms)
     again = augmentation.apply(images, uniforms)
@@ -176,9 +181,9 @@ def write_image_folder(root, sizes=(40, 48), counts=(("train", 6), ("test", 4)))
 
 def test_image_folder_of_other_sizes_is_resized(tmp_path):
     write_image_folder(tmp_path)
-    source = sources.prepare_source(DataConfig(image_folder=str(tmp_path)), "/unused")
+    source = sources.prepare_source(DataConfig(source="image_folder", image_folder=str(tmp_path)), "/unused")
     assert source.class_names == ("cats", "dogs") and (source.num_train, source.num_test) == (6, 4)
-    fn = input_pipeline.train_dataset_fn(source, DataConfig(image_folder=str(tmp_path)), 2, epochs=1, seed=0)
+    fn = train_fn(source, DataConfig(source="image_folder", image_folder=str(tmp_path)), 2, epochs=1, seed=0)
     images, labels = next(fn(context(1, 0)).as_numpy_iterator())
     assert images.shape == (2, 32, 32, 3) and set(labels) <= {0, 1}
 
@@ -189,7 +194,7 @@ def test_an_image_folder_with_bad_files_names_each_of_them_before_training(tmp_p
     good = (tmp_path / "test" / "dogs" / "0.png").read_bytes()
     (tmp_path / "test" / "dogs" / "cut.png").write_bytes(good[:len(good) // 2])  # a truncated PNG
     with pytest.raises(SetupError) as raised:
-        sources.prepare_source(DataConfig(image_folder=str(tmp_path)), "/unused")
+        sources.prepare_source(DataConfig(source="image_folder", image_folder=str(tmp_path)), "/unused")
     message = str(raised.value)
     assert "2 file(s) are not readable images" in message
     assert "train/cats/x.png" in message and "test/dogs/cut.png" in message
@@ -204,7 +209,7 @@ def test_an_image_folder_missing_its_parts_says_which(tmp_path, layout, words):
     for folder in layout:
         (tmp_path / folder).mkdir(parents=True)
     with pytest.raises(SetupError) as raised:
-        sources.prepare_source(DataConfig(image_folder=str(tmp_path)), "/unused")
+        sources.prepare_source(DataConfig(source="image_folder", image_folder=str(tmp_path)), "/unused")
     assert words in str(raised.value)
 
 
@@ -239,7 +244,7 @@ def test_preparing_generated_data_leaves_the_installed_package_alone(tmp_path):
 
 OFFLINE = {"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9",
            "https_proxy": "http://127.0.0.1:9", "NO_PROXY": "", "no_proxy": ""}  # no traffic leaves this machine
-REAL_DATA = ("data.generated.train_examples=0", "data.generated.test_examples=0")
+REAL_DATA = ("data.source=tfds", "data.generated.train_examples=0", "data.generated.test_examples=0")
 
 
 def test_missing_cifar10_offline_exits_2_with_instructions(tmp_path):

@@ -97,8 +97,8 @@ def agreement(student_dir, teacher_dir) -> float:
 @pytest.mark.slow
 def test_with_alpha_zero_the_student_comes_to_agree_with_its_teacher(micro_data_dir, teachers, tmp_path):
     strategy = make_strategy(RuntimeConfig(strategy="one_device"))
-    student = micro_config(micro_data_dir, f"distill.teacher_workdir={teachers / 'a'}", "distill.alpha=0",
-                           "train.learning_rate=0.8")
+    student = micro_config(micro_data_dir, "train.task=distillation", f"distill.teacher_workdir={teachers / 'a'}",
+                           "distill.alpha=0", "train.learning_rate=0.8")
     train_and_evaluate(micro_config(micro_data_dir, "train.epochs=1", "train.learning_rate=1e-12"), strategy,
                        str(tmp_path / "untrained"))
     train_and_evaluate(dataclass_epochs(student, 8), strategy, str(tmp_path / "student"))
@@ -116,7 +116,7 @@ def dataclass_epochs(config, epochs: int):
 def test_a_student_resumed_with_another_teacher_exits_2_naming_it(micro_data_dir, teachers, tmp_path):
     strategy = make_strategy(RuntimeConfig(strategy="one_device"))
     shutil.copytree(teachers / "a", tmp_path / "teacher")
-    student = micro_config(micro_data_dir, f"distill.teacher_workdir={tmp_path / 'teacher'}")
+    student = micro_config(micro_data_dir, "train.task=distillation", f"distill.teacher_workdir={tmp_path / 'teacher'}")
     train_and_evaluate(student, strategy, str(tmp_path / "student"))
     recorded = json.loads((tmp_path / "student" / "teacher.json").read_text())
     assert recorded["arch"] == "resnet50" and recorded["checkpoint"].startswith(str(tmp_path / "teacher"))
@@ -127,7 +127,8 @@ def test_a_student_resumed_with_another_teacher_exits_2_naming_it(micro_data_dir
     shutil.copytree(teachers / "b" / "checkpoints", tmp_path / "teacher" / "checkpoints")
     with pytest.raises(ConfigError, match="were distilled from the teacher"):
         train_and_evaluate(dataclass_epochs(student, 2), strategy, str(tmp_path / "student"))
-    other = micro_config(micro_data_dir, f"distill.teacher_workdir={teachers / 'b'}", "train.epochs=2")
+    other = micro_config(micro_data_dir, "train.task=distillation", f"distill.teacher_workdir={teachers / 'b'}",
+                         "train.epochs=2")
     with pytest.raises(ConfigError, match="distill.teacher_workdir: "):
         train_and_evaluate(other, strategy, str(tmp_path / "student"))
 
@@ -135,9 +136,9 @@ def test_a_student_resumed_with_another_teacher_exits_2_naming_it(micro_data_dir
 def test_a_teacher_of_other_data_is_refused_naming_the_key(micro_data_dir, teachers, tmp_path):
     import dataclasses
 
-    student = micro_config(micro_data_dir, f"distill.teacher_workdir={teachers / 'a'}")
+    student = micro_config(micro_data_dir, "train.task=distillation", f"distill.teacher_workdir={teachers / 'a'}")
     student = dataclasses.replace(student, data=dataclasses.replace(student.data, image_size=16))
-    with pytest.raises(ConfigError, match="data.image_size: teacher 32, student 16"):
+    with pytest.raises(ConfigError, match="data.image_size: 32 -> 16"):
         train_and_evaluate(student, make_strategy(RuntimeConfig(strategy="one_device")), str(tmp_path / "s"))
 
 
@@ -147,7 +148,8 @@ def test_a_killed_distillation_resumes_bit_for_bit(tiny_data_dir, tmp_path):
                            f"data.data_dir={tiny_data_dir}", "model.arch=resnet50", "train.epochs=1")
     assert teacher.returncode == 0, teacher.stderr[-2000:]
     args = ["--job", TINY_JOB, "--strategy", "one_device", "--set", f"data.data_dir={tiny_data_dir}",
-            f"distill.teacher_workdir={tmp_path / 'teacher'}", "train.epochs=3", "train.deterministic=true",
+            "train.task=distillation", f"distill.teacher_workdir={tmp_path / 'teacher'}", "train.epochs=3",
+            "train.deterministic=true",
             "train.checkpoint_every_steps=4", "train.steps_per_loop=2", "data.cutmix_prob=0.5",
             "train.grad_accum_steps=2"]
     reference = run_launcher(*args, "--workdir", str(tmp_path / "reference"))
@@ -178,7 +180,8 @@ def test_two_workers_distil_to_identical_weights(tiny_data_dir, tmp_path):
                            f"data.data_dir={tiny_data_dir}", "model.arch=resnet50", "train.epochs=1")
     assert teacher.returncode == 0, teacher.stderr[-2000:]
     result = run_launcher("--workers", "2", "--job", TINY_JOB, "--workdir", str(tmp_path / "student"), "--set",
-                          f"data.data_dir={tiny_data_dir}", f"distill.teacher_workdir={tmp_path / 'teacher'}",
+                          f"data.data_dir={tiny_data_dir}", "train.task=distillation",
+                          f"distill.teacher_workdir={tmp_path / 'teacher'}",
                           "train.epochs=1", "train.grad_accum_steps=2")
     assert result.returncode == 0, result.stdout[-3000:]
     fingerprints = set(re.findall(r"\[worker \d\] Final weights sha256 ([0-9a-f]{64})", result.stdout))

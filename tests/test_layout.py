@@ -95,3 +95,84 @@ def test_lint_is_clean():
     result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-1000:]
+
+
+# Inside resnet18/: sub-packages in layers; each may import only the ones before it (and itself).
+LAYERS = ["resnet18.runtime", "resnet18.identity", "resnet18.config", "resnet18.registry", "resnet18.data",
+          "resnet18.models", "resnet18.tasks", "resnet18.training"]
+MAY_IMPORT_INSIDE = {
+    "resnet18.runtime": set(),
+    "resnet18.identity": set(),
+    "resnet18.config": {"resnet18.runtime", "resnet18.identity"},
+    "resnet18.registry": {"resnet18.runtime"},
+    "resnet18.data": {"resnet18.runtime", "resnet18.config", "resnet18.registry"},
+    "resnet18.models": {"resnet18.runtime", "resnet18.config", "resnet18.registry"},
+    "resnet18.tasks": {"resnet18.runtime", "resnet18.identity", "resnet18.config", "resnet18.registry",
+                       "resnet18.data", "resnet18.models"},
+    "resnet18.training": set(LAYERS[:-1]),
+}
+
+
+def layer_of(module: str) -> str | None:
+    return next((layer for layer in LAYERS if module == layer or module.startswith(layer + ".")), None)
+
+
+def test_resnet18_sub_packages_import_only_the_layers_below_them():
+    wrong = []
+    for path in modules("resnet18"):
+        own = layer_of(module_name(path))
+        for module, names in imported(path):
+            targets = [module] + [f"{module}.{name}" for name in names]
+            for target in targets:
+                layer = layer_of(target)
+                if layer and layer != own and own and layer not in MAY_IMPORT_INSIDE[own]:
+                    wrong.append(f"{path.relative_to(REPO)} ({own}) imports {target}")
+                    break
+    assert not wrong, "\n".join(wrong)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the modules of ours it imports (lazy imports too; `from P import m` counts P.m when m is one)."""
+    ours = {module_name(path): path for package in PACKAGES for path in modules(package)}
+    graph: dict[str, set[str]] = {}
+    for name, path in ours.items():
+        edges = set()
+        for module, names in imported(path):
+            submodules = {f"{module}.{item}" for item in names} & set(ours)
+            edges |= (submodules or ({module} & set(ours))) - {name}
+        graph[name] = edges
+    return graph
+
+
+def test_no_import_cycle_anywhere():
+    graph = import_graph()
+    cycles = []
+
+    def visit(node: str, path: list[str], done: set[str]) -> None:
+        if node in path:
+            cycles.append(" -> ".join(path[path.index(node):] + [node]))
+            return
+        if node in done:
+            return
+        for neighbour in sorted(graph.get(node, ())):
+            visit(neighbour, path + [node], done)
+        done.add(node)
+
+    finished: set[str] = set()
+    for start in sorted(graph):
+        visit(start, [], finished)
+    # A package's __init__ that lists its modules (a registry) is imported by them only as a package path.
+    assert not cycles, "\n".join(sorted(set(cycles)))
+
+
+def test_no_task_is_named_outside_its_own_module_and_the_registry():
+    """The loop, the checkpointer, the evaluator, the launcher know tasks only through the Task seam."""
+    import re
+
+    named = re.compile(r"""["'](classification|distillation|simclr)["']""")
+    allowed = {pathlib.Path(REPO, "resnet18", "config.py")}  # the Literal listing train.task's values
+    found = [f"{path.relative_to(REPO)}:{number}: {line.strip()}"
+             for package in ("resnet18", "launcher") for path in modules(package)
+             if "tasks" not in path.relative_to(REPO).parts and path not in allowed
+             for number, line in enumerate(path.read_text().splitlines(), start=1) if named.search(line)]
+    assert not found, "\n".join(found)

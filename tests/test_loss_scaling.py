@@ -17,10 +17,13 @@ import pytest
 import tensorflow as tf
 
 from launcher.cluster import environment_without_cluster
-from launcher.local_workers import free_ports
+from launcher.processes import free_ports
 from resnet18.runtime import hardware
 from resnet18.config import Config, TrainConfig
-from resnet18.training.optimizers import AgreedLossScaleOptimizer, make_optimizer, make_schedule, make_train_step
+from resnet18.training.optimizers import AgreedLossScaleOptimizer, make_optimizer
+from resnet18.training.schedules import make_schedule
+from resnet18.training.step import make_train_step
+from tests.helpers_tiny_model import objective
 from tests.conftest import REPO
 
 BATCH = 8  # global
@@ -49,7 +52,7 @@ def test_one_overflowing_replica_skips_the_step_on_both(two_replicas):
         optimizer = make_optimizer(config, make_schedule(config, 10), "float16", model)
         optimizer.build(model.trainable_variables)
     assert isinstance(optimizer, AgreedLossScaleOptimizer)
-    step = make_train_step(model, optimizer, config, num_classes=10)
+    step = make_train_step(model, optimizer, objective(model, config), config, num_classes=10)
     labels = strategy.experimental_distribute_values_from_function(
         lambda context: tf.zeros([BATCH // 2], tf.int32))
 
@@ -83,7 +86,10 @@ WORKER_SCRIPT = textwrap.dedent("""
     from launcher.cluster import read_tf_config
     from launcher.strategy import make_strategy
     from resnet18.config import Config, RuntimeConfig, TrainConfig
-    from resnet18.training.optimizers import make_optimizer, make_schedule, make_train_step
+    from resnet18.training.optimizers import make_optimizer
+    from resnet18.training.schedules import make_schedule
+    from resnet18.training.step import make_train_step
+    from tests.helpers_tiny_model import objective
     from tests.test_loss_scaling import float16_model
     strategy = make_strategy(RuntimeConfig(strategy="multi_worker"), read_tf_config())
     worker = strategy.cluster_resolver.task_id
@@ -92,7 +98,7 @@ WORKER_SCRIPT = textwrap.dedent("""
         model = float16_model()
         optimizer = make_optimizer(config, make_schedule(config, 10), "float16", model)
         optimizer.build(model.trainable_variables)
-    step = make_train_step(model, optimizer, config, num_classes=10)
+    step = make_train_step(model, optimizer, objective(model, config), config, num_classes=10)
 
     @tf.function
     def run(images, labels):

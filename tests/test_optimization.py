@@ -9,7 +9,10 @@ import pytest
 import tensorflow as tf
 
 from resnet18.config import Config, TrainConfig
-from resnet18.training.optimizers import make_optimizer, make_schedule, make_train_step, peak_learning_rate
+from resnet18.training.optimizers import make_optimizer
+from resnet18.training.schedules import make_schedule, peak_learning_rate
+from resnet18.training.step import make_train_step
+from tests.helpers_tiny_model import objective
 from tests.helpers_tiny_model import batch, run_steps, small_model
 
 
@@ -88,7 +91,7 @@ def test_train_xla_compiles_the_forward_and_backward_pass_and_only_then(xla):
     optimizer = make_optimizer(config, make_schedule(config, 10), model=model)
     optimizer.build(model.trainable_variables)
     images, labels = batch(8)
-    step = tf.function(make_train_step(model, optimizer, config, num_classes=10))
+    step = tf.function(make_train_step(model, optimizer, objective(model, config), config, num_classes=10))
     library = step.get_concrete_function(images, labels).graph.as_graph_def().library
     must_compile = [function.signature.name for function in library.function
                     if function.attr["_XlaMustCompile"].b]

@@ -100,7 +100,7 @@ def test_weight_average_and_flip_tta_are_what_is_evaluated_and_exported(tiny_dat
     accuracy = float(np.mean(np.argmax(logits.numpy(), -1) == labels))
     assert accuracy == pytest.approx(summary["test_accuracy"], abs=0.5 / len(labels))
     # The average moved away from the initial weights (it was updated every step) ...
-    from resnet18.models.resnet import build_model
+    from resnet18.models import build_model
 
     initial = build_model(config, source.num_classes)
     moved = [not np.allclose(a.numpy(), b.numpy()) for a, b in zip(model.trainable_weights, initial.trainable_weights)]
@@ -112,7 +112,7 @@ def test_weight_average_and_flip_tta_are_what_is_evaluated_and_exported(tiny_dat
 
 
 def load_live_model(workdir: str, config: Config, num_classes: int):
-    from resnet18.models.resnet import build_model
+    from resnet18.models import build_model
 
     model = build_model(config, num_classes)
     checkpoint = tf.train.Checkpoint(model=model)
@@ -182,8 +182,9 @@ def test_fast_recipe_keeps_resnet18_unchanged_in_shape():
 @pytest.mark.parametrize("job", ["keras_tutorial_recipe.yaml", "cifar10_fast.yaml"])
 def test_recipe_job_runs_shrunk_to_tiny_data(tiny_data_dir, tmp_path, job):
     config = build_config(os.path.join(REPO, "jobs", job), [
-        f"data.data_dir={tiny_data_dir}", "data.generated.train_examples=640", "data.generated.test_examples=250",
-        "model.width=4", "train.epochs=2", "train.global_batch_size=64", "train.steps_per_loop=5"])
+        f"data.data_dir={tiny_data_dir}", "data.source=generated", "data.generated.train_examples=640",
+        "data.generated.test_examples=250", "model.width=4", "train.epochs=2", "train.global_batch_size=64",
+        "train.steps_per_loop=5"])
     summary = train_and_evaluate(config, make_strategy(RuntimeConfig(strategy="one_device")), str(tmp_path / "run"))
     assert summary["steps"] == 2 * STEPS_PER_EPOCH and summary["test_examples"] == 250
 
@@ -249,3 +250,24 @@ def test_xla_trains_over_two_replicas(tiny_data_dir, tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["num_replicas"] == 2
     assert summary["history"][-1]["train_loss"] < summary["history"][0]["train_loss"]
+
+
+@pytest.mark.slow
+def test_resnext_trains_on_tiny_data_through_the_command_line_and_exports(tiny_data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    result = run_launcher("--job", TINY_JOB, "--workdir", str(workdir), "--set", f"data.data_dir={tiny_data_dir}",
+                          "model.arch=resnext29_2x64d", "train.epochs=6")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["history"][-1]["train_loss"] < 0.9 * summary["history"][0]["train_loss"]
+    assert summary["test_accuracy"] > 0.2  # 10 classes: chance is 0.1
+    import subprocess
+    import sys
+
+    export = subprocess.run([sys.executable, "-m", "launcher.export", "--workdir", str(workdir), "--formats",
+                             "saved_model,tflite"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert export.returncode == 0, export.stderr[-3000:]
+    report = json.loads((workdir / "export" / "report.json").read_text())
+    artifacts = {artifact["format"]: artifact for artifact in report["artifacts"]}
+    assert artifacts["saved_model"]["agreement_with_checkpoint"] == 1.0
+    assert artifacts["tflite"]["agreement_with_checkpoint"] > 0.99

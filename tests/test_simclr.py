@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from launcher.cluster import environment_without_cluster
-from launcher.local_workers import free_ports
+from launcher.processes import free_ports
 from launcher.strategy import make_strategy
 from resnet18.config import RuntimeConfig, SimCLRConfig
 from resnet18.training.optimizers import LARS
@@ -148,7 +148,8 @@ def test_knn_votes_weigh_neighbours_by_similarity():
 @pytest.mark.slow
 def test_a_short_pretraining_beats_a_random_encoder_by_knn_and_by_linear_evaluation(tiny_data_dir, tmp_path):
     strategy = make_strategy(RuntimeConfig(strategy="one_device"))
-    data = [f"data.data_dir={tiny_data_dir}", "data.generated.train_examples=640", "data.generated.test_examples=250",
+    data = [f"data.data_dir={tiny_data_dir}", "data.source=generated", "data.generated.train_examples=640",
+            "data.generated.test_examples=250",
             "model.width=8", "train.global_batch_size=64", "train.precision=float32", "simclr.knn_k=20"]
     # LARS and synchronized BN as jobs/simclr_pretrain.yaml; a milder crop (30 %-100 % of the area) for 32x32
     # images of 640 examples seen 10 times (4.0 per 256 images: what short runs like; measured 0.33 kNN).

@@ -5,12 +5,18 @@ random numbers in [0, 1) that decide what happens to it (shifts, flip, angle,
 zoom). The input pipeline draws those numbers for the whole global batch from a
 seed of (run seed, step) and gives each replica the rows of its own examples, so
 an image is augmented the same way whatever the number of workers and replicas
-(input_pipeline.py). Output: float32 RGB in 0-255 (the model standardises).
+(pipeline.py). Output: float32 RGB in 0-255 (the model standardises).
 
     crop_flip               zero-pad 4, random 32x32 crop, horizontal flip (the CIFAR standard)
     rotate_shift_zoom_flip  Keras ImageDataGenerator's set: rotation 15 degrees, shift 0.1,
                             zoom 0.1, flip, nearest fill
     none                    the images as they are
+
+A new augmentation is a function (images, uniforms) -> images, one line in AUGMENTATIONS
+saying how many uniforms it takes per image, and its name in config.Augmentation. A task
+may bring its own (SimCLR's two views, tasks/simclr.py).
+
+    python -c "from resnet18.data.augment import AUGMENTATIONS; print(sorted(AUGMENTATIONS))"
 """
 
 from __future__ import annotations
@@ -26,20 +32,16 @@ CROP_PADDING = 4
 
 @dataclasses.dataclass(frozen=True)
 class Augmentation:
-    """An augmentation and how many uniform random numbers it needs per image."""
+    """An augmentation, how many uniform random numbers it needs per image, and how many views it makes."""
 
     name: str
     num_params: int
     apply: Callable[[tf.Tensor, tf.Tensor], tf.Tensor]  # (images [k, H, W, 3], uniforms [k, num_params]) -> images
+    views: int = 1  # > 1: images come out as [k, views, H, W, 3] (several views of each image)
 
-
-def make_augmentation(name: str) -> Augmentation:
-    """The augmentation of `data.augmentation`."""
-    if name == "crop_flip":
-        return Augmentation(name, 3, crop_flip)
-    if name == "rotate_shift_zoom_flip":
-        return Augmentation(name, 6, rotate_shift_zoom_flip)
-    return Augmentation(name, 0, lambda images, uniforms: tf.cast(images, tf.float32))
+    def image_shape(self, image_size: int) -> list[int]:
+        """The shape of what it makes of one image."""
+        return [*([self.views] if self.views > 1 else []), image_size, image_size, 3]
 
 
 def crop_flip(images: tf.Tensor, uniforms: tf.Tensor, padding: int = CROP_PADDING) -> tf.Tensor:
@@ -81,3 +83,15 @@ def _affine(images, *, scale_x, scale_y, angle, shift_x, shift_y, fill_mode, int
     return tf.raw_ops.ImageProjectiveTransformV3(
         images=tf.cast(images, tf.float32), transforms=transforms, output_shape=tf.shape(images)[1:3],
         fill_value=0.0, interpolation=interpolation, fill_mode=fill_mode)
+
+
+def no_augmentation(images: tf.Tensor, uniforms: tf.Tensor) -> tf.Tensor:  # noqa: ARG001 - same signature
+    return tf.cast(images, tf.float32)
+
+
+# data.augmentation -> the augmentation (and the random numbers it takes per image).
+AUGMENTATIONS: dict[str, Augmentation] = {
+    "crop_flip": Augmentation("crop_flip", 3, crop_flip),
+    "rotate_shift_zoom_flip": Augmentation("rotate_shift_zoom_flip", 6, rotate_shift_zoom_flip),
+    "none": Augmentation("none", 0, no_augmentation),
+}

@@ -30,12 +30,11 @@ from typing import Callable
 
 import tensorflow as tf
 
-from resnet18.data.augment import Augmentation, make_augmentation
-from resnet18.config import DataConfig, SimCLRConfig
+from resnet18.config import DataConfig
+from resnet18.data.augment import Augmentation
 from resnet18.data.cutmix import cutmix
-from resnet18.runtime.errors import SetupError
-from resnet18.tasks.simclr import PARAMS_PER_IMAGE, two_views
 from resnet18.data.sources import ExampleStore, Source
+from resnet18.runtime.errors import SetupError
 
 # tf.data's autotuner is off, with fixed parallelism instead: its model thread can miss the
 # cancellation when an iterator is destroyed and sleep out its optimisation period (up to 60 s).
@@ -76,22 +75,19 @@ def pipeline_slice(context: tf.distribute.InputContext, global_batch_size: int) 
     return context.input_pipeline_id * examples, examples, replicas
 
 
-def train_dataset_fn(source: Source, data: DataConfig, global_batch_size: int, epochs: int, seed: int,
-                     start_step: int = 0, order_log_dir: str | None = None, views: SimCLRConfig | None = None
+def train_dataset_fn(source: Source, data: DataConfig, augmentation: Augmentation, global_batch_size: int,
+                     epochs: int, seed: int, start_step: int = 0, order_log_dir: str | None = None
                      ) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
     """A dataset function for `strategy.distribute_datasets_from_function` (training).
 
     Each pipeline yields, per global step from `start_step` on, one (images float32 RGB 0-255,
-    labels int32) batch per local replica; with CutMix (`data.cutmix_prob` > 0) the labels
-    are soft targets [batch, classes]. With `views` (SimCLR) the images are pairs of views
-    [batch, 2, S, S, 3] instead of one augmented image. With `order_log_dir` each pipeline appends, per step it reads,
+    labels int32) batch per local replica, augmented by `augmentation` (the task's: a task may
+    make more than one view per image, e.g. SimCLR's [batch, 2, S, S, 3] pairs); with CutMix
+    (`data.cutmix_prob` > 0) the labels are soft targets [batch, classes]. With `order_log_dir`
+    each pipeline appends, per step it reads,
     the example ids to ORDER_LOG_DIR/pipeline-<id>-of-<count>-pid<pid>.jsonl (an audit of the data order).
     """
     steps = steps_per_epoch(source.num_train, global_batch_size)
-    augmentation = make_augmentation(data.augmentation)
-    if views is not None:  # two SimCLR views per image, from the same per-example random numbers scheme
-        augmentation = Augmentation("simclr_views", PARAMS_PER_IMAGE,
-                                    lambda images, uniforms: two_views(images, uniforms, views))
 
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
         first, count, replicas = pipeline_slice(context, global_batch_size)
@@ -106,8 +102,7 @@ def train_dataset_fn(source: Source, data: DataConfig, global_batch_size: int, e
             step_seed = tf.stack([tf.constant(seed, tf.int64), step])
             uniforms = tf.random.stateless_uniform([global_batch_size, max(augmentation.num_params, 1)], step_seed)
             images = augmentation.apply(images, uniforms[first:first + count])
-            images = tf.reshape(images, [replicas, count // replicas, *([2] if views else []), data.image_size,
-                                         data.image_size, 3])
+            images = tf.reshape(images, [replicas, count // replicas, *augmentation.image_shape(data.image_size)])
             labels = tf.reshape(labels, [replicas, count // replicas])
             if data.cutmix_prob:  # one draw per global step; partners inside each replica's batch
                 mix_seed = tf.random.experimental.stateless_fold_in(step_seed, 1)
@@ -124,19 +119,19 @@ def train_dataset_fn(source: Source, data: DataConfig, global_batch_size: int, e
     return dataset_fn
 
 
-def eval_dataset_fn(source: Source, data: DataConfig, global_batch_size: int
-                    ) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
-    """A dataset function for evaluation: (images, labels, mask), every test example once.
+def ordered_dataset_fn(store: ExampleStore, global_batch_size: int
+                       ) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
+    """A dataset function for evaluation: the split in order, (images, labels, mask), every example once.
 
     Each pipeline yields `eval_steps` batches per local replica; padding examples have
     mask 0 and must not be counted.
     """
+    return lambda context: ordered_batches(store, global_batch_size, *pipeline_slice(context, global_batch_size))
 
-    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
-        first, count, replicas = pipeline_slice(context, global_batch_size)
-        return ordered_batches(source.test, global_batch_size, first, count, replicas)
 
-    return dataset_fn
+def distributed_ordered(strategy: tf.distribute.Strategy, store: ExampleStore, global_batch_size: int):
+    """`ordered_dataset_fn`'s dataset, distributed over `strategy`."""
+    return strategy.distribute_datasets_from_function(ordered_dataset_fn(store, global_batch_size))
 
 
 def ordered_batches(store: ExampleStore, global_batch_size: int, first: int, count: int, replicas: int

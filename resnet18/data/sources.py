@@ -1,6 +1,6 @@
 """Data sets as random-access stores of examples: TFDS data sets, image folders, the generated stand-in.
 
-The input pipeline (input_pipeline.py) asks a store for the examples at given
+The input pipeline (pipeline.py) asks a store for the examples at given
 indices, so every worker reads only the examples of its own slice of each global
 batch, and the order can be a pure function of (seed, epoch) that does not depend
 on the number of workers or replicas. Two kinds of store:
@@ -14,9 +14,13 @@ on the number of workers or replicas. Two kinds of store:
   already prepared as TFRecord files, and TPUs (whose input pipelines run on the TPU
   hosts, where Python cannot).
 
+`data.source` picks where the examples come from (SOURCES): `tfds` (data.dataset
+through TFDS), `image_folder` (data.image_folder) or `generated` (the stand-in).
 Generated stand-in data lives in a directory of its own
 (`generated_cifar10.generated_data_dir`), never in a TFDS data_dir that real data
-could share, and a real-data run refuses a data_dir that holds generated data.
+could share, and a real-data run refuses a data_dir that holds generated data. A new
+source is a function (data config, work directory, random access) -> Source, one line
+in SOURCES, its name in config.Source and the keys it reads in DataConfig.
 
     python -c "from resnet18.data import sources; help(sources.prepare_source)"
 """
@@ -31,7 +35,7 @@ import os
 import threading
 import urllib.error
 import urllib.request
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import tensorflow as tf
@@ -39,6 +43,7 @@ import tensorflow_datasets as tfds
 
 from resnet18.data import generated_cifar10
 from resnet18.config import DataConfig
+from resnet18.registry import lookup
 from resnet18.runtime.errors import SetupError, first_line
 
 # TFDS suggests OpenCV on every worker's first decode; PIL decodes these small images well enough.
@@ -139,7 +144,7 @@ class Source:
 
 
 def prepare_source(data: DataConfig, workdir: str, random_access: bool = True) -> Source:
-    """Finds (and if needed prepares) the data set the config names.
+    """Finds (and if needed prepares) the data set `data.source` names (SOURCES).
 
     `random_access=False` holds every split in memory as graph constants (TPU input pipelines).
 
@@ -147,26 +152,37 @@ def prepare_source(data: DataConfig, workdir: str, random_access: bool = True) -
       SetupError: the data set is missing, cannot be prepared here, or holds bad images (exit 2).
     """
     tfds.disable_progress_bar()  # one line per step of preparation, not a redrawn bar
-    if data.image_folder:
-        return image_folder_source(data.image_folder, data.image_size)
-    if data.generated.train_examples:
-        data_dir = generated_cifar10.generated_data_dir(data.data_dir or os.path.join(workdir, "generated_data"),
-                                                        data.generated.train_examples, data.generated.test_examples)
-    else:
-        data_dir = data.data_dir
-        if data_dir and generated_cifar10.holds_generated_data(data_dir):
-            raise SetupError(f"data.data_dir {data_dir!r} holds generated stand-in data, not the real "
-                             f"{data.dataset}; point it at a real TFDS data_dir (or set data.generated.* to train on "
-                             "the stand-in)")
-    # Workers sharing a file system take turns: the first prepares, the others reuse.
+    return lookup(SOURCES, data.source, "data.source")(data, workdir, random_access)
+
+
+def tfds_source(data: DataConfig, workdir: str, random_access: bool) -> Source:  # noqa: ARG001
+    """data.dataset through TFDS in data.data_dir, downloaded and prepared on first use."""
+    if data.data_dir and generated_cifar10.holds_generated_data(data.data_dir):
+        raise SetupError(f"data.data_dir {data.data_dir!r} holds generated stand-in data, not the real "
+                         f"{data.dataset}; point it at a real TFDS data_dir (or set data.source: generated to train "
+                         "on the stand-in)")
+    with _preparation_lock(data.data_dir):  # workers sharing a file system take turns: the first prepares
+        builder = _prepared_builder(data, data.data_dir)
+    return _tfds_source(builder, data, random_access)
+
+
+def generated_source(data: DataConfig, workdir: str, random_access: bool) -> Source:
+    """The stand-in: written in CIFAR-10's binary format, prepared by the real TFDS builder in its own data_dir."""
+    generated = data.generated
+    data_dir = generated_cifar10.generated_data_dir(data.data_dir or os.path.join(workdir, "generated_data"),
+                                                    generated.train_examples, generated.test_examples)
     with _preparation_lock(data_dir):
-        if data.generated.train_examples:
-            try:
-                generated_cifar10.prepare(data_dir, data.generated.train_examples, data.generated.test_examples)
-            except ValueError as error:
-                raise SetupError(f"data.generated: {error}") from None
+        try:
+            generated_cifar10.prepare(data_dir, generated.train_examples, generated.test_examples)
+        except ValueError as error:
+            raise SetupError(f"data.generated: {error}") from None
         builder = _prepared_builder(data, data_dir)
     return _tfds_source(builder, data, random_access)
+
+
+def folder_source(data: DataConfig, workdir: str, random_access: bool) -> Source:  # noqa: ARG001
+    """data.image_folder: train/<class>/* and test/<class>/*, decoded into memory once."""
+    return image_folder_source(data.image_folder, data.image_size)
 
 
 @contextlib.contextmanager
@@ -235,8 +251,8 @@ def _check_reachable(builder: tfds.core.DatasetBuilder) -> None:
 def _tfds_source(builder: tfds.core.DatasetBuilder, data: DataConfig, random_access: bool) -> Source:
     features = builder.info.features
     if "image" not in features or "label" not in features:
-        raise SetupError(f"data set {data.dataset!r} has no 'image' and 'label' features; it is not image "
-                         "classification")
+        raise SetupError(f"data set {data.dataset!r} has no 'image' and 'label' features; it is not an "
+                         "image-classification data set")
     splits = builder.info.splits
     test_split = next((split for split in ("test", "validation") if split in splits), None)
     if "train" not in splits or test_split is None:
@@ -344,3 +360,11 @@ def _read_image(path: str, image_size: int) -> np.ndarray:
     with Image.open(path) as image:
         image.load()  # decodes fully: a truncated file fails here, not mid-training
         return _to_rgb(np.asarray(image.convert("RGB")), image_size)
+
+
+# data.source -> the function that prepares it: (data config, work directory, random access) -> Source.
+SOURCES: dict[str, Callable[[DataConfig, str, bool], Source]] = {
+    "tfds": tfds_source,
+    "generated": generated_source,
+    "image_folder": folder_source,
+}

@@ -1,6 +1,6 @@
 """WORKDIR/history.jsonl: one JSON line per finished epoch, since step 0, across restarts.
 
-The epoch-end rules (callbacks.py) replay it on resume, the report plots it and
+The epoch-end rules (training/epoch_rules.py) replay it on resume, the report plots it and
 `launcher.status` reads it, all through `read_history`: a torn line (a crash
 mid-write on storage without atomic rename) is skipped with a warning, the same
 way for every reader.
@@ -29,7 +29,8 @@ def read_history(workdir: str, warn: bool = True) -> list[dict[str, Any]]:
     for entry in entries:
         if "test_accuracy" not in entry and entry["step"] in evaluations:
             found = evaluations[entry["step"]]
-            entry.update({key: found[key] for key in ("test_loss", "test_accuracy", "test_examples")})
+            entry.update({key: found[key] for key in ("test_loss", "test_accuracy", "test_examples", "knn_accuracy")
+                          if key in found})
     return entries
 
 

@@ -1,32 +1,105 @@
-"""Evaluation on the test split: every example exactly once, loss, accuracy and confusion matrix.
+"""Supervised classification: the network's logits against the (smoothed, or CutMix-mixed) labels.
 
-The evaluation set pads each input pipeline to the same number of full batches
-with masked examples (data.py); the step sums per-example values times the mask,
-so the totals cover each test example once whatever the batch and the number of
-replicas. Batch-norm moving statistics are pooled across replicas first
-(replicas.py), so every replica evaluates the same weights.
+- Network: the architecture `model.arch` names (models/); with `model.freeze_encoder`
+  only the classifier ("logits") trains and the frozen batch norms run in inference mode
+  (linear evaluation of a `train.init_from` encoder).
+- Objective: softmax cross-entropy on targets smoothed by `train.label_smoothing`;
+  "correct" counts argmax hits against the targets' argmax.
+- Evaluation: the test split, every example exactly once whatever the batch and the
+  number of replicas (padding is masked), loss, accuracy and the confusion matrix; with
+  `train.tta_flip` the mean logits of each image and its mirror image. Batch-norm moving
+  statistics are pooled across replicas first, so every replica evaluates the same weights.
 
-    python -m launcher --job jobs/cpu_smoke.yaml     # evaluates after every epoch
+TensorFlow is imported inside the functions: config validation reads this module's
+`TASK.check` before TensorFlow starts (tasks/task.py).
+
+    python -m launcher --job jobs/cpu_smoke.yaml
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import keras
-import numpy as np
-import tensorflow as tf
+from resnet18.config import Config
+from resnet18.registry import lookup
+from resnet18.tasks.task import Evaluate, Objective, Setting, Task
 
-from resnet18.runtime.errors import TrainingError
+if TYPE_CHECKING:
+    import keras
+
+    from resnet18.data.augment import Augmentation
+    from resnet18.data.sources import Source
 
 
-def make_evaluate(strategy: tf.distribute.Strategy, model: keras.Model, dataset, steps: int, num_classes: int,
-                  num_examples: int, tta_flip: bool, sync_statistics: Callable[[], None]
-                  ) -> Callable[[], dict[str, Any]]:
+def check(config: Config) -> None:
+    """Classification takes every option of the trainer."""
+
+
+def build_network(config: Config, num_classes: int, precision: str = "float32") -> keras.Model:
+    """The classifier of `model.*`; with model.freeze_encoder only its "logits" layer trains."""
+    from resnet18.models import build_model
+
+    model = build_model(config, num_classes, precision)
+    if config.model.freeze_encoder:  # Keras runs non-trainable BatchNormalization in inference mode
+        for layer in model.layers:
+            layer.trainable = layer.name == "logits"
+    return model
+
+
+def train_augmentation(config: Config) -> Augmentation:
+    from resnet18.data.augment import AUGMENTATIONS
+
+    return lookup(AUGMENTATIONS, config.data.augmentation, "data.augmentation")
+
+
+def cross_entropy(model: keras.Model, config: Config, num_classes: int) -> Objective:
+    """Softmax cross-entropy of `model`'s logits on smoothed targets (float32), per example."""
+    import tensorflow as tf
+
+    smoothing = config.train.label_smoothing
+
+    def objective(images, targets):
+        logits = model(images, training=True)
+        smoothed = targets * (1.0 - smoothing) + smoothing / num_classes
+        per_example = tf.nn.softmax_cross_entropy_with_logits(smoothed, tf.cast(logits, tf.float32))
+        return per_example, correct_count(logits, targets), config.train.global_batch_size
+
+    return objective
+
+
+def correct_count(logits, targets):
+    """How many argmax predictions hit the targets' argmax (float32)."""
+    import tensorflow as tf
+
+    predictions = tf.argmax(logits, -1, output_type=tf.int32)
+    return tf.reduce_sum(tf.cast(tf.equal(predictions, tf.argmax(targets, -1, output_type=tf.int32)), tf.float32))
+
+
+def make_objective(setting: Setting, model: keras.Model, resuming: bool) -> Objective:  # noqa: ARG001
+    return cross_entropy(model, setting.config, setting.num_classes)
+
+
+def make_evaluation(setting: Setting, model: keras.Model, source: Source,
+                    sync_statistics: Callable[[], None]) -> Evaluate:
+    """The test split, every example once: test_loss, test_accuracy, test_examples and the confusion matrix."""
+    from resnet18.data.pipeline import distributed_ordered, eval_steps
+
+    batch = setting.config.train.global_batch_size
+    return test_split_evaluation(setting.strategy, model, distributed_ordered(setting.strategy, source.test, batch),
+                                 eval_steps(source.num_test, batch), source.num_classes, source.num_test,
+                                 setting.config.train.tta_flip, sync_statistics)
+
+
+def test_split_evaluation(strategy, model: keras.Model, dataset, steps: int, num_classes: int, num_examples: int,
+                          tta_flip: bool, sync_statistics: Callable[[], None]) -> Evaluate:
     """A function that evaluates `model` on the distributed `dataset` of (images, labels, mask).
 
     It returns test_loss, test_accuracy, test_examples and the confusion matrix (rows: true class).
     """
+    import numpy as np
+    import tensorflow as tf
+
+    from resnet18.runtime.errors import TrainingError
 
     def eval_step(images, labels, mask):
         logits = tf.cast(model(images, training=False), tf.float32)
@@ -58,3 +131,17 @@ def make_evaluate(strategy: tf.distribute.Strategy, model: keras.Model, dataset,
                 "confusion_matrix": np.rint(confusion.numpy()).astype(int).tolist()}
 
     return evaluate
+
+
+TASK = Task(
+    name="classification",
+    sections=(),
+    heads=("logits",),
+    exports="classifier",
+    accuracy="test split",
+    check=check,
+    build_network=build_network,
+    train_augmentation=train_augmentation,
+    make_objective=make_objective,
+    make_evaluation=make_evaluation,
+)

@@ -1,16 +1,18 @@
-"""Knowledge distillation: a frozen teacher (e.g. the CIFAR ResNet50) teaches the student ResNet18.
+"""Knowledge distillation: a frozen teacher (e.g. the CIFAR ResNet50) teaches the student network.
 
     loss = alpha x CE(targets, student) + (1 - alpha) x T^2 x KL(softmax(teacher / T) || softmax(student / T))
 
 (Hinton, Vinyals and Dean 2015). The T^2 keeps the soft term's gradients the same
 size whatever T. The targets are the (smoothed, or CutMix-mixed) labels; the teacher
 sees the very batch the student sees, augmented and mixed alike, in inference mode,
-so its soft targets describe the same pixels.
+so its soft targets describe the same pixels. The student is a classifier like
+classification's (same network, augmentation and evaluation).
 
 The teacher is one this launcher trained: `distill.teacher_workdir` names its work
-directory, whose config.yaml says how to build it and whose best (else latest)
-checkpoint holds its evaluated weights. It is built inside the strategy scope, never
-trained and never saved into the student's checkpoints; WORKDIR/teacher.json
+directory, whose config.yaml says how to build it (a classifier trained on the
+student's data: the keys config.py marks `must_match(TEACHER)`) and whose best (else
+latest) checkpoint holds its evaluated weights. It is built inside the strategy scope,
+never trained and never saved into the student's checkpoints; WORKDIR/teacher.json
 records which teacher (its checkpoint and a fingerprint of its weights) a student's
 checkpoints were trained with, and a resumed run with another teacher exits 2.
 
@@ -20,22 +22,29 @@ checkpoints were trained with, and a resumed run with another teacher exits 2.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-
-import keras
-import numpy as np
-import tensorflow as tf
+from typing import TYPE_CHECKING
 
 from resnet18 import config as config_lib
-from resnet18.runtime.checkpoint_files import checkpoint_candidates, restore_latest_good
+from resnet18 import identity
 from resnet18.config import Config
+from resnet18.identity import TEACHER
 from resnet18.runtime.errors import ConfigError, SetupError
-from resnet18.models.resnet import build_model
+from resnet18.tasks import classification
+from resnet18.tasks.task import Objective, Setting, Task
+
+if TYPE_CHECKING:
+    import keras
+    import tensorflow as tf
 
 TEACHER_FILE = "teacher.json"
-MUST_MATCH = ("data.dataset", "data.image_folder", "data.image_size", "data.generated")  # same task as the student
+
+
+def check(config: Config) -> None:
+    if not config.distill.teacher_workdir:
+        raise ConfigError("train.task distillation needs distill.teacher_workdir: the work directory of a trained "
+                          "teacher (python -m launcher --job jobs/teacher_resnet50.yaml)")
 
 
 def distillation_loss(student_logits: tf.Tensor, teacher_logits: tf.Tensor, targets: tf.Tensor, alpha: float,
@@ -44,6 +53,8 @@ def distillation_loss(student_logits: tf.Tensor, teacher_logits: tf.Tensor, targ
 
     All float32; `targets` are probabilities [batch, classes] (one-hot, smoothed or mixed).
     """
+    import tensorflow as tf
+
     student = tf.cast(student_logits, tf.float32)
     teacher = tf.cast(teacher_logits, tf.float32)
     hard = tf.nn.softmax_cross_entropy_with_logits(targets, student)
@@ -53,13 +64,38 @@ def distillation_loss(student_logits: tf.Tensor, teacher_logits: tf.Tensor, targ
     return alpha * hard + (1.0 - alpha) * temperature ** 2 * kl
 
 
+def distilled(model: keras.Model, teacher: keras.Model, config: Config, num_classes: int) -> Objective:
+    """The student's objective: the distillation loss against the frozen teacher's logits on the same batch."""
+    import tensorflow as tf
+
+    smoothing, options = config.train.label_smoothing, config.distill
+
+    def objective(images, targets):
+        logits = model(images, training=True)
+        smoothed = targets * (1.0 - smoothing) + smoothing / num_classes
+        teacher_logits = tf.stop_gradient(teacher(images, training=False))  # frozen, inference mode
+        per_example = distillation_loss(logits, teacher_logits, smoothed, options.alpha, options.temperature)
+        return per_example, classification.correct_count(logits, targets), config.train.global_batch_size
+
+    return objective
+
+
+def make_objective(setting: Setting, model: keras.Model, resuming: bool) -> Objective:
+    """Loads the teacher, checks it is the one the checkpoints were distilled from, and returns the objective."""
+    teacher, identity = load_teacher(setting.config, setting.strategy, setting.num_classes, setting.precision)
+    check_same_teacher(setting.workdir, identity, resuming, setting.is_chief)
+    return distilled(model, teacher, setting.config, setting.num_classes)
+
+
 def teacher_config(student: Config) -> tuple[Config, str]:
-    """(the teacher's config, its config.yaml path); checks it describes the student's task.
+    """(the teacher's config, its config.yaml path); checks it was trained on the student's data.
 
     Raises:
       SetupError: the teacher's work directory holds no run.
       ConfigError: the teacher was trained on other data (each differing key named).
     """
+    import tensorflow as tf
+
     workdir = student.distill.teacher_workdir
     path = os.path.join(workdir, "config.yaml")
     if not tf.io.gfile.exists(path):
@@ -67,27 +103,24 @@ def teacher_config(student: Config) -> tuple[Config, str]:
                          "(python -m launcher --job jobs/teacher_resnet50.yaml)")
     with tf.io.gfile.GFile(path) as stream:
         teacher = config_lib.from_yaml_text(stream.read(), path)
-    if teacher.train.task != "classification":
-        raise ConfigError(f"distill.teacher_workdir {workdir!r}: the teacher must be a classifier, its train.task "
-                          f"is {teacher.train.task}")
-    differing = [f"{key}: teacher {_value(teacher, key)!r}, student {_value(student, key)!r}" for key in MUST_MATCH
-                 if _value(teacher, key) != _value(student, key)]
+    differing = identity.differences(teacher, student, TEACHER, sections=())
     if differing:
-        raise ConfigError(f"distill.teacher_workdir {workdir!r} was trained on other data than this student:\n  "
-                          + "\n  ".join(differing))
+        raise ConfigError(f"distill.teacher_workdir {workdir!r} was trained on other data than this student "
+                          "(teacher -> student):\n  " + "\n  ".join(differing))
     return teacher, path
-
-
-def _value(config: Config, key: str):
-    value = config
-    for part in key.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def load_teacher(student: Config, strategy: tf.distribute.Strategy, num_classes: int, precision: str
                  ) -> tuple[keras.Model, dict]:
     """The frozen teacher with its evaluated weights, and what identifies it (for teacher.json)."""
+    import hashlib
+
+    import numpy as np
+    import tensorflow as tf
+
+    from resnet18.models import build_model
+    from resnet18.runtime.checkpoint_files import checkpoint_candidates, restore_latest_good
+
     config, _ = teacher_config(student)
     workdir = student.distill.teacher_workdir
     best = os.path.join(workdir, "best")
@@ -100,7 +133,8 @@ def load_teacher(student: Config, strategy: tf.distribute.Strategy, num_classes:
     try:
         prefix = restore_latest_good(tf.train.Checkpoint(**{name: teacher}), directory)
     except RuntimeError as error:
-        raise SetupError(f"distill.teacher_workdir: {error}") from None
+        raise SetupError(f"distill.teacher_workdir {workdir!r} holds no classifier of its model.* that this launcher "
+                         f"can restore (its train.task is {config.train.task}): {error}") from None
     if prefix is None:
         raise SetupError(f"distill.teacher_workdir {workdir!r} holds no checkpoint; train the teacher first")
     digest = hashlib.sha256()
@@ -116,6 +150,8 @@ def check_same_teacher(workdir: str, identity: dict, resuming: bool, is_chief: b
     Raises:
       ConfigError: WORKDIR/teacher.json names another teacher checkpoint or other weights (exit 2).
     """
+    import tensorflow as tf
+
     path = os.path.join(workdir, TEACHER_FILE)
     if resuming and tf.io.gfile.exists(path):
         with tf.io.gfile.GFile(path) as stream:
@@ -130,3 +166,17 @@ def check_same_teacher(workdir: str, identity: dict, resuming: bool, is_chief: b
         tf.io.gfile.makedirs(workdir)
         with tf.io.gfile.GFile(path, "w") as stream:
             stream.write(json.dumps(identity, indent=1))
+
+
+TASK = Task(
+    name="distillation",
+    sections=("distill",),
+    heads=classification.TASK.heads,
+    exports="classifier",
+    accuracy=classification.TASK.accuracy,
+    check=check,
+    build_network=classification.build_network,
+    train_augmentation=classification.train_augmentation,
+    make_objective=make_objective,
+    make_evaluation=classification.make_evaluation,
+)

@@ -3,7 +3,7 @@
 - Views: random resized crop (area in [crop_scale_min, 1], aspect ratio 3/4-4/3),
   horizontal flip, colour jitter (brightness, contrast, saturation, hue) with
   probability 0.8, grayscale with probability 0.2; each image's two views are
-  drawn from its own random numbers (augment.py's scheme), on whole batches. The
+  drawn from its own random numbers (data/augment.py's scheme), on whole batches. The
   reference applies the four jitters in a random order per image; here they come in
   one order, which keeps the op vectorised.
 - Model: the encoder (the classifier without its head) and a projection head, a
@@ -17,36 +17,84 @@
   negatives would be a different, weaker objective that shrinks as replicas are added.
 - Monitor: a weighted kNN classifier (k = 200, cosine, votes exp(similarity / 0.1),
   as in InstDisc and MoCo's monitor) on the encoder's features of the test split
-  against the training split's, every epoch: the accuracy a run reports.
+  against the training split's, every epoch (inline, or in the sidecar evaluator): the
+  accuracy a run reports. It exports the encoder.
+- Refused (`check`): what needs labels or a test loss (CutMix, flip TTA, plateau, early
+  stopping, best-by-test-loss), a frozen encoder, gradient accumulation (a micro-batch
+  would gather only its own projections: its negatives would not be the global
+  batch's), and XLA on GPUs and CPUs (the gather would sit inside the compiled pass).
+
+TensorFlow is imported inside the functions: config validation reads `TASK.check`
+before TensorFlow starts (tasks/task.py).
 
     python -m launcher --job jobs/simclr_pretrain.yaml
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import keras
 import numpy as np
-import tensorflow as tf
 
 from resnet18.config import Config, SimCLRConfig
-from resnet18.models.resnet import build_model, encoder_of
+from resnet18.runtime.errors import ConfigError
+from resnet18.tasks.task import Evaluate, Objective, Setting, Task
+
+if TYPE_CHECKING:
+    import keras
+    import tensorflow as tf
+
+    from resnet18.data.augment import Augmentation
+    from resnet18.data.sources import Source
 
 LARGE = 1e9  # masks an anchor's similarity with itself
 # Uniform random numbers per view: crop area, aspect ratio, top, left; flip; jitter gate; brightness,
 # contrast, saturation, hue factors; grayscale gate.
 VIEW_PARAMS = 11
 PARAMS_PER_IMAGE = 2 * VIEW_PARAMS
+HEADS = ("projection_hidden", "projection_bn", "projection_relu", "projection_out")
+
+
+def check(config: Config) -> None:
+    """Refuses what SimCLR cannot do: options that need labels or a test loss, and splits of its global batch."""
+    train = config.train
+    refused = [(key, why) for key, why, used in (
+        ("data.cutmix_prob", "it makes its own views", config.data.cutmix_prob > 0),
+        ("train.tta_flip", "its accuracy is the kNN monitor's", train.tta_flip),
+        ("model.freeze_encoder", "it trains the encoder", config.model.freeze_encoder),
+        ("train.lr_schedule plateau", "it has no test loss", train.lr_schedule == "plateau"),
+        ("train.early_stopping_patience", "it has no test loss", train.early_stopping_patience > 0),
+        ("train.best_checkpoint_metric test_loss", "it has no test loss", train.best_checkpoint_metric == "test_loss"),
+        # Each micro-batch would gather only its own projections: its negatives would not be the global batch's.
+        ("train.grad_accum_steps > 1", "NT-Xent's negatives must be the whole global batch's; use more devices "
+         "or a smaller train.global_batch_size", train.grad_accum_steps > 1),
+        # The gather of the global batch's projections would sit inside the compiled pass (on TPUs it is ignored).
+        ("train.xla", "its global-batch gather cannot sit inside the compiled pass on GPUs and CPUs",
+         train.xla and not config.runtime.tpu),
+    ) if used]
+    if refused:
+        raise ConfigError("train.task simclr cannot use " + "; ".join(f"{key} ({why})" for key, why in refused))
+
+
+def train_augmentation(config: Config) -> Augmentation:
+    """Two views of every image, from its own random numbers (data/augment.py's scheme)."""
+    from resnet18.data.augment import Augmentation
+
+    return Augmentation("simclr_views", PARAMS_PER_IMAGE, lambda images, uniforms: two_views(
+        images, uniforms, config.simclr), views=2)
 
 
 def two_views(images: tf.Tensor, uniforms: tf.Tensor, options: SimCLRConfig) -> tf.Tensor:
     """[k, H, W, 3] uint8 or float images -> [k, 2, H, W, 3] float32 views in 0-255."""
+    import tensorflow as tf
+
     first, second = tf.split(uniforms, 2, axis=1)
     return tf.stack([_view(images, first, options), _view(images, second, options)], axis=1)
 
 
 def _view(images: tf.Tensor, u: tf.Tensor, options: SimCLRConfig) -> tf.Tensor:
+    import tensorflow as tf
+
     count = tf.shape(images)[0]
     size = tf.shape(images)[1:3]
     pixels = tf.cast(images, tf.float32) / 255.0
@@ -71,6 +119,8 @@ def _view(images: tf.Tensor, u: tf.Tensor, options: SimCLRConfig) -> tf.Tensor:
 
 def _color_jitter(pixels: tf.Tensor, u: tf.Tensor, options: SimCLRConfig) -> tf.Tensor:
     """Brightness, contrast, saturation (factors in [1 - s, 1 + s]) and hue (shift in [-h, h]) per image."""
+    import tensorflow as tf
+
     def factor(column: int, strength: float) -> tf.Tensor:
         return (1.0 - strength + 2.0 * strength * u[:, column])[:, None, None, None]
 
@@ -86,9 +136,12 @@ def _color_jitter(pixels: tf.Tensor, u: tf.Tensor, options: SimCLRConfig) -> tf.
 
 # --- Model -----------------------------------------------------------------------------------
 
-def build_simclr_model(config: Config, num_classes: int, precision: str = "float32") -> keras.Model:
+def build_network(config: Config, num_classes: int, precision: str = "float32") -> keras.Model:
     """Images -> projections: the encoder of `config`'s network and the projection head."""
-    from resnet18.models.resnet import DTYPE_POLICIES
+    import keras
+
+    from resnet18.models import build_model, encoder_of
+    from resnet18.models.layers import DTYPE_POLICIES
 
     encoder = encoder_of(build_model(config, num_classes, precision))
     policy = DTYPE_POLICIES[precision]
@@ -106,6 +159,23 @@ def build_simclr_model(config: Config, num_classes: int, precision: str = "float
 
 # --- Loss ------------------------------------------------------------------------------------
 
+def make_objective(setting: Setting, model: keras.Model, resuming: bool) -> Objective:  # noqa: ARG001
+    """NT-Xent per view over the global batch of 2B views; "correct" counts anchors whose positive is nearest."""
+    import tensorflow as tf
+
+    config = setting.config
+
+    def contrastive(views, targets):  # noqa: ARG001 - no labels in self-supervised training
+        shape = tf.shape(views)
+        pairs = tf.reshape(views, tf.concat([[2 * shape[0]], shape[2:]], 0))  # view 1, view 2, view 1, ...
+        projections = tf.reshape(model(pairs, training=True), [shape[0], 2, -1])
+        losses, correct = nt_xent(projections[:, 0], projections[:, 1], config.simclr.temperature)
+        # Half the found positives: the loop divides by images, and there are two anchors per image.
+        return losses, tf.reduce_sum(correct) / 2.0, 2 * config.train.global_batch_size
+
+    return contrastive
+
+
 def nt_xent(first: tf.Tensor, second: tf.Tensor, temperature: float) -> tuple[tf.Tensor, tf.Tensor]:
     """Per-anchor NT-Xent of this replica's 2b anchors against the global batch's 2B projections.
 
@@ -114,6 +184,8 @@ def nt_xent(first: tf.Tensor, second: tf.Tensor, temperature: float) -> tuple[tf
     1.0 where the positive is the anchor's most similar view): divide the losses' sum by 2B
     (tf.nn.compute_average_loss) for the mean over the global batch.
     """
+    import tensorflow as tf
+
     first = tf.math.l2_normalize(tf.cast(first, tf.float32), axis=1)
     second = tf.math.l2_normalize(tf.cast(second, tf.float32), axis=1)
     local = tf.shape(first)[0]
@@ -146,6 +218,8 @@ def nt_xent(first: tf.Tensor, second: tf.Tensor, temperature: float) -> tuple[tf
 def knn_predict(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray, num_classes: int,
                 k: int, temperature: float, chunk: int = 512) -> np.ndarray:
     """Weighted kNN: the class with the most exp(cosine / temperature) among the k nearest training features."""
+    import tensorflow as tf
+
     train = tf.math.l2_normalize(tf.constant(train_features, tf.float32), axis=1)
     labels = tf.one_hot(tf.constant(train_labels, tf.int32), num_classes)
     k = min(k, len(train_labels))
@@ -158,14 +232,22 @@ def knn_predict(train_features: np.ndarray, train_labels: np.ndarray, test_featu
     return np.concatenate(predictions)
 
 
-def make_knn_evaluate(strategy: tf.distribute.Strategy, encoder: keras.Model, train_dataset, train_steps: int,
-                      test_dataset, test_steps: int, num_classes: int, options: SimCLRConfig,
-                      sync_statistics: Callable[[], None]) -> Callable[[], dict[str, Any]]:
-    """A function that returns the kNN monitor's accuracy (as test_accuracy) and confusion matrix.
+def make_evaluation(setting: Setting, model: keras.Model, source: Source,
+                    sync_statistics: Callable[[], None]) -> Evaluate:
+    """The kNN monitor: its accuracy (as test_accuracy) and confusion matrix, from the encoder's features.
 
-    The datasets are distributed (images, labels, mask) batches in order (input_pipeline.ordered_batches):
-    every worker gathers every replica's features, so all compute the same result.
+    Both splits are read in order (data/pipeline.py: distributed_ordered), and every worker
+    gathers every replica's features, so all compute the same result.
     """
+    import tensorflow as tf
+
+    from resnet18.data.pipeline import distributed_ordered, eval_steps
+    from resnet18.models import encoder_of
+
+    strategy, options, batch = setting.strategy, setting.config.simclr, setting.config.train.global_batch_size
+    encoder, num_classes = encoder_of(model), source.num_classes
+    train_dataset, train_steps = distributed_ordered(strategy, source.train, batch), eval_steps(source.num_train, batch)
+    test_dataset, test_steps = distributed_ordered(strategy, source.test, batch), eval_steps(source.num_test, batch)
 
     @tf.function
     def features_of(iterator, steps):
@@ -198,3 +280,17 @@ def make_knn_evaluate(strategy: tf.distribute.Strategy, encoder: keras.Model, tr
                 "confusion_matrix": confusion.tolist()}
 
     return evaluate
+
+
+TASK = Task(
+    name="simclr",
+    sections=("simclr",),
+    heads=HEADS,
+    exports="encoder",
+    accuracy="kNN monitor on the encoder's features",
+    check=check,
+    build_network=build_network,
+    train_augmentation=train_augmentation,
+    make_objective=make_objective,
+    make_evaluation=make_evaluation,
+)

@@ -56,11 +56,13 @@ class Checkpointer:
             for path in remove_stale_temporaries(self.chief_dir):
                 print(f"Removed {path}, left by an interrupted save", flush=True)
         average = self.state.average
-        # A weight average turned on for a run whose checkpoints have none starts from the restored weights.
+        # A weight average turned on for a run whose checkpoints have none starts from the restored weights;
+        # a loss scale (float16) new to them starts at its initial value.
         average_is_new = average is not None and not holds_object(self.chief_dir, "ema_model")
+        loss_scale_is_new = self.state.loss_scaled and not holds_object(self.chief_dir, "loss_scale")
         try:
-            self.last_saved = restore_latest_good(self.state.checkpoint(with_average=not average_is_new),
-                                                  self.chief_dir)
+            self.last_saved = restore_latest_good(self.state.checkpoint(
+                with_average=not average_is_new, with_loss_scale=not loss_scale_is_new), self.chief_dir)
         except RuntimeError as error:
             raise SetupError(str(error)) from None
         if average_is_new and self.last_saved:

@@ -32,6 +32,7 @@ make training wait for another task.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -39,17 +40,17 @@ from typing import Any
 
 import tensorflow as tf
 
-from resnet18.data import pipeline as input_pipeline
-from resnet18.data import sources
+from resnet18.config import Config
+from resnet18.data import pipeline, sources
 from resnet18.runtime import hardware
 from resnet18.runtime.checkpoint_files import EPOCHS_DIR, checkpoint_candidates
-from resnet18.config import Config
-from resnet18.runtime.errors import RetryableError, TrainingError
-from resnet18.tasks.classification import make_evaluate
+from resnet18.runtime.errors import RetryableError, TrainingError, first_line
 from resnet18.runtime.history import EVALUATIONS_FILE, read_evaluations
-from resnet18.models.resnet import build_model
 from resnet18.runtime.status import HEARTBEAT_SECONDS, append_event, read_json, read_status, write_json
 from resnet18.runtime.summaries import Summaries
+from resnet18.runtime.watchdog import Watchdog
+from resnet18.tasks import task_of
+from resnet18.tasks.task import Setting
 
 POLL_SECONDS = 1.0
 SUMMARY_WAIT_SECONDS = 120  # after the last epoch, how long to wait for the trainer's summary.json
@@ -57,42 +58,60 @@ CHIEF_STARTUP_SECONDS = 600.0  # beyond train.step_timeout_seconds, for a chief 
 
 
 def run_evaluator(config: Config, strategy: tf.distribute.Strategy, workdir: str) -> dict[str, Any]:
-    """Evaluates every epoch's checkpoint until the last; returns the last evaluation.
+    """Evaluates every epoch's checkpoint until the last with the task's own evaluation; returns the last one.
 
     Raises:
       RetryableError: the chief was lost, preempted or failed before the last epoch (exit 138).
     """
+    task = task_of(config)
+    task.check(config)
     source = sources.prepare_source(config.data, workdir)
-    steps_per_epoch = input_pipeline.steps_per_epoch(source.num_train, config.train.global_batch_size)
+    steps_per_epoch = pipeline.steps_per_epoch(source.num_train, config.train.global_batch_size)
     total_steps = config.train.epochs * steps_per_epoch
+    precision = hardware.strategy_precision(config.train.precision, strategy)
     with strategy.scope():
-        model = build_model(config, source.num_classes, hardware.strategy_precision(config.train.precision, strategy))
+        model = task.build_network(config, source.num_classes, precision)
     # The evaluated weights (the average when training keeps one), saved by the chief for this task.
     checkpoint = tf.train.Checkpoint(model=model)
-    batch = config.train.global_batch_size
-    evaluate = make_evaluate(
-        strategy, model, strategy.distribute_datasets_from_function(input_pipeline.eval_dataset_fn(
-            source, config.data, batch)), input_pipeline.eval_steps(source.num_test, batch), source.num_classes,
-        source.num_test, config.train.tta_flip, sync_statistics=lambda: None)
+    evaluate = task.make_evaluation(Setting(config, strategy, source.num_classes, precision), model, source,
+                                    lambda: None)
     done = {entry["step"] for entry in read_evaluations(workdir)}
     append_event(workdir, {"event": "evaluator_start", "evaluated": sorted(done)})
-    started, last = time.time(), None
-    with Summaries(workdir, is_chief=True) as summaries:
+    started, last, first = time.time(), None, True
+    with Summaries(workdir, is_chief=True) as summaries, contextlib.closing(
+            Watchdog(config.train.step_timeout_seconds)) as watchdog:
         while True:
             for step, prefix in _new_epoch_checkpoints(workdir, steps_per_epoch, done):
-                checkpoint.restore(prefix).expect_partial()
-                last = dict(evaluate(), step=step, epoch=step // steps_per_epoch, checkpoint=os.path.basename(prefix))
+                # The first evaluation traces and compiles (as the trainer's first call, it is not timed).
+                with contextlib.nullcontext() if first else watchdog.watching(f"evaluating {prefix}"):
+                    _restore(checkpoint, prefix)
+                    last = dict(evaluate(), step=step, epoch=step // steps_per_epoch,
+                                checkpoint=os.path.basename(prefix))
+                first = False
                 _record(workdir, summaries, last)
                 done.add(step)
                 for path in tf.io.gfile.glob(prefix + ".*"):  # evaluated: the chief keeps no copy for us
                     tf.io.gfile.remove(path)
-                print(f"Evaluated {last['checkpoint']} (epoch {last['epoch']}): test_loss {last['test_loss']:.4f}  "
-                      f"test_accuracy {last['test_accuracy']:.4f}", flush=True)
+                print(f"Evaluated {last['checkpoint']} (epoch {last['epoch']}): {_metrics_line(last)}", flush=True)
             if total_steps in done:
                 _finish(workdir, last or _last_evaluation(workdir))
                 return last or _last_evaluation(workdir)
             check_chief(workdir, config.train.step_timeout_seconds, started)
             time.sleep(POLL_SECONDS)
+
+
+def _restore(checkpoint: tf.train.Checkpoint, prefix: str) -> None:
+    """Restores an epoch's weights, all of them: a checkpoint of another network is an error, never half-read."""
+    try:
+        checkpoint.restore(prefix).assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as error:
+        raise TrainingError(f"{prefix} does not hold this task's network ({first_line(error)}); the evaluator's "
+                            "config must be the trainers'") from None
+
+
+def _metrics_line(evaluation: dict[str, Any]) -> str:
+    shown = [f"{key} {evaluation[key]:.4f}" for key in ("test_loss", "test_accuracy") if key in evaluation]
+    return "  ".join(shown)
 
 
 def _new_epoch_checkpoints(workdir: str, steps_per_epoch: int, done: set[int]) -> list[tuple[int, str]]:
@@ -115,8 +134,8 @@ def _record(workdir: str, summaries: Summaries, evaluation: dict[str, Any]) -> N
     with tf.io.gfile.GFile(path + ".tmp", "w") as stream:
         stream.write(existing + json.dumps(dict(entry, confusion_matrix=evaluation["confusion_matrix"])) + "\n")
     tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
-    summaries.scalars("test", evaluation["step"], {"loss": evaluation["test_loss"],
-                                                   "accuracy": evaluation["test_accuracy"]})
+    summaries.scalars("test", evaluation["step"], {name: evaluation[key] for name, key in (
+        ("loss", "test_loss"), ("accuracy", "test_accuracy")) if key in evaluation})
 
 
 def _last_evaluation(workdir: str) -> dict[str, Any]:
@@ -158,11 +177,10 @@ def _finish(workdir: str, last: dict[str, Any]) -> None:
     if summary is None:
         raise TrainingError(f"training reached its last checkpoint but wrote no {path} within "
                             f"{SUMMARY_WAIT_SECONDS} s")
-    summary.update(test_accuracy=last["test_accuracy"], test_loss=last["test_loss"],
+    summary.update(test_accuracy=last["test_accuracy"], test_loss=last.get("test_loss"),
                    test_examples=last["test_examples"], confusion_matrix=last["confusion_matrix"],
                    evaluation="sidecar")
     write_json(path, summary)
     append_event(workdir, {"event": "evaluator_end", "step": last["step"], "state": "done"})
-    print(f"Done: test_accuracy {last['test_accuracy']:.4f}  test_loss {last['test_loss']:.4f}  "
-          f"(epoch {last['epoch']}, sidecar evaluator) -> {workdir}", flush=True)
+    print(f"Done: {_metrics_line(last)}  (epoch {last['epoch']}, sidecar evaluator) -> {workdir}", flush=True)
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import sys
@@ -23,33 +21,27 @@ import time
 from typing import Any, Callable
 
 import keras
-import numpy as np
 import tensorflow as tf
 
-from resnet18.runtime import hardware
-from resnet18.training import epoch_rules as callbacks
-from resnet18.training import replicas
 from resnet18 import config as config_lib
-from resnet18.data import pipeline as input_pipeline
-from resnet18.data import sources
-from resnet18.training.checkpointing import Checkpointer
+from resnet18 import tasks
 from resnet18.config import Config
+from resnet18.data import pipeline, sources
+from resnet18.runtime import hardware
 from resnet18.runtime.errors import RetryableError, TrainingError, first_line
-from resnet18.tasks.classification import make_evaluate
 from resnet18.runtime.history import read_history, write_history
-from resnet18.training.optimizers import make_train_step
-from resnet18.tasks.distillation import check_same_teacher, load_teacher
-from resnet18.models.resnet import encoder_of
 from resnet18.runtime.preemption import PreemptionWatcher
-from resnet18.tasks.simclr import make_knn_evaluate
-from resnet18.training.state import TrainState, build_train_state
-from resnet18.runtime.summaries import Summaries
-from resnet18.training.run_config import check_resume_config, save_config
 from resnet18.runtime.status import Heartbeat, append_event
-from resnet18.runtime.topology import Topology, describe, topology_of
+from resnet18.runtime.summaries import Summaries
+from resnet18.runtime.topology import Topology, topology_of
 from resnet18.runtime.watchdog import Watchdog
-
-_IMPORT_TIME = time.time()
+from resnet18.tasks.task import Setting, Task
+from resnet18.training import epoch_rules, replicas, weights
+from resnet18.training.checkpointing import Checkpointer
+from resnet18.training.run_config import check_resume_config, save_config
+from resnet18.training.state import TrainState, build_train_state
+from resnet18.training.step import make_train_calls, make_train_step
+from resnet18.training.summary import process_start_time, summarize, write_summary
 
 
 def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir: str) -> dict[str, Any]:
@@ -67,47 +59,45 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
         wall_start = time.time()
         watcher = cleanup.enter_context(PreemptionWatcher())  # SIGTERM before the first step: exit 138
         topology = topology_of(strategy)
-        config, precision = _setup(config, strategy, topology, workdir)
-        global_batch = config.train.global_batch_size
+        task = tasks.task_of(config)
+        config = _setup(config, task, strategy, topology, workdir)
+        precision, global_batch = config.train.precision, config.train.global_batch_size
 
         # --- Data -------------------------------------------------------------------------
         # TPU input pipelines run on the TPU hosts, where Python cannot: they hold the data as graph constants.
         source = sources.prepare_source(config.data, workdir,
                                         random_access=not isinstance(strategy, tf.distribute.TPUStrategy))
-        steps_per_epoch = input_pipeline.steps_per_epoch(source.num_train, global_batch)
+        steps_per_epoch = pipeline.steps_per_epoch(source.num_train, global_batch)
+        setting = Setting(config, strategy, source.num_classes, precision, workdir, topology.is_chief)
 
-        # --- Model and optimizer (every variable inside the strategy scope); the teacher -----
-        state = build_train_state(config, strategy, source.num_classes, precision, steps_per_epoch)
+        # --- Network and optimizer (every variable inside the strategy scope) ----------------
+        state = build_train_state(config, strategy, task, source.num_classes, precision, steps_per_epoch)
         models = [state.model] + ([state.average.model] if state.average else [])
         sync_statistics = replicas.make_statistics_sync(strategy, models)
-        teacher, teacher_identity = (load_teacher(config, strategy, source.num_classes, precision)
-                                     if config.distill.teacher_workdir else (None, None))
 
-        # --- Restore ------------------------------------------------------------------------
+        # --- Weights: the run's own checkpoint, else train.init_from, else the seed's --------
         checkpointer = Checkpointer(state, workdir, topology.is_chief, config.train.checkpoint_max_to_keep,
                                     sync_statistics, replicas.make_finite_check(state.model))
         cleanup.callback(checkpointer.close)
-        start_step = checkpointer.restore()
+        start_step = weights.initialize(state, checkpointer, config, source.num_classes, _say(topology))
         if topology.num_processes > 1:
             replicas.check_same_step(strategy, start_step, workdir)
-        if teacher_identity:
-            check_same_teacher(workdir, teacher_identity, bool(checkpointer.last_saved), topology.is_chief)
+        objective = task.make_objective(setting, state.model, bool(checkpointer.last_saved))  # e.g. loads a teacher
         if topology.is_chief:  # the checkpoints are this config's now
-            save_config(config, workdir, checkpointer.last_saved)
+            save_config(config, workdir, checkpointer.last_saved, task.sections)
         if topology.is_chief and checkpointer.last_saved:
             print(f"Resuming from {checkpointer.last_saved} at step {start_step}/"
                   f"{config.train.epochs * steps_per_epoch}", flush=True)
 
         # --- Step functions -----------------------------------------------------------------
-        train_dataset = strategy.distribute_datasets_from_function(input_pipeline.train_dataset_fn(
-            source, config.data, global_batch, config.train.epochs, config.runtime.seed, start_step,
-            os.path.join(workdir, "order_log") if config.data.order_log else None,
-            config.simclr if config.train.task == "simclr" else None))
+        train_dataset = strategy.distribute_datasets_from_function(pipeline.train_dataset_fn(
+            source, config.data, task.train_augmentation(config), global_batch, config.train.epochs,
+            config.runtime.seed, start_step, os.path.join(workdir, "order_log") if config.data.order_log else None))
         loop = Loop(
-            config=config, topology=topology, state=state, checkpointer=checkpointer, workdir=workdir,
+            config=config, task=task, topology=topology, state=state, checkpointer=checkpointer, workdir=workdir,
             steps_per_epoch=steps_per_epoch, train_calls=make_train_calls(strategy, make_train_step(
-                state.model, state.optimizer, config, source.num_classes, state.average, teacher)),
-            evaluate=_make_evaluate(config, strategy, state, source, sync_statistics),
+                state.model, state.optimizer, objective, config, source.num_classes, state.average)),
+            evaluate=task.make_evaluation(setting, state.evaluated_model, source, sync_statistics),
             any_replica=replicas.make_any_replica(strategy) if topology.num_processes > 1 else lambda flag: flag,
             wall_start=wall_start, watchdog=cleanup.enter_context(contextlib.closing(
                 Watchdog(config.train.step_timeout_seconds))),
@@ -120,46 +110,34 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
             outcome.update(step=progress.step, state="stopped_early" if progress.stopped_at_epoch else "done")
 
         # --- Summary ------------------------------------------------------------------------
-        summary = _summarize(loop, progress, source, strategy, precision)
+        summary = summarize(loop, progress, source, strategy, precision)
         if topology.is_chief:
-            _write_summary(workdir, summary)
+            write_summary(workdir, summary)
         return summary
 
 
-def _setup(config: Config, strategy: tf.distribute.Strategy, topology: Topology, workdir: str) -> tuple[Config, str]:
-    """Settles what depends on the hardware and records the config; returns (config, precision)."""
+def _setup(config: Config, task: Task, strategy: tf.distribute.Strategy, topology: Topology, workdir: str) -> Config:
+    """Settles what depends on the hardware (the precision `auto` resolves to, XLA on TPUs) and checks the config
+    against its task and the work directory's checkpoints; returns the config the run trains with."""
+    task.check(config)
     if config.train.deterministic:
         tf.config.experimental.enable_op_determinism()
     config_lib.check_batch_divisible(config, topology.num_replicas)
     if config.train.xla and isinstance(strategy, tf.distribute.TPUStrategy):
         # A TPU compiles every step with XLA anyway; a nested jit_compile function would only get in the way.
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, xla=False))
-        if topology.is_chief:
-            print("train.xla: ignored on TPUs (every step is compiled already)", flush=True)
+        _say(topology)("train.xla: ignored on TPUs (every step is compiled already)")
     precision = hardware.strategy_precision(config.train.precision, strategy)
-    if topology.is_chief and precision != config.train.precision:
-        print(f"Precision: {precision} (train.precision auto)", flush=True)
-    check_resume_config(config, workdir)
-    return config, precision
+    if precision != config.train.precision:
+        _say(topology)(f"Precision: {precision} (train.precision {config.train.precision})")
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, precision=precision))
+    check_resume_config(config, workdir, task.sections)
+    return config
 
 
-def _make_evaluate(config: Config, strategy: tf.distribute.Strategy, state: TrainState, source: sources.Source,
-                   sync_statistics: Callable[[], None]) -> Callable[[], dict[str, Any]]:
-    """Each epoch's evaluation: the test split once (classification), or the kNN monitor (SimCLR)."""
-    batch = config.train.global_batch_size
-
-    def ordered(store):
-        return strategy.distribute_datasets_from_function(lambda context: input_pipeline.ordered_batches(
-            store, batch, *input_pipeline.pipeline_slice(context, batch)))
-
-    if config.train.task == "simclr":
-        return make_knn_evaluate(
-            strategy, encoder_of(state.evaluated_model), ordered(source.train),
-            input_pipeline.eval_steps(source.num_train, batch), ordered(source.test),
-            input_pipeline.eval_steps(source.num_test, batch), source.num_classes, config.simclr, sync_statistics)
-    return make_evaluate(strategy, state.evaluated_model, ordered(source.test),
-                         input_pipeline.eval_steps(source.num_test, batch), source.num_classes, source.num_test,
-                         config.train.tta_flip, sync_statistics)
+def _say(topology: Topology) -> Callable[[str], None]:
+    """print, on the chief only."""
+    return (lambda text: print(text, flush=True)) if topology.is_chief else (lambda text: None)
 
 
 @contextlib.contextmanager
@@ -184,27 +162,12 @@ def _recorded(loop: Loop, start_step: int):
             append_event(loop.workdir, {"event": "train_end", **outcome})
 
 
-def make_train_calls(strategy: tf.distribute.Strategy, train_step: Callable) -> Callable:
-    """A compiled function (iterator, steps) -> (loss sum, correct sum) over `steps` train steps."""
-
-    @tf.function
-    def train_calls(iterator, num_steps):
-        loss_sum = tf.constant(0.0)
-        correct_sum = tf.constant(0.0)
-        for _ in tf.range(num_steps):
-            loss, correct = strategy.run(train_step, args=next(iterator))
-            loss_sum += strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
-            correct_sum += strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None)
-        return loss_sum, correct_sum
-
-    return train_calls
-
-
 @dataclasses.dataclass
 class Loop:
     """What the loop works with (fixed for the run)."""
 
     config: Config
+    task: Task
     topology: Topology
     state: TrainState
     checkpointer: Checkpointer
@@ -412,113 +375,34 @@ def _end_epoch_with_evaluation(loop: Loop, progress: Progress, epoch: int, total
                  f"epochs; stopping after epoch {progress.stopped_at_epoch}")
     loop.say(f"epoch {epoch + 1}/{loop.config.train.epochs}  step {progress.step}/{loop.total_steps}  "
              f"loss {metrics['train_loss']:.4f}  accuracy {metrics['train_accuracy']:.4f}  "
-             + (f"test_loss {metrics['test_loss']:.4f}  " if "test_loss" in metrics else "kNN ")
+             + (f"test_loss {metrics['test_loss']:.4f}  " if "test_loss" in metrics else "")
              + f"test_accuracy {metrics['test_accuracy']:.4f}  "
-             f"{totals.steps * loop.global_batch / totals.seconds:.0f} img/s")
+             + ("" if "test_loss" in metrics else f"({loop.task.accuracy})  ")
+             + f"{totals.steps * loop.global_batch / totals.seconds:.0f} img/s")
 
 
 # Keras' callbacks (ReduceLROnPlateau, EarlyStopping, best checkpoint) decide from every epoch's
-# test metrics so far, so a resumed run replays the recorded epochs (callbacks.py).
+# test metrics so far, so a resumed run replays the recorded epochs (epoch_rules.py).
 
 def apply_epoch_rules(loop: Loop, epochs_so_far: list[dict[str, Any]]) -> int | None:
     """Sets the plateau learning-rate scale; returns the early-stopping epoch, if reached."""
     train = loop.config.train
     if train.lr_schedule != "plateau" and not train.early_stopping_patience:
-        return None  # (config refuses these rules where there is no test loss: sidecar evaluation, SimCLR)
+        return None  # (refused where there is no test loss: by config with sidecar evaluation, by tasks without one)
     losses = [entry["test_loss"] for entry in epochs_so_far]
     if train.lr_schedule == "plateau":
-        scale = callbacks.plateau_scale(losses, train.plateau_factor, train.plateau_patience, train.plateau_min_delta)
+        scale = epoch_rules.plateau_scale(losses, train.plateau_factor, train.plateau_patience, train.plateau_min_delta)
         if scale != float(loop.state.schedule.scale.numpy()) and epochs_so_far:
             loop.say(f"ReduceLROnPlateau: learning rate x{scale:g} of its schedule (test_loss has not "
                      f"improved by {train.plateau_min_delta:g} for {train.plateau_patience} epochs)")
         loop.state.schedule.scale.assign(scale)
     if train.early_stopping_patience:
-        return callbacks.early_stop_epoch(losses, train.early_stopping_patience, train.early_stopping_min_delta)
+        return epoch_rules.early_stop_epoch(losses, train.early_stopping_patience, train.early_stopping_min_delta)
     return None
 
 
 def save_if_best(loop: Loop, epochs_so_far: list[dict[str, Any]]) -> None:
     metric = loop.config.train.best_checkpoint_metric
-    if metric and callbacks.best_epoch(epochs_so_far, metric) == len(epochs_so_far) - 1:
+    if metric and epoch_rules.best_epoch(epochs_so_far, metric) == len(epochs_so_far) - 1:
         path = loop.checkpointer.save_best(epochs_so_far[-1]["step"])
         loop.say(f"Best {metric} so far ({epochs_so_far[-1][metric]:.4f}): {path}")
-
-
-# --- Summary --------------------------------------------------------------------------------
-
-def _summarize(loop: Loop, progress: Progress, source: sources.Source, strategy: tf.distribute.Strategy,
-               precision: str) -> dict[str, Any]:
-    fingerprint = weights_fingerprint(loop.state.model)
-    print(f"Final weights sha256 {fingerprint}", flush=True)  # equal on every worker
-    metrics = progress.metrics
-    metric = loop.config.train.best_checkpoint_metric
-    return {
-        "name": loop.config.name,
-        "test_accuracy": metrics.get("test_accuracy"),  # None with sidecar evaluation: the evaluator adds it
-        "test_loss": metrics.get("test_loss"),
-        "test_examples": metrics.get("test_examples"),
-        "epochs": loop.config.train.epochs,
-        "steps": progress.step,
-        "resumed_from_step": progress.start_step,
-        "stopped_early_after_epoch": progress.stopped_at_epoch,
-        "best_checkpoint": _best_checkpoint_entry(progress.epochs_so_far, metric, loop.workdir),
-        "global_batch_size": loop.global_batch,
-        **describe(strategy),
-        "train_images_per_sec": progress.train_images / progress.train_seconds if progress.train_seconds else None,
-        "startup_seconds": progress.startup_seconds,
-        "first_epoch_seconds": progress.first_epoch_seconds,
-        "host_allocator": "bfc" if os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "") in ("1", "true") else "system",
-        "wall_seconds": time.time() - loop.wall_start,
-        "tensorflow_version": tf.__version__,
-        "precision": precision,
-        "compute_dtype": _conv_compute_dtype(loop.state.model),  # what the convolutions really ran in
-        "weights_sha256": fingerprint,
-        "class_names": list(source.class_names),
-        "confusion_matrix": metrics.get("confusion_matrix"),
-        "history": progress.history,
-    }
-
-
-def _best_checkpoint_entry(history: list[dict[str, Any]], metric: str | None, workdir: str) -> dict[str, Any] | None:
-    index = callbacks.best_epoch(history, metric) if metric else None
-    if index is None:
-        return None
-    entry = history[index]
-    path = os.path.join(workdir, "best", f"ckpt-{entry['step']}")
-    return {"metric": metric, "value": entry[metric], "epoch": entry["epoch"], "path": path,
-            "on_disk": tf.io.gfile.exists(path + ".index")}
-
-
-def _write_summary(workdir: str, summary: dict[str, Any]) -> None:
-    with tf.io.gfile.GFile(os.path.join(workdir, "summary.json"), "w") as stream:
-        stream.write(json.dumps(summary, indent=2))
-    ips = summary["train_images_per_sec"]
-    tested = "test metrics: from the sidecar evaluator"
-    if summary["test_accuracy"] is not None:
-        tested = f"test_accuracy {summary['test_accuracy']:.4f}" + (
-            f"  test_loss {summary['test_loss']:.4f}" if summary["test_loss"] is not None else " (kNN monitor)")
-    print(f"Done: {tested}  steps {summary['steps']}  {summary['num_replicas']} replica(s) of {summary['strategy']}  "
-          f"{'%.0f img/s  ' % ips if ips else ''}{summary['wall_seconds']:.0f} s  -> {workdir}", flush=True)
-
-
-def _conv_compute_dtype(model: keras.Model) -> str | None:
-    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
-    return convs[0].compute_dtype if convs else None
-
-
-def weights_fingerprint(model: keras.Model) -> str:
-    """sha256 of every weight's bytes (trainable and BN statistics), to compare runs and workers."""
-    digest = hashlib.sha256()
-    for weight in model.weights:
-        digest.update(np.asarray(weight.numpy()).tobytes())
-    return digest.hexdigest()
-
-
-def process_start_time() -> float:
-    """When this process started (epoch seconds), for start-up time."""
-    try:
-        import psutil  # installed with tensorflow-datasets
-
-        return psutil.Process().create_time()
-    except ImportError:
-        return _IMPORT_TIME
