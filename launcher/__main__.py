@@ -24,11 +24,12 @@ import sys
 import tempfile
 import traceback
 
-from launcher import cpu_environment, local_workers
+from launcher import cpu_environment, local_workers, processes
 from launcher.cluster import ClusterSpec, cluster_address, read_tf_config
 from launcher.plan import STRATEGY_CLASSES, Plan, describe
 from launcher.slurm import tf_config_from_slurm
 from resnet18 import config as config_lib
+from resnet18 import tasks
 from resnet18.runtime.preemption import preempted_before_training
 from resnet18.runtime.errors import (EXIT_FAILURE, EXIT_OK, ConfigError, LauncherError, PortInUseError, RetryableError,
                              TrainingError, first_line)
@@ -89,7 +90,7 @@ def dedicated_flags(args: argparse.Namespace) -> dict[str, object]:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = config_lib.build_config(args.job, args.overrides, dedicated_flags(args))
+    config = tasks.check(config_lib.build_config(args.job, args.overrides, dedicated_flags(args)))
     workdir = args.workdir or os.path.join(DEFAULT_RUNS_DIR, config.name)
     if args.workers is not None:
         return run_local_workers(config, workdir, args)
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     # Until training starts there is nothing to save: SIGTERM exits 138 at once (not by its default action).
     signal.signal(signal.SIGTERM, preempted_before_training)
     cluster = _cluster_from_environment()
-    if cluster is not None and not args.dry_run and not os.environ.get(local_workers.PARENT_PID_VARIABLE):
+    if cluster is not None and not args.dry_run and not os.environ.get(processes.PARENT_PID_VARIABLE):
         from launcher.task_log import tee_output
 
         tee_output(os.path.join(workdir, "logs", f"{cluster.task_type}-{cluster.task_index}.log"),
@@ -235,7 +236,7 @@ def run_local_workers(config: config_lib.Config, workdir: str, args: argparse.Na
         raise ConfigError(f"--min_workers must be between 1 and --workers {args.workers}, got {min_workers}")
     if config.runtime.cpu_replicas > 1:
         raise ConfigError("with --workers each worker has one CPU replica; drop --cpu_replicas (or set it to 1)")
-    gpus = local_workers.gpu_slices(args.workers, args.gpus_per_worker, local_workers.visible_gpu_ids())
+    gpus = processes.gpu_slices(args.workers, args.gpus_per_worker, processes.visible_gpu_ids())
     replicas_per_worker = max(1, len((gpus[0] or "").split(","))) if gpus[0] else 1
 
     def check_workers(count: int) -> None:
@@ -256,9 +257,16 @@ def run_local_workers(config: config_lib.Config, workdir: str, args: argparse.Na
             workdir=workdir,
             console=_console_filter(args.log_workers), max_restarts=args.max_restarts,
             preemption_grace=local_workers.DEFAULT_PREEMPTION_GRACE_SECONDS if args.preemption_grace is None
-            else args.preemption_grace, check_workers=check_workers))
+            else args.preemption_grace, check_workers=check_workers,
+            evaluator_silence=_evaluator_silence(config.train.step_timeout_seconds)))
     finally:
         os.unlink(stream.name)
+
+
+def _evaluator_silence(step_timeout: float) -> float | None:
+    """Once training is done, how long the evaluator may print nothing: each evaluation is bounded by its
+    watchdog (train.step_timeout_seconds), plus what its first (compiling) one and its final wait may take."""
+    return step_timeout + local_workers.EVALUATOR_ALLOWANCE_SECONDS if step_timeout else None
 
 
 def _console_filter(text: str) -> frozenset[str] | None:
@@ -279,8 +287,10 @@ def _console_filter(text: str) -> frozenset[str] | None:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # hide TF's INFO/WARNING start-up noise
     cpu_environment.apply()  # read by TensorFlow at import: set before it is imported
-    if parent := os.environ.get(local_workers.PARENT_PID_VARIABLE):  # a task of `--workers N`
-        local_workers.die_with_parent(int(parent))
+    if parent := os.environ.get(processes.PARENT_PID_VARIABLE):  # a task of `--workers N`
+        processes.die_with_parent(int(parent))
+    if alive := os.environ.get(processes.ALIVE_FILE_VARIABLE):
+        processes.keep_alive(alive)
     args = parse_args(argv)
     try:
         return run(args)

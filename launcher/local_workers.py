@@ -2,65 +2,64 @@
 
 Starts N worker processes of the same job (and with --evaluator one sidecar
 evaluator), each with a generated TF_CONFIG on free ports of 127.0.0.1, and
-supervises them:
+supervises them (the processes themselves: launcher/processes.py):
 
-- Output: each task's complete output goes to WORKDIR/logs/<task>.log, appended
-  across restarts, each attempt headed by its number, time and TF_CONFIG; the
-  console shows the tasks `--log_workers` selects, prefixed `[worker i]`.
+- Output: each task's complete output goes to WORKDIR/logs/<task>.log; the console
+  shows the tasks `--log_workers` selects, prefixed `[worker i]`.
 - Signals: SIGINT/SIGTERM are forwarded. During a preemption every worker gets
   `--preemption_grace` seconds (default 60) to finish its checkpoint.
-- Failures: the first task to fail *by time* is the cause. The others are stopped
-  (SIGTERM, then SIGKILL after 5 s; after the grace period when the first exited
-  138, since then its peers are saving or leaving too), and the report names the
-  task, its exit code, its last lines and its log file.
+- Failures: the task to blame is the first to fail *by time*, or a frozen one (its
+  liveness file stale) that made the others give up. The others are stopped (SIGTERM,
+  then SIGKILL after 5 s; after the grace period when the first exited 138, since then
+  its peers are saving or leaving too), and the report names the task, its exit code,
+  its last lines and its log file.
 - Restarts: after a retryable failure the whole group restarts from the latest
-  checkpoint, up to `--max_restarts` times. A worker slot that is the first to fail
-  on two starts in a row is dropped while more than `--min_workers` remain: the
-  data order does not depend on the number of workers, so the job goes on at the
-  same step with the same global batch.
+  checkpoint, up to `--max_restarts` times. A worker slot blamed on two starts in a row
+  is dropped while more than `--min_workers` remain; every other slot keeps its name,
+  its GPUs and its log file. The data order does not depend on the number of workers,
+  so the job goes on at the same step with the same global batch.
+- The evaluator is not part of training: its failure never stops or restarts the
+  workers. It is restarted alone (it skips what it has evaluated), up to
+  `--max_restarts` times; once the workers have finished, it is waited for as long as
+  it shows signs of progress (a line of output within `evaluator_silence` seconds).
+  A run whose training finished but whose evaluator failed exits with the evaluator's
+  code and says so; running the same command again evaluates what is left.
 - Ports: a port taken between the probe and TensorFlow's bind (the worker exits
   98) restarts the group on new ports at once, without counting as a restart.
-- GPUs: without `--gpus_per_worker` the visible GPUs are split evenly.
 
     python -m launcher --workers 2 --job tests/jobs/tiny.yaml              # 2 CPU workers
     python -m launcher --workers 4 --min_workers 2 --max_restarts 3 --job JOB
     python -m launcher --workers 2 --evaluator --log_workers 0 --job JOB
 
 Note: TensorFlow's gRPC server listens on every interface whatever address
-TF_CONFIG names, and it is unauthenticated (TensorFlow's SECURITY.md); run this
-only on hosts whose network you trust.
+TF_CONFIG names, and it is unauthenticated (TensorFlow's SECURITY.md); docs/security.md
+says what that means here.
 """
 
 from __future__ import annotations
 
-import collections
-import ctypes
 import dataclasses
-import datetime
-import json
 import os
-import shutil
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
-from typing import IO, Callable
+from typing import Callable
 
-from resnet18.runtime.errors import (EXIT_FAILURE, EXIT_PORT_IN_USE, EXIT_RETRYABLE, EXIT_USAGE, LauncherError,
-                                     SetupError)
+from launcher.processes import (EVALUATOR, POLL_SECONDS, STOP_GRACE_SECONDS, Failure, Slot, Task, first_failure,
+                                free_ports, initial_slots, local_tf_configs, send_signal, start_task, stop_tasks,
+                                to_blame)
+from resnet18.runtime.errors import EXIT_FAILURE, EXIT_PORT_IN_USE, EXIT_RETRYABLE, LauncherError, SetupError
 from resnet18.runtime.status import append_event
 
-STOP_GRACE_SECONDS = 5  # SIGTERM -> SIGKILL for the survivors of a genuine failure (their group is broken)
 DEFAULT_PREEMPTION_GRACE_SECONDS = 60  # a preempted worker's peers may still be writing their checkpoint
-FINISH_GRACE_SECONDS = 120  # after one task succeeds, the others must end within this
-POLL_SECONDS = 0.2
-TAIL_LINES = 20
+FINISH_GRACE_SECONDS = 120  # after one worker succeeds, the other workers must end within this
 PORT_RETRIES = 5
-SHRINK_AFTER = 2  # a worker slot that fails first on this many starts in a row is dropped (elastic)
-RETRYABLE_EXIT_CODES = (EXIT_RETRYABLE, 130, 137, 143)  # Kubeflow's retryable set
-PARENT_PID_VARIABLE = "LAUNCHER_PARENT_PID"  # tells a worker to die with this launcher
+SHRINK_AFTER = 2  # a worker slot blamed on this many starts in a row is dropped (elastic)
+# Beyond train.step_timeout_seconds, the silence allowed to an evaluator once training is done: its first
+# evaluation traces and compiles (training/evaluator.py's CHIEF_STARTUP_SECONDS, 600) and at the end it
+# waits for the trainer's summary.json (SUMMARY_WAIT_SECONDS, 120).
+EVALUATOR_ALLOWANCE_SECONDS = 720
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,285 +76,133 @@ class GroupSpec:
     console: frozenset[str] | None = None  # task names shown on the console; None: all
     max_restarts: int = 0
     preemption_grace: float = DEFAULT_PREEMPTION_GRACE_SECONDS
+    evaluator_silence: float | None = None  # once training is done: the evaluator's longest silence; None: any
     command: tuple[str, ...] = (sys.executable, "-m", "launcher")
     check_workers: Callable[[int], None] = lambda count: None  # refuses a worker count (e.g. batch not divisible)
 
 
 @dataclasses.dataclass
-class Task:
-    """One running process of the group."""
+class Group:
+    """A started group: its workers (in rank order) and its evaluator."""
 
-    name: str  # "worker 0", "evaluator"
-    process: subprocess.Popen
-    tail: collections.deque
-    log_path: str | None
-    reader: threading.Thread | None = None
-    ended: float | None = None  # when the process ended (time.time(), recorded by a waiter thread)
+    workers: list[Task]
+    evaluator: Task | None = None
+    evaluator_restarts: int = 0
+    evaluator_failure: Failure | None = None  # given up on: training went on without it
 
     @property
-    def code(self) -> int | None:
-        return self.process.returncode if self.ended is not None else None
+    def tasks(self) -> list[Task]:
+        return self.workers + ([self.evaluator] if self.evaluator else [])
 
 
-@dataclasses.dataclass(frozen=True)
-class Failure:
-    """Why a group ended badly: the task that failed first."""
-
-    task: str
-    exit_code: int
-    last_lines: tuple[str, ...]
-    log_path: str | None = None
-
-    def describe(self) -> str:
-        how = (f"was killed by {signal.Signals(-self.exit_code).name}" if self.exit_code < 0
-               else f"exited with code {self.exit_code}")
-        lines = "\n".join(f"    {line}" for line in self.last_lines) or "    (no output)"
-        log = f" (full output: {self.log_path})" if self.log_path else ""
-        return f"{self.task} {how}: {self.cause}{log}; its last lines:\n{lines}"
-
-    @property
-    def retryable(self) -> bool:
-        """Killed by a signal, preempted or peer lost: a restart from the checkpoint can fix it.
-
-        Exit 1 (bug, NaN, out of memory) and 2 (config, environment) would fail again.
-        """
-        return self.exit_code < 0 or self.exit_code in RETRYABLE_EXIT_CODES
-
-    @property
-    def cause(self) -> str:
-        if self.exit_code < 0:
-            return "killed (retryable)"
-        return {EXIT_RETRYABLE: "preempted, stalled or lost a peer (retryable)",
-                EXIT_USAGE: "config, usage or environment error (not retryable)",
-                EXIT_FAILURE: "failed: bug, NaN loss or out of memory (not retryable)",
-                EXIT_PORT_IN_USE: "its port was taken (the group restarts on new ports)"}.get(
-            self.exit_code, "retryable" if self.retryable else "not retryable")
-
-
-# --- Set-up: ports, TF_CONFIG, GPUs -----------------------------------------------------
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct ports free on every interface right now (the OS picks them).
-
-    TensorFlow binds its server on all interfaces, so the probe does too; a port taken
-    between the probe and that bind makes the worker exit 98 and the group start again.
-    """
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def local_tf_configs(workers: int, ports: list[int], evaluator: bool = False) -> dict[str, str]:
-    """TF_CONFIG per task name of a cluster on 127.0.0.1: workers (worker 0 is chief) and an evaluator."""
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports[:workers]]}
-    if evaluator:  # listed in the cluster as Kubeflow does; it joins no collective
-        cluster["evaluator"] = [f"127.0.0.1:{ports[workers]}"]
-    configs = {f"worker {rank}": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": rank}})
-               for rank in range(workers)}
-    if evaluator:
-        configs["evaluator"] = json.dumps({"cluster": cluster, "task": {"type": "evaluator", "index": 0}})
-    return configs
-
-
-def visible_gpu_ids(environ=os.environ) -> list[str]:
-    """The GPUs of this host a worker could use: CUDA_VISIBLE_DEVICES, else what nvidia-smi lists."""
-    if "CUDA_VISIBLE_DEVICES" in environ:
-        return [item.strip() for item in environ["CUDA_VISIBLE_DEVICES"].split(",") if item.strip()]
-    if shutil.which("nvidia-smi") is None:
-        return []
-    try:
-        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [str(index) for index, line in enumerate(line for line in listed.splitlines() if line.startswith("GPU "))]
-
-
-def gpu_slices(workers: int, gpus_per_worker: int | None, visible: list[str]) -> list[str | None]:
-    """CUDA_VISIBLE_DEVICES for each worker (None: leave the environment as it is).
-
-    Without --gpus_per_worker the visible GPUs are split evenly; 0 means CPU only.
-
-    Raises:
-      SetupError: more GPUs asked for than there are, or fewer GPUs than workers.
-    """
-    if gpus_per_worker is None:
-        if not visible:
-            return [None] * workers
-        if len(visible) < workers:
-            raise SetupError(f"--workers {workers} on a host with {len(visible)} GPU(s): give each worker its own "
-                             "GPU (fewer workers) or run CPU workers with --gpus_per_worker 0")
-        gpus_per_worker = len(visible) // workers
-    if gpus_per_worker == 0:
-        return [""] * workers
-    if gpus_per_worker * workers > len(visible) and visible:
-        raise SetupError(f"--workers {workers} x --gpus_per_worker {gpus_per_worker} needs "
-                         f"{workers * gpus_per_worker} GPUs; this host shows {len(visible)}")
-    ids = visible or [str(index) for index in range(workers * gpus_per_worker)]
-    return [",".join(ids[rank * gpus_per_worker:(rank + 1) * gpus_per_worker]) for rank in range(workers)]
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """In a worker: get SIGKILL when the launcher dies, so no worker is orphaned (Linux).
-
-    Called by the worker itself at start-up rather than through Popen's preexec_fn, which
-    is unsafe while the launcher runs threads (it may deadlock in the child).
-    """
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent_pid:  # the launcher died before the line above: nothing to serve
-        os._exit(EXIT_RETRYABLE)
-
-
-# --- Running a group --------------------------------------------------------------------
-
-def _pump(task: Task, stream: IO[str], show: bool, lock: threading.Lock) -> None:
-    """Copies a task's output to its log file and, if `show`, to the console with its name."""
-    log = open(task.log_path, "a", encoding="utf-8") if task.log_path else None
-    try:
-        for line in iter(stream.readline, ""):
-            if log:
-                log.write(line)
-                log.flush()
-            line = line.rstrip("\n")
-            task.tail.append(line)
-            if show:
-                with lock:
-                    sys.stdout.write(f"[{task.name}] {line}\n")
-                    sys.stdout.flush()
-    finally:
-        stream.close()
-        if log:
-            log.close()
-
-
-def _log_name(name: str) -> str:
-    return name.replace(" ", "-") + ".log"
-
-
-def _start_task(spec: GroupSpec, name: str, tf_config: str, gpus: str | None, attempt: int,
-                lock: threading.Lock) -> Task:
-    env = dict(os.environ, TF_CONFIG=tf_config, PYTHONUNBUFFERED="1", **{PARENT_PID_VARIABLE: str(os.getpid())})
-    if gpus is not None:
-        env["CUDA_VISIBLE_DEVICES"] = gpus
-    log_path = os.path.join(spec.log_dir, _log_name(name)) if spec.log_dir else None
-    if log_path:
-        os.makedirs(spec.log_dir, exist_ok=True)
-        with open(log_path, "a", encoding="utf-8") as log:
-            log.write(f"===== attempt {attempt}, {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}"
-                      f", TF_CONFIG {tf_config} =====\n")
-    process = subprocess.Popen(
-        [*spec.command, *spec.worker_args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL, text=True, bufsize=1,
-        start_new_session=True)  # signals reach the tasks only through the launcher, once
-    task = Task(name, process, collections.deque(maxlen=TAIL_LINES), log_path)
-    show = spec.console is None or name in spec.console
-    task.reader = threading.Thread(target=_pump, args=(task, process.stdout, show, lock), daemon=True)
-    task.reader.start()
-
-    def wait() -> None:  # the time a task ended decides which one failed first
-        process.wait()
-        task.ended = time.time()
-
-    threading.Thread(target=wait, daemon=True).start()
-    return task
-
-
-def start_group(spec: GroupSpec, workers: int, attempt: int) -> list[Task]:
-    """Starts `workers` workers (and the evaluator) on fresh ports."""
-    ports = free_ports(workers + int(spec.evaluator))
-    configs = local_tf_configs(workers, ports, spec.evaluator)
-    gpus = gpu_slices(workers, spec.gpus_per_worker, visible_gpu_ids()) + ([""] if spec.evaluator else [])
+def start_group(spec: GroupSpec, slots: list[Slot], attempt: int) -> Group:
+    """Starts one worker per slot, ranked in slot order (and the evaluator), on fresh ports."""
+    ports = free_ports(len(slots) + int(spec.evaluator))
+    configs = local_tf_configs(len(slots), ports, spec.evaluator)
     lock = threading.Lock()
-    tasks = []
-    for (name, tf_config), task_gpus in zip(configs.items(), gpus):
-        task = _start_task(spec, name, tf_config, task_gpus, attempt, lock)
-        tasks.append(task)
-        where = f", CUDA_VISIBLE_DEVICES={task_gpus!r}" if task_gpus else ""
-        print(f"Started {name} (pid {task.process.pid}, port {ports[len(tasks) - 1]}{where}"
-              + (f", log {task.log_path}" if task.log_path else "") + ")", flush=True)
-    return tasks
+    group = Group([])
+    for rank, (slot, tf_config) in enumerate(zip(slots, configs)):
+        group.workers.append(_start(spec, slot.name, tf_config, slot.gpus, attempt, lock))
+        where = f", CUDA_VISIBLE_DEVICES={slot.gpus!r}" if slot.gpus else ""
+        _said(group.workers[-1], f"Started {slot.name} (pid {group.workers[-1].process.pid}, rank {rank}, "
+                                 f"port {ports[rank]}{where}")
+    if spec.evaluator:
+        group.evaluator = _start(spec, EVALUATOR, configs[-1], "", attempt, lock)
+        _said(group.evaluator, f"Started evaluator (pid {group.evaluator.process.pid}, port {ports[-1]}")
+    return group
 
 
-def stop_tasks(tasks: list[Task], grace: float = STOP_GRACE_SECONDS, signal_first: bool = True) -> None:
-    """SIGTERM to every live task (unless `signal_first` is False), SIGKILL to those alive after `grace` s."""
-    live = [task for task in tasks if task.process.poll() is None]
-    if signal_first:
-        for task in live:
-            _signal(task, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(task.process.poll() is None for task in live):
-        time.sleep(POLL_SECONDS)
-    for task in live:
-        if task.process.poll() is None:
-            _signal(task, signal.SIGKILL)
-    for task in tasks:
-        task.process.wait()
-        if task.reader:
-            task.reader.join(timeout=5)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and any(task.ended is None for task in tasks):
-        time.sleep(0.01)
+def _start(spec: GroupSpec, name: str, tf_config: str, gpus: str | None, attempt: int, lock: threading.Lock) -> Task:
+    show = spec.console is None or name in spec.console
+    return start_task((*spec.command, *spec.worker_args), name, tf_config, gpus, attempt, spec.log_dir, show, lock)
 
 
-def _signal(task: Task, signum: int) -> None:
-    try:
-        task.process.send_signal(signum)
-    except ProcessLookupError:
-        pass
+def _said(task: Task, text: str) -> None:
+    print(text + (f", log {task.log_path}" if task.log_path else "") + ")", flush=True)
 
 
-def first_failure(tasks: list[Task]) -> Task | None:
-    """The task that failed first by the time it ended (not the first one noticed)."""
-    failed = [task for task in tasks if task.code not in (None, 0)]
-    return min(failed, key=lambda task: task.ended) if failed else None
-
-
-def wait_for_group(tasks: list[Task], forwarded: list[int], preemption_grace: float) -> Failure | None:
-    """Waits until all tasks end; on the first failure stops the rest. Returns it, or None.
+def wait_for_group(spec: GroupSpec, group: Group, forwarded: list[int], attempt: int) -> Failure | None:
+    """Waits until the workers (and the evaluator) end; on a worker's failure stops all. Returns it, or None.
 
     SIGINT/SIGTERM received meanwhile are forwarded to the tasks and appended to `forwarded`.
     """
 
     def forward(signum, frame):  # noqa: ARG001 - signal handler signature
         forwarded.append(signum)
-        for task in tasks:
+        for task in group.tasks:
             if task.process.poll() is None:
-                _signal(task, signum)
+                send_signal(task, signum)
 
     previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         finish_deadline = None
         while True:
-            failed = first_failure(tasks)
+            failed = first_failure(group.workers)
             if failed is not None:
-                # Preempted (forwarded signal or 138): the others are saving; otherwise the group is broken.
-                patient = forwarded or failed.code == EXIT_RETRYABLE
-                stop_tasks(tasks, preemption_grace if patient else STOP_GRACE_SECONDS, signal_first=not patient)
-                first = first_failure(tasks)  # a task that ended meanwhile may have failed earlier
-                return Failure(first.name, first.code, tuple(first.tail), first.log_path)
-            codes = [task.code for task in tasks]
+                return _stop_failed_group(spec, group, failed, forwarded)
+            if group.evaluator is not None and group.evaluator.code is not None:
+                _after_evaluator_ended(spec, group, attempt, forwarded)
+            codes = [task.code for task in group.workers]
             if all(code == 0 for code in codes):
-                return None
-            if finish_deadline is None and any(code == 0 for code in codes):
+                if group.evaluator is None:
+                    return None
+                _check_evaluator_progress(spec, group)
+            elif finish_deadline is None and any(code == 0 for code in codes):
                 finish_deadline = time.monotonic() + FINISH_GRACE_SECONDS
-            if finish_deadline is not None and time.monotonic() > finish_deadline:
-                straggler = next(task for task in tasks if task.code is None)
-                stop_tasks(tasks)
-                return Failure(straggler.name, straggler.process.returncode, tuple(straggler.tail)
-                               + (f"(still running {FINISH_GRACE_SECONDS} s after another task finished)",),
-                               straggler.log_path)
+            elif finish_deadline is not None and time.monotonic() > finish_deadline:
+                straggler = next(task for task in group.workers if task.code is None)
+                stop_tasks(group.tasks)
+                return dataclasses.replace(Failure.of(straggler), note=f"still running {FINISH_GRACE_SECONDS} s "
+                                                                       "after another worker finished")
             time.sleep(POLL_SECONDS)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _stop_failed_group(spec: GroupSpec, group: Group, failed: Task, forwarded: list[int]) -> Failure:
+    """Stops every task after a worker failed; returns the failure, blamed on the right worker."""
+    blamed, note = to_blame(group.workers, failed)  # before the stop: it makes every liveness file stale
+    # Preempted (forwarded signal or 138): the others are saving; otherwise the group is broken.
+    patient = bool(forwarded) or failed.code == EXIT_RETRYABLE
+    stop_tasks(group.tasks, spec.preemption_grace if patient else STOP_GRACE_SECONDS, signal_first=not patient)
+    if blamed is failed:
+        blamed = first_failure(group.workers)  # a task that ended meanwhile may have failed earlier
+    return Failure.of(blamed, note)
+
+
+def _after_evaluator_ended(spec: GroupSpec, group: Group, attempt: int, forwarded: list[int]) -> None:
+    """The evaluator ended: done, restarted alone, or given up on (training goes on either way)."""
+    evaluator = group.evaluator
+    if evaluator.code == 0:
+        group.evaluator = None
+        group.evaluator_failure = None
+        return
+    failure = Failure.of(evaluator)
+    _event(spec, {"event": "evaluator_failed", "exit_code": failure.exit_code, "cause": failure.cause,
+                  "log": failure.log_path})
+    if not forwarded and failure.retryable and group.evaluator_restarts < spec.max_restarts:
+        group.evaluator_restarts += 1
+        print(f"warning: {failure.describe()}", file=sys.stderr, flush=True)
+        group.evaluator = _start(spec, EVALUATOR, evaluator.tf_config, "", attempt, threading.Lock())
+        _said(group.evaluator, f"Restarted evaluator (pid {group.evaluator.process.pid}, restart "
+                               f"{group.evaluator_restarts}/{spec.max_restarts}")
+        return
+    group.evaluator, group.evaluator_failure = None, failure
+    print(f"warning: the evaluator is gone, training goes on without it: {failure.describe()}", file=sys.stderr,
+          flush=True)
+
+
+def _check_evaluator_progress(spec: GroupSpec, group: Group) -> None:
+    """Training is done: the evaluator may take as long as it needs while it shows signs of progress."""
+    evaluator = group.evaluator
+    silent = time.monotonic() - evaluator.last_output
+    if spec.evaluator_silence is None or silent <= spec.evaluator_silence:
+        return
+    stop_tasks([evaluator])
+    group.evaluator = None
+    group.evaluator_failure = dataclasses.replace(
+        Failure.of(evaluator), note=f"no output for {silent:.0f} s after training finished")
 
 
 # --- The launch loop: restarts, elastic shrinking, ports ----------------------------------
@@ -364,10 +211,10 @@ def wait_for_group(tasks: list[Task], forwarded: list[int], preemption_grace: fl
 class _Attempts:
     """What the launch loop remembers across starts of the group."""
 
-    workers: int
+    slots: list[Slot]
     restarts: int = 0
     port_retries: int = 0
-    first_failures: list[str] = dataclasses.field(default_factory=list)  # per start, the task that failed first
+    blamed: list[str] = dataclasses.field(default_factory=list)  # per start, the task blamed for its failure
 
 
 def launch(spec: GroupSpec) -> int:
@@ -379,22 +226,22 @@ def launch(spec: GroupSpec) -> int:
         raise SetupError(f"--workers must be >= 1, got {spec.workers}")
     if os.environ.get("TF_CONFIG", "").strip():
         raise SetupError("--workers starts its own local cluster; unset TF_CONFIG (it is set by cluster systems)")
-    attempts = _Attempts(spec.workers)
+    attempts = _Attempts(initial_slots(spec.workers, spec.gpus_per_worker))
     while True:
         attempt = attempts.restarts + attempts.port_retries
-        print(f"Starting {attempts.workers} local worker(s){' and an evaluator' if spec.evaluator else ''} on 127.0.0.1"
+        workers = len(attempts.slots)
+        print(f"Starting {workers} local worker(s){' and an evaluator' if spec.evaluator else ''} on 127.0.0.1"
               + (f" (restart {attempts.restarts}/{spec.max_restarts})" if attempts.restarts else ""), flush=True)
         forwarded: list[int] = []
-        _event(spec, {"event": "group_start", "attempt": attempt, "workers": attempts.workers,
-                      "evaluator": spec.evaluator})
-        failure = wait_for_group(start_group(spec, attempts.workers, attempt), forwarded, spec.preemption_grace)
+        _event(spec, {"event": "group_start", "attempt": attempt, "workers": workers, "evaluator": spec.evaluator,
+                      "slots": [slot.name for slot in attempts.slots]})
+        group = start_group(spec, attempts.slots, attempt)
+        failure = wait_for_group(spec, group, forwarded, attempt)
         if failure is None:
-            _event(spec, {"event": "group_done", "workers": attempts.workers})
-            print(f"All {attempts.workers} worker(s) finished", flush=True)
-            return 0
+            return _finished(spec, group, workers)
         _event(spec, {"event": "group_failed", "task": failure.task, "exit_code": failure.exit_code,
-                      "cause": f"{failure.task} {failure.cause}", "log": failure.log_path,
-                      "forwarded_signal": forwarded[0] if forwarded else None})
+                      "cause": f"{failure.task} {failure.cause}" + (f" ({failure.note})" if failure.note else ""),
+                      "log": failure.log_path, "forwarded_signal": forwarded[0] if forwarded else None})
         if forwarded:
             print(f"error: stopped by {signal.Signals(forwarded[0]).name}; {failure.describe()}",
                   file=sys.stderr, flush=True)
@@ -402,6 +249,18 @@ def launch(spec: GroupSpec) -> int:
         outcome = _after_failure(spec, attempts, failure)
         if outcome is not None:
             return outcome
+
+
+def _finished(spec: GroupSpec, group: Group, workers: int) -> int:
+    """Training finished on every worker: 0, or the evaluator's failure if it could not finish."""
+    _event(spec, {"event": "group_done", "workers": workers})
+    print(f"All {workers} worker(s) finished", flush=True)
+    if group.evaluator_failure is None:
+        return 0
+    failure = group.evaluator_failure
+    print(f"error: training finished, but the evaluator did not: {failure.describe()}\nRun the same command again "
+          "to evaluate the epochs it left (training is complete and will not repeat)", file=sys.stderr, flush=True)
+    return failure.exit_code if failure.exit_code > 0 else EXIT_RETRYABLE
 
 
 def _after_failure(spec: GroupSpec, attempts: _Attempts, failure: Failure) -> int | None:
@@ -419,7 +278,7 @@ def _after_failure(spec: GroupSpec, attempts: _Attempts, failure: Failure) -> in
               file=sys.stderr, flush=True)
         return EXIT_FAILURE
     attempts.restarts += 1
-    attempts.first_failures.append(failure.task)
+    attempts.blamed.append(failure.task)
     print(f"warning: {failure.describe()}", file=sys.stderr, flush=True)
     _maybe_shrink(spec, attempts)
     print(f"Restarting the group from the latest checkpoint ({attempts.restarts}/{spec.max_restarts})",
@@ -428,24 +287,26 @@ def _after_failure(spec: GroupSpec, attempts: _Attempts, failure: Failure) -> in
 
 
 def _maybe_shrink(spec: GroupSpec, attempts: _Attempts) -> None:
-    """Drops a worker slot that failed first on the last SHRINK_AFTER starts, down to --min_workers."""
-    recent = attempts.first_failures[-SHRINK_AFTER:]
+    """Drops the worker slot blamed on the last SHRINK_AFTER starts, down to --min_workers; the others stay."""
+    recent = attempts.blamed[-SHRINK_AFTER:]
     minimum = spec.min_workers or spec.workers
-    if len(recent) < SHRINK_AFTER or len(set(recent)) != 1 or not recent[0].startswith("worker"):
-        return
-    if attempts.workers <= minimum:
+    slot = next((slot for slot in attempts.slots if slot.name == recent[0]), None) if recent else None
+    if len(recent) < SHRINK_AFTER or len(set(recent)) != 1 or slot is None or len(attempts.slots) <= minimum:
         return
     try:
-        spec.check_workers(attempts.workers - 1)
+        spec.check_workers(len(attempts.slots) - 1)
     except LauncherError as error:
-        print(f"warning: cannot continue on {attempts.workers - 1} worker(s): {error}", file=sys.stderr, flush=True)
+        print(f"warning: cannot continue on {len(attempts.slots) - 1} worker(s): {error}", file=sys.stderr,
+              flush=True)
         return
-    attempts.workers -= 1
-    attempts.first_failures.clear()
-    _event(spec, {"event": "group_shrink", "workers": attempts.workers, "dropped_after": recent[0]})
-    print(f"warning: {recent[0]} failed first on {SHRINK_AFTER} starts in a row: continuing on {attempts.workers} "
-          f"worker(s) (--min_workers {minimum}), same global batch, from the latest checkpoint",
-          file=sys.stderr, flush=True)
+    attempts.slots = [other for other in attempts.slots if other is not slot]
+    attempts.blamed.clear()
+    kept = ", ".join(other.name for other in attempts.slots)
+    _event(spec, {"event": "group_shrink", "workers": len(attempts.slots), "dropped": slot.name,
+                  "dropped_gpus": slot.gpus, "slots": [other.name for other in attempts.slots]})
+    print(f"warning: {slot.name} failed first on {SHRINK_AFTER} starts in a row: continuing on "
+          f"{len(attempts.slots)} worker(s) ({kept}; --min_workers {minimum}), same global batch, from the latest "
+          "checkpoint", file=sys.stderr, flush=True)
 
 
 def _event(spec: GroupSpec, event: dict) -> None:

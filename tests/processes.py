@@ -69,7 +69,7 @@ def cluster_group(args: list[str], workers: int, extra_roles: dict[str, int] | N
     """Cluster tasks started by hand (as a cluster system would), on free ports of 127.0.0.1, by name."""
     import json
 
-    from launcher.local_workers import free_ports
+    from launcher.processes import free_ports
 
     roles = {"worker": workers, **(extra_roles or {})}
     ports = iter(free_ports(sum(roles.values())))

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from launcher.local_workers import free_ports
+from launcher.processes import free_ports
 from launcher.status import collect
 from tests.conftest import TINY_JOB, run_launcher
 from tests.processes import Running

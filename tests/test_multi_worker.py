@@ -14,7 +14,7 @@ import time
 import pytest
 
 from launcher.cluster import parse_tf_config, environment_without_cluster
-from launcher.local_workers import free_ports
+from launcher.processes import free_ports
 from launcher.slurm import tf_config_from_slurm
 from tests.conftest import REPO, TINY_JOB, run_launcher
 

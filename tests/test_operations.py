@@ -17,7 +17,7 @@ import time
 import pytest
 import tensorflow as tf
 
-from launcher import local_workers
+from launcher import local_workers, processes
 from launcher.status import collect
 from resnet18.data.pipeline import epoch_order
 from tests.conftest import REPO, TINY_JOB, TINY_TRAIN, run_launcher
@@ -56,12 +56,12 @@ def test_the_first_task_to_fail_is_the_one_that_ended_first_not_the_one_killed(t
                       "time.sleep(0.6 if rank == 0 else 0.2)\n"
                       "os.kill(os.getpid(), signal.SIGKILL) if rank == 0 else sys.exit(1)\n")
     spec = local_workers.GroupSpec(worker_args=(), workers=2, command=(sys.executable, str(worker)))
-    tasks = local_workers.start_group(spec, 2, attempt=0)
+    tasks = local_workers.start_group(spec, processes.initial_slots(2), attempt=0).workers
     for task in tasks:
         task.process.wait()
     time.sleep(0.5)  # the waiter threads have recorded when each ended
     assert [task.code for task in tasks] == [-signal.SIGKILL, 1]
-    assert local_workers.first_failure(tasks).name == "worker 1"
+    assert processes.first_failure(tasks).name == "worker 1"
 
 
 def test_a_killed_worker_is_named_with_its_log_and_status_tells_the_story(tiny_data_dir, tmp_path):
@@ -124,9 +124,9 @@ def trained_steps(workdir) -> dict[int, list[int]]:
         logs.append((count, min(entry["step"] for entry in entries), entries))
     steps: dict[int, list[int]] = {}
     bounds = [step for _, step, _ in starts] + [10 ** 9]
-    for attempt, (_, first, processes) in enumerate(starts):
+    for attempt, (_, first, pipelines) in enumerate(starts):
         for count, begins, entries in logs:
-            if (count, begins) != (processes, first):
+            if (count, begins) != (pipelines, first):
                 continue
             for entry in entries:
                 if first <= entry["step"] < bounds[attempt + 1]:
@@ -294,7 +294,7 @@ def test_workers_one_step_apart_are_refused_exactly(tiny_data_dir, tmp_path):
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     for path in (tmp_path / "b" / "checkpoints").glob("ckpt-10.*"):
         path.unlink()
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in local_workers.free_ports(2)]}
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in processes.free_ports(2)]}
     members = [Running(job(tiny_data_dir, tmp_path / name, "train.epochs=2", "train.checkpoint_every_steps=1",
                            "train.checkpoint_max_to_keep=5"),
                        {"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})})

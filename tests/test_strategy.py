@@ -174,7 +174,7 @@ def test_a_multi_host_tpu_has_one_chief_and_one_input_pipeline_per_host():
 
 
 def test_local_workers_split_the_visible_gpus_evenly_by_default():
-    from launcher.local_workers import gpu_slices
+    from launcher.processes import gpu_slices
 
     assert gpu_slices(2, None, ["0", "1", "2", "3"]) == ["0,1", "2,3"]
     assert gpu_slices(4, None, ["4", "5", "6", "7"]) == ["4", "5", "6", "7"]  # CUDA_VISIBLE_DEVICES respected

@@ -1,0 +1,337 @@
+"""The processes of a local group (`--workers N`): slots, start, output, liveness, stop, failures.
+
+- A slot is one worker's place in the group, kept across restarts: its name ("worker 2",
+  the number it had when the job first started), its GPUs and its log file. On every
+  start the live slots get the ranks 0..M-1 of a fresh TF_CONFIG on free ports of
+  127.0.0.1, in slot order (the first is the chief); a dropped slot takes its GPUs and
+  its name with it, and the others keep theirs.
+- Each task's complete output goes to WORKDIR/logs/<task>.log (appended across
+  restarts, each attempt headed by its number, time and TF_CONFIG) and, if chosen,
+  to the console prefixed `[worker 2]`.
+- Liveness: every task touches its own file (WORKDIR/logs/<task>.alive) every
+  ALIVE_SECONDS from a thread of its own, so a frozen process (stopped, swapped out,
+  deadlocked holding the interpreter) shows a stale file while the healthy ones,
+  blocked in a collective that waits for it, keep theirs fresh: the launcher blames a
+  hang on the stale one, not on the first whose watchdog fired.
+- Failures are ordered by the time each process ended (a waiter thread records it).
+
+    python -m launcher --workers 3 --job tests/jobs/tiny.yaml
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import dataclasses
+import datetime
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import IO
+
+from resnet18.runtime.errors import EXIT_FAILURE, EXIT_PORT_IN_USE, EXIT_RETRYABLE, EXIT_USAGE, SetupError
+
+STOP_GRACE_SECONDS = 5  # SIGTERM -> SIGKILL for the survivors of a genuine failure (their group is broken)
+POLL_SECONDS = 0.2
+TAIL_LINES = 20
+ALIVE_SECONDS = 1.0  # how often each task touches its liveness file
+ALIVE_STALE_SECONDS = 10.0  # a liveness file older than this: the process is frozen
+RETRYABLE_EXIT_CODES = (EXIT_RETRYABLE, 130, 137, 143)  # Kubeflow's retryable set
+PARENT_PID_VARIABLE = "LAUNCHER_PARENT_PID"  # tells a task to die with this launcher
+ALIVE_FILE_VARIABLE = "LAUNCHER_ALIVE_FILE"  # tells a task which file to keep touching
+EVALUATOR = "evaluator"
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """One worker's place in the group, kept across restarts."""
+
+    index: int  # its number when the job first started: its name and its log file
+    gpus: str | None = None  # its CUDA_VISIBLE_DEVICES (None: the environment's)
+
+    @property
+    def name(self) -> str:
+        return f"worker {self.index}"
+
+
+@dataclasses.dataclass
+class Task:
+    """One running process of the group."""
+
+    name: str  # "worker 0", "evaluator"
+    process: subprocess.Popen
+    tail: collections.deque
+    log_path: str | None
+    alive_path: str | None = None
+    tf_config: str = ""
+    gpus: str | None = None
+    reader: threading.Thread | None = None
+    ended: float | None = None  # when the process ended (time.time(), recorded by a waiter thread)
+    last_output: float = dataclasses.field(default_factory=time.monotonic)
+
+    @property
+    def code(self) -> int | None:
+        return self.process.returncode if self.ended is not None else None
+
+    def frozen_for(self, now: float | None = None) -> float:
+        """Seconds since the task last touched its liveness file (0 while it is fresh or unknown)."""
+        if not self.alive_path:
+            return 0.0
+        try:
+            return max(0.0, (time.time() if now is None else now) - os.stat(self.alive_path).st_mtime)
+        except FileNotFoundError:
+            return 0.0  # not started yet
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """Why a group (or its evaluator) ended badly: the task to blame."""
+
+    task: str
+    exit_code: int
+    last_lines: tuple[str, ...]
+    log_path: str | None = None
+    note: str = ""  # why this task is blamed when it is not the first that ended
+
+    @classmethod
+    def of(cls, task: Task, note: str = "") -> Failure:
+        code = task.process.returncode if task.process.returncode is not None else -signal.SIGKILL
+        return cls(task.name, code, tuple(task.tail), task.log_path, note)
+
+    def describe(self) -> str:
+        how = (f"was killed by {signal.Signals(-self.exit_code).name}" if self.exit_code < 0
+               else f"exited with code {self.exit_code}")
+        lines = "\n".join(f"    {line}" for line in self.last_lines) or "    (no output)"
+        log = f" (full output: {self.log_path})" if self.log_path else ""
+        note = f" ({self.note})" if self.note else ""
+        return f"{self.task} {how}: {self.cause}{note}{log}; its last lines:\n{lines}"
+
+    @property
+    def retryable(self) -> bool:
+        """Killed by a signal, preempted or peer lost: a restart from the checkpoint can fix it.
+
+        Exit 1 (bug, NaN, out of memory) and 2 (config, environment) would fail again.
+        """
+        return self.exit_code < 0 or self.exit_code in RETRYABLE_EXIT_CODES
+
+    @property
+    def cause(self) -> str:
+        if self.exit_code < 0:
+            return "killed (retryable)"
+        return {EXIT_RETRYABLE: "preempted, stalled or lost a peer (retryable)",
+                EXIT_USAGE: "config, usage or environment error (not retryable)",
+                EXIT_FAILURE: "failed: bug, NaN loss or out of memory (not retryable)",
+                EXIT_PORT_IN_USE: "its port was taken (the group restarts on new ports)"}.get(
+            self.exit_code, "retryable" if self.retryable else "not retryable")
+
+
+# --- Set-up: ports, TF_CONFIG, GPUs -----------------------------------------------------
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports free on every interface right now (the OS picks them).
+
+    TensorFlow binds its server on all interfaces, so the probe does too; a port taken
+    between the probe and that bind makes the worker exit 98 and the group start again.
+    """
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def local_tf_configs(workers: int, ports: list[int], evaluator: bool = False) -> list[str]:
+    """TF_CONFIG of each rank of a cluster on 127.0.0.1 (rank 0 is the chief), then the evaluator's."""
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports[:workers]]}
+    if evaluator:  # listed in the cluster as Kubeflow does; it joins no collective
+        cluster[EVALUATOR] = [f"127.0.0.1:{ports[workers]}"]
+    configs = [json.dumps({"cluster": cluster, "task": {"type": "worker", "index": rank}}) for rank in range(workers)]
+    if evaluator:
+        configs.append(json.dumps({"cluster": cluster, "task": {"type": EVALUATOR, "index": 0}}))
+    return configs
+
+
+def visible_gpu_ids(environ=os.environ) -> list[str]:
+    """The GPUs of this host a worker could use: CUDA_VISIBLE_DEVICES, else what nvidia-smi lists."""
+    if "CUDA_VISIBLE_DEVICES" in environ:
+        return [item.strip() for item in environ["CUDA_VISIBLE_DEVICES"].split(",") if item.strip()]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(index) for index, line in enumerate(line for line in listed.splitlines() if line.startswith("GPU "))]
+
+
+def gpu_slices(workers: int, gpus_per_worker: int | None, visible: list[str]) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES for each worker (None: leave the environment as it is).
+
+    Without --gpus_per_worker the visible GPUs are split evenly; 0 means CPU only.
+
+    Raises:
+      SetupError: more GPUs asked for than there are, or fewer GPUs than workers.
+    """
+    if gpus_per_worker is None:
+        if not visible:
+            return [None] * workers
+        if len(visible) < workers:
+            raise SetupError(f"--workers {workers} on a host with {len(visible)} GPU(s): give each worker its own "
+                             "GPU (fewer workers) or run CPU workers with --gpus_per_worker 0")
+        gpus_per_worker = len(visible) // workers
+    if gpus_per_worker == 0:
+        return [""] * workers
+    if gpus_per_worker * workers > len(visible) and visible:
+        raise SetupError(f"--workers {workers} x --gpus_per_worker {gpus_per_worker} needs "
+                         f"{workers * gpus_per_worker} GPUs; this host shows {len(visible)}")
+    ids = visible or [str(index) for index in range(workers * gpus_per_worker)]
+    return [",".join(ids[rank * gpus_per_worker:(rank + 1) * gpus_per_worker]) for rank in range(workers)]
+
+
+def initial_slots(workers: int, gpus_per_worker: int | None = None) -> list[Slot]:
+    """The slots of a group's first start: worker 0..N-1, each with its share of the visible GPUs."""
+    return [Slot(rank, gpus) for rank, gpus in enumerate(gpu_slices(workers, gpus_per_worker, visible_gpu_ids()))]
+
+
+# --- In a task: die with the launcher, keep the liveness file fresh ---------------------------
+
+def die_with_parent(parent_pid: int) -> None:
+    """In a task: get SIGKILL when the launcher dies, so no worker is orphaned (Linux).
+
+    Called by the task itself at start-up rather than through Popen's preexec_fn, which
+    is unsafe while the launcher runs threads (it may deadlock in the child).
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:  # the launcher died before the line above: nothing to serve
+        os._exit(EXIT_RETRYABLE)
+
+
+def keep_alive(path: str) -> None:
+    """In a task: touch `path` every ALIVE_SECONDS from a daemon thread, for as long as the process runs."""
+
+    def touch() -> None:
+        while True:
+            try:
+                with open(path, "a", encoding="utf-8"):
+                    os.utime(path)
+            except OSError:
+                pass  # the launcher reads it; a missed touch is only a missed sign of life
+            time.sleep(ALIVE_SECONDS)
+
+    threading.Thread(target=touch, name="alive", daemon=True).start()
+
+
+# --- Starting, stopping, blaming ---------------------------------------------------------
+
+def _pump(task: Task, stream: IO[str], show: bool, lock: threading.Lock) -> None:
+    """Copies a task's output to its log file and, if `show`, to the console with its name."""
+    log = open(task.log_path, "a", encoding="utf-8") if task.log_path else None
+    try:
+        for line in iter(stream.readline, ""):
+            task.last_output = time.monotonic()
+            if log:
+                log.write(line)
+                log.flush()
+            line = line.rstrip("\n")
+            task.tail.append(line)
+            if show:
+                with lock:
+                    sys.stdout.write(f"[{task.name}] {line}\n")
+                    sys.stdout.flush()
+    finally:
+        stream.close()
+        if log:
+            log.close()
+
+
+def start_task(command: tuple[str, ...], name: str, tf_config: str, gpus: str | None, attempt: int,
+               log_dir: str | None, show: bool, lock: threading.Lock) -> Task:
+    """Starts one task of the group with its TF_CONFIG and GPUs; its output goes to its log (and the console)."""
+    env = dict(os.environ, TF_CONFIG=tf_config, PYTHONUNBUFFERED="1", **{PARENT_PID_VARIABLE: str(os.getpid())})
+    if gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpus
+    log_path = alive_path = None
+    if log_dir:
+        os.makedirs(log_dir, exist_ok=True)
+        log_path = os.path.join(log_dir, name.replace(" ", "-") + ".log")
+        alive_path = env[ALIVE_FILE_VARIABLE] = os.path.join(log_dir, name.replace(" ", "-") + ".alive")
+        with open(log_path, "a", encoding="utf-8") as log:
+            log.write(f"===== attempt {attempt}, {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}"
+                      f", TF_CONFIG {tf_config} =====\n")
+    process = subprocess.Popen(
+        list(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        text=True, bufsize=1, start_new_session=True)  # signals reach the tasks only through the launcher, once
+    task = Task(name, process, collections.deque(maxlen=TAIL_LINES), log_path, alive_path, tf_config, gpus)
+    task.reader = threading.Thread(target=_pump, args=(task, process.stdout, show, lock), daemon=True)
+    task.reader.start()
+
+    def wait() -> None:  # the time a task ended decides which one failed first
+        process.wait()
+        task.ended = time.time()
+
+    threading.Thread(target=wait, daemon=True).start()
+    return task
+
+
+def stop_tasks(tasks: list[Task], grace: float = STOP_GRACE_SECONDS, signal_first: bool = True) -> None:
+    """SIGTERM to every live task (unless `signal_first` is False), SIGKILL to those alive after `grace` s."""
+    live = [task for task in tasks if task.process.poll() is None]
+    if signal_first:
+        for task in live:
+            send_signal(task, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(task.process.poll() is None for task in live):
+        time.sleep(POLL_SECONDS)
+    for task in live:
+        if task.process.poll() is None:
+            send_signal(task, signal.SIGKILL)
+    for task in tasks:
+        task.process.wait()
+        if task.reader:
+            task.reader.join(timeout=5)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(task.ended is None for task in tasks):
+        time.sleep(0.01)
+
+
+def send_signal(task: Task, signum: int) -> None:
+    try:
+        task.process.send_signal(signum)
+    except ProcessLookupError:
+        pass
+
+
+def first_failure(tasks: list[Task]) -> Task | None:
+    """The task that failed first by the time it ended (not the first one noticed)."""
+    failed = [task for task in tasks if task.code not in (None, 0)]
+    return min(failed, key=lambda task: task.ended) if failed else None
+
+
+def to_blame(tasks: list[Task], failed: Task) -> tuple[Task, str]:
+    """The task a group's failure is blamed on, and why when it is not `failed` (the first that ended).
+
+    A worker that ended with 138 may have been stalled by a frozen peer (its watchdog fired, or it lost
+    the peer's heartbeats): a still-running task whose liveness file went stale is the frozen one.
+    """
+    if failed.code != EXIT_RETRYABLE:
+        return failed, ""
+    now = time.time()
+    frozen = [(task.frozen_for(now), task) for task in tasks if task.ended is None and task is not failed]
+    frozen = [(age, task) for age, task in frozen if age > ALIVE_STALE_SECONDS]
+    if not frozen:
+        return failed, ""
+    age, task = max(frozen, key=lambda pair: pair[0])
+    return task, f"frozen: no sign of life for {age:.0f} s while {failed.name} gave up waiting"
