@@ -162,13 +162,16 @@ def wait_for_group(spec: GroupSpec, group: Group, forwarded: list[int], attempt:
 
 def _stop_failed_group(spec: GroupSpec, group: Group, failed: Task, forwarded: list[int]) -> Failure:
     """Stops every task after a worker failed; returns the failure, blamed on the right worker."""
-    blamed, note = to_blame(group.workers, failed)  # before the stop: it makes every liveness file stale
+    blamed = to_blame(group.workers, failed)  # before the stop: it makes every liveness file stale
     # Preempted (forwarded signal or 138): the others are saving; otherwise the group is broken.
     patient = bool(forwarded) or failed.code == EXIT_RETRYABLE
     stop_tasks(group.tasks, spec.preemption_grace if patient else STOP_GRACE_SECONDS, signal_first=not patient)
-    if blamed is failed:
-        blamed = first_failure(group.workers)  # a task that ended meanwhile may have failed earlier
-    return Failure.of(blamed, note)
+    if blamed.task == failed.name:  # a task that ended meanwhile may have failed earlier
+        blamed = dataclasses.replace(Failure.of(first_failure(group.workers)), silent=blamed.silent)
+    else:  # the frozen task is gone now (killed): its code is the kill's
+        blamed = dataclasses.replace(blamed, exit_code=next(
+            task.process.returncode for task in group.workers if task.name == blamed.task))
+    return blamed
 
 
 def _after_evaluator_ended(spec: GroupSpec, group: Group, attempt: int, forwarded: list[int]) -> None:
@@ -241,7 +244,8 @@ def launch(spec: GroupSpec) -> int:
             return _finished(spec, group, workers)
         _event(spec, {"event": "group_failed", "task": failure.task, "exit_code": failure.exit_code,
                       "cause": f"{failure.task} {failure.cause}" + (f" ({failure.note})" if failure.note else ""),
-                      "log": failure.log_path, "forwarded_signal": forwarded[0] if forwarded else None})
+                      "log": failure.log_path, "forwarded_signal": forwarded[0] if forwarded else None,
+                      "seconds_since_sign_of_life": dict(failure.silent)})
         if forwarded:
             print(f"error: stopped by {signal.Signals(forwarded[0]).name}; {failure.describe()}",
                   file=sys.stderr, flush=True)

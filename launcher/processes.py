@@ -98,11 +98,12 @@ class Failure:
     last_lines: tuple[str, ...]
     log_path: str | None = None
     note: str = ""  # why this task is blamed when it is not the first that ended
+    silent: tuple[tuple[str, float], ...] = ()  # (task, seconds since its last sign of life) when it was blamed
 
     @classmethod
-    def of(cls, task: Task, note: str = "") -> Failure:
+    def of(cls, task: Task, note: str = "", silent: tuple[tuple[str, float], ...] = ()) -> Failure:
         code = task.process.returncode if task.process.returncode is not None else -signal.SIGKILL
-        return cls(task.name, code, tuple(task.tail), task.log_path, note)
+        return cls(task.name, code, tuple(task.tail), task.log_path, note, silent)
 
     def describe(self) -> str:
         how = (f"was killed by {signal.Signals(-self.exit_code).name}" if self.exit_code < 0
@@ -320,18 +321,17 @@ def first_failure(tasks: list[Task]) -> Task | None:
     return min(failed, key=lambda task: task.ended) if failed else None
 
 
-def to_blame(tasks: list[Task], failed: Task) -> tuple[Task, str]:
-    """The task a group's failure is blamed on, and why when it is not `failed` (the first that ended).
+def to_blame(tasks: list[Task], failed: Task) -> Failure:
+    """The failure of a group, blamed on `failed` (the first task that ended) or on a frozen one.
 
     A worker that ended with 138 may have been stalled by a frozen peer (its watchdog fired, or it lost
     the peer's heartbeats): a still-running task whose liveness file went stale is the frozen one.
     """
-    if failed.code != EXIT_RETRYABLE:
-        return failed, ""
     now = time.time()
+    silent = tuple((task.name, round(task.frozen_for(now), 1)) for task in tasks)
     frozen = [(task.frozen_for(now), task) for task in tasks if task.ended is None and task is not failed]
     frozen = [(age, task) for age, task in frozen if age > ALIVE_STALE_SECONDS]
-    if not frozen:
-        return failed, ""
+    if failed.code != EXIT_RETRYABLE or not frozen:
+        return Failure.of(failed, silent=silent)
     age, task = max(frozen, key=lambda pair: pair[0])
-    return task, f"frozen: no sign of life for {age:.0f} s while {failed.name} gave up waiting"
+    return Failure.of(task, f"frozen: no sign of life for {age:.0f} s while {failed.name} gave up waiting", silent)

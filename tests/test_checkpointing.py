@@ -75,7 +75,7 @@ class TinyState:
 
 def test_saves_refuse_nan_weights_and_keep_the_last_good_checkpoint(tmp_path):
     state = TinyState()
-    checkpointer = Checkpointer(state, str(tmp_path), is_chief=True, max_to_keep=3, sync_statistics=lambda: None,
+    checkpointer = Checkpointer(state, str(tmp_path), is_chief=True, max_to_keep=3, statistics=None,
                                 weights_are_finite=lambda: bool(np.all(np.isfinite(state.weights.numpy()))))
     checkpointer.save(5)
     state.weights.assign([np.nan, 1.0])
@@ -83,14 +83,14 @@ def test_saves_refuse_nan_weights_and_keep_the_last_good_checkpoint(tmp_path):
         checkpointer.save(9)
     assert [os.path.basename(prefix) for prefix in checkpoint_candidates(str(tmp_path / "checkpoints"))] == ["ckpt-5"]
     restored = TinyState()
-    again = Checkpointer(restored, str(tmp_path), is_chief=True, max_to_keep=3, sync_statistics=lambda: None,
+    again = Checkpointer(restored, str(tmp_path), is_chief=True, max_to_keep=3, statistics=None,
                          weights_are_finite=lambda: True)
     assert again.restore() == 5 and restored.weights.numpy().tolist() == [1.0, 2.0]
 
 
 def test_workers_other_than_the_chief_save_into_a_directory_they_delete(tmp_path):
     state = TinyState()
-    checkpointer = Checkpointer(state, str(tmp_path), is_chief=False, max_to_keep=3, sync_statistics=lambda: None,
+    checkpointer = Checkpointer(state, str(tmp_path), is_chief=False, max_to_keep=3, statistics=None,
                                 weights_are_finite=lambda: True)
     checkpointer.save(3)
     assert not (tmp_path / "checkpoints").exists() and os.path.isdir(checkpointer.directory)

@@ -251,3 +251,25 @@ def test_sigterm_to_the_launcher_is_forwarded_and_never_retried(tiny_data_dir, t
     assert {rank for rank, _ in saved} == {"0", "1"} and len({step for _, step in saved}) == 1
     assert "stopped by SIGTERM" in run.output and "Restarting" not in run.output
     assert run.output.count("Starting 2 local worker(s)") == 1
+
+
+@pytest.mark.parametrize("layout", ["--cpu_replicas", "--workers"])
+def test_a_preemption_at_an_unscheduled_step_resumes_bit_for_bit(tiny_data_dir, tmp_path, layout):
+    # Checkpoints at epoch ends only, one step per call and 40 steps per epoch: a SIGTERM sent as epoch 2
+    # starts is acted on a few steps in, where the uninterrupted run saves nothing. Every save used to pool
+    # the replicas' batch-norm statistics into each replica: here that pooling happened in one run only.
+    args = ["--job", TINY_JOB, "--set", f"data.data_dir={tiny_data_dir}", "train.epochs=2",
+            "train.global_batch_size=16", "train.checkpoint_every_steps=0", "train.steps_per_loop=1",
+            "train.deterministic=true", layout, "2"]
+    reference = run_launcher(*args, "--workdir", str(tmp_path / "reference"))
+    assert reference.returncode == 0, reference.stdout[-2000:] + reference.stderr[-2000:]
+    run = Running([*args, "--workdir", str(tmp_path / "run")])
+    run.wait_for(r"Epoch 2/2")
+    run.process.send_signal(signal.SIGTERM)
+    assert run.finish() == 138, run.output[-3000:]
+    saved = {int(step) for step in re.findall(r"checkpoint saved at step (\d+)", run.output)}
+    assert len(saved) == 1 and 40 < min(saved) < 80, saved  # one agreed step, neither an epoch end nor scheduled
+    again = run_launcher(*args, "--workdir", str(tmp_path / "run"))
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert summary(tmp_path / "run")["resumed_from_step"] == saved.pop()
+    assert set(fingerprints(again.stdout)) == set(fingerprints(reference.stdout))

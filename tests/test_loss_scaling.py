@@ -88,8 +88,8 @@ WORKER_SCRIPT = textwrap.dedent("""
     from resnet18.config import Config, RuntimeConfig, TrainConfig
     from resnet18.training.optimizers import make_optimizer
     from resnet18.training.schedules import make_schedule
+    from resnet18.tasks.classification import cross_entropy
     from resnet18.training.step import make_train_step
-    from tests.helpers_tiny_model import objective
     from tests.test_loss_scaling import float16_model
     strategy = make_strategy(RuntimeConfig(strategy="multi_worker"), read_tf_config())
     worker = strategy.cluster_resolver.task_id
@@ -98,7 +98,7 @@ WORKER_SCRIPT = textwrap.dedent("""
         model = float16_model()
         optimizer = make_optimizer(config, make_schedule(config, 10), "float16", model)
         optimizer.build(model.trainable_variables)
-    step = make_train_step(model, optimizer, objective(model, config), config, num_classes=10)
+    step = make_train_step(model, optimizer, cross_entropy(model, config, 10), config, num_classes=10)
 
     @tf.function
     def run(images, labels):

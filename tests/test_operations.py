@@ -147,19 +147,47 @@ def check_every_example_once_per_epoch(steps: dict[int, list[int]], total: int, 
         assert len(seen) == len(set(seen)) == steps_per_epoch * batch  # no example twice in an epoch
 
 
-def test_a_worker_slot_that_keeps_failing_is_dropped_and_the_order_stays_exact(tiny_data_dir, tmp_path):
+def test_the_middle_slot_that_keeps_failing_is_dropped_and_the_others_keep_their_gpus_and_logs(
+        tiny_data_dir, tmp_path):
+    # Three GPU ids for three slots (the workers, a CPU build of TensorFlow, ignore them): the slot that is
+    # dropped takes its GPU with it, and the others keep theirs, their names and their log files.
     args = ["--workers", "3", "--min_workers", "2", "--max_restarts", "3",
             *job(tiny_data_dir, tmp_path, "train.global_batch_size=60", "data.order_log=true")]
-    run = Running(args)
+    run = Running(args, env={"CUDA_VISIBLE_DEVICES": "0,1,2"})
     run.wait_for(r"\[worker 0\] Checkpoint at step 8:")
-    os.kill(started_pids(run, "worker 2"), signal.SIGKILL)  # mid-training
+    os.kill(started_pids(run, "worker 1"), signal.SIGKILL)  # mid-training
     restart = run.wait_for(r"Restarting the group").string
-    os.kill(started_pids(run, "worker 2", start=run.lines.index(restart)), signal.SIGKILL)  # and again at once
+    os.kill(started_pids(run, "worker 1", start=run.lines.index(restart)), signal.SIGKILL)  # and again at once
     assert run.finish(timeout=600) == 0, run.output[-4000:]
-    assert "worker 2 failed first on 2 starts in a row: continuing on 2 worker(s)" in run.output
+    shrink = run.wait_for(r"worker 1 failed first on 2 starts in a row: continuing on 2 worker\(s\) "
+                          r"\(worker 0, worker 2;").string
+    after = run.lines[run.lines.index(shrink):]
+    started = {name: re.search(rf"Started {name} \(pid \d+, rank (\d), port \d+, CUDA_VISIBLE_DEVICES='(\d)'",
+                               "\n".join(after)) for name in ("worker 0", "worker 1", "worker 2")}
+    assert started["worker 1"] is None
+    assert started["worker 0"].groups() == ("0", "0") and started["worker 2"].groups() == ("1", "2")
+    attempts = {name: (tmp_path / "logs" / f"{name}.log").read_text().count("===== attempt")
+                for name in ("worker-0", "worker-1", "worker-2")}
+    assert attempts == {"worker-0": 3, "worker-1": 2, "worker-2": 3}
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    (shrunk,) = [event for event in events if event["event"] == "group_shrink"]
+    assert shrunk["dropped"] == "worker 1" and shrunk["dropped_gpus"] == "1"
+    assert shrunk["slots"] == ["worker 0", "worker 2"]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 30 and summary["num_replicas"] == 2 and summary["global_batch_size"] == 60
     check_every_example_once_per_epoch(trained_steps(tmp_path), 30, 60, seed=1)
+
+
+def test_a_frozen_worker_is_blamed_not_the_one_that_gave_up_waiting_for_it(tiny_data_dir, tmp_path):
+    run = Running(["--workers", "2", "--max_restarts", "1", *job(tiny_data_dir, tmp_path, "train.epochs=4")])
+    run.wait_for(r"\[worker 0\] Checkpoint at step 8:")
+    frozen = started_pids(run, "worker 1")
+    os.kill(frozen, signal.SIGSTOP)  # the peer waits in a collective, then gives up with 138
+    assert run.finish(timeout=300) == 0, run.output[-4000:]
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    (failed,) = [event for event in events if event["event"] == "group_failed"]
+    assert failed["task"] == "worker 1" and "frozen: no sign of life" in failed["cause"], run.output[-6000:]
+    assert "worker 1 was killed by SIGKILL: killed (retryable) (frozen: no sign of life" in run.output
 
 
 def test_two_then_one_then_two_workers_resume_at_the_right_step(tiny_data_dir, tmp_path):

@@ -97,6 +97,18 @@ def holds_object(directory: str, name: str) -> bool:
         return True
 
 
+def leading_dimension(directory: str, name: str) -> int | None:
+    """The first dimension of the variables the newest checkpoint of `directory` saved under object `name`
+    (None when it saved none, or when it cannot tell)."""
+    candidates = checkpoint_candidates(directory)
+    try:
+        shapes = [shape for key, shape in tf.train.list_variables(candidates[0])
+                  if key.startswith(f"{name}/")] if candidates else []
+    except Exception:  # damaged: restore_latest_good will fall back and explain
+        return None
+    return shapes[0][0] if shapes and shapes[0] else None
+
+
 def _files_read(prefix: str) -> bool:
     """True if the checkpoint's files read completely (so a failed restore means a layout mismatch)."""
     try:

@@ -14,8 +14,10 @@ from typing import Callable
 
 import tensorflow as tf
 
-from resnet18.runtime.checkpoint_files import EPOCHS_DIR, holds_object, remove_stale_temporaries, restore_latest_good
+from resnet18.runtime.checkpoint_files import (EPOCHS_DIR, holds_object, leading_dimension, remove_stale_temporaries,
+                                               restore_latest_good)
 from resnet18.runtime.errors import SetupError, TrainingError
+from resnet18.training.replicas import BatchNormStatistics
 
 
 class Checkpointer:
@@ -28,15 +30,15 @@ class Checkpointer:
     """
 
     def __init__(self, state, workdir: str, is_chief: bool, max_to_keep: int,
-                 sync_statistics: Callable[[], None], weights_are_finite: Callable[[], bool]):
+                 statistics: BatchNormStatistics | None, weights_are_finite: Callable[[], bool]):
         self.state = state
         self.is_chief = is_chief
         self.chief_dir = os.path.join(workdir, "checkpoints")
         self.directory = self.chief_dir if is_chief else tempfile.mkdtemp(prefix="ckpt_worker_")
         self.last_saved: str | None = None
-        self._sync_statistics = sync_statistics
+        self._statistics = statistics
         self._weights_are_finite = weights_are_finite
-        self._manager = tf.train.CheckpointManager(state.checkpoint(), self.directory, max_to_keep=max_to_keep)
+        self._manager = tf.train.CheckpointManager(self._checkpoint(), self.directory, max_to_keep=max_to_keep)
         best_dir = os.path.join(workdir, "best") if is_chief else os.path.join(self.directory, "best")
         self._best = tf.train.CheckpointManager(tf.train.Checkpoint(model=state.evaluated_model), best_dir,
                                                 max_to_keep=1)
@@ -60,11 +62,17 @@ class Checkpointer:
         # a loss scale (float16) new to them starts at its initial value.
         average_is_new = average is not None and not holds_object(self.chief_dir, "ema_model")
         loss_scale_is_new = self.state.loss_scaled and not holds_object(self.chief_dir, "loss_scale")
+        # Each replica's own statistics, saved where a save was not scheduled: only for as many replicas.
+        rows = self._statistics.replicas if self._statistics and self._statistics.trackable else None
+        own_statistics = rows is not None and leading_dimension(self.chief_dir, "replica_statistics") == rows
         try:
-            self.last_saved = restore_latest_good(self.state.checkpoint(
-                with_average=not average_is_new, with_loss_scale=not loss_scale_is_new), self.chief_dir)
+            self.last_saved = restore_latest_good(self._checkpoint(
+                with_average=not average_is_new, with_loss_scale=not loss_scale_is_new,
+                with_replica_statistics=own_statistics), self.chief_dir)
         except RuntimeError as error:
             raise SetupError(str(error)) from None
+        if own_statistics and self.last_saved:
+            self._statistics.release()
         if average_is_new and self.last_saved:
             average.copy_weights()
             if self.is_chief:
@@ -72,10 +80,27 @@ class Checkpointer:
                       flush=True)
         return int(self.state.step.numpy())
 
-    def save(self, step: int, statistics_synced: bool = False) -> None:
-        """Checkpoints at `step` on every worker; never writes non-finite weights."""
-        if not statistics_synced:
-            self._sync_statistics()
+    def _checkpoint(self, with_average: bool = True, with_loss_scale: bool = True,
+                    with_replica_statistics: bool = True) -> tf.train.Checkpoint:
+        checkpoint = self.state.checkpoint(with_average=with_average, with_loss_scale=with_loss_scale)
+        if with_replica_statistics and self._statistics and self._statistics.trackable:
+            checkpoint.replica_statistics = self._statistics.trackable
+        return checkpoint
+
+    def save(self, step: int, statistics_synced: bool = False, scheduled: bool = True) -> None:
+        """Checkpoints at `step` on every worker; never writes non-finite weights.
+
+        A scheduled save (every train.checkpoint_every_steps, each epoch's end: steps the run saves at
+        whether it is interrupted or not) pools the batch-norm statistics into every replica first, as
+        evaluation does. An unscheduled one (a preemption) keeps each replica's own statistics for the
+        resumed run and pools only what the checkpoint's model holds (the process exits after it).
+        """
+        if self._statistics is not None:
+            if scheduled and not statistics_synced:
+                self._statistics.pool()
+            self._statistics.capture()
+            if not scheduled:
+                self._statistics.pool()
         if not self._weights_are_finite():
             raise TrainingError(f"weights became NaN/Inf by step {step}; stopping without saving "
                                 f"(the last good checkpoint, {self.last_saved}, is kept)")

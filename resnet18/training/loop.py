@@ -72,12 +72,12 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
 
         # --- Network and optimizer (every variable inside the strategy scope) ----------------
         state = build_train_state(config, strategy, task, source.num_classes, precision, steps_per_epoch)
-        models = [state.model] + ([state.average.model] if state.average else [])
-        sync_statistics = replicas.make_statistics_sync(strategy, models)
+        statistics = replicas.BatchNormStatistics(strategy, [state.model] + ([state.average.model]
+                                                                            if state.average else []))
 
         # --- Weights: the run's own checkpoint, else train.init_from, else the seed's --------
         checkpointer = Checkpointer(state, workdir, topology.is_chief, config.train.checkpoint_max_to_keep,
-                                    sync_statistics, replicas.make_finite_check(state.model))
+                                    statistics, replicas.make_finite_check(state.model))
         cleanup.callback(checkpointer.close)
         start_step = weights.initialize(state, checkpointer, config, source.num_classes, _say(topology))
         if topology.num_processes > 1:
@@ -97,7 +97,7 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
             config=config, task=task, topology=topology, state=state, checkpointer=checkpointer, workdir=workdir,
             steps_per_epoch=steps_per_epoch, train_calls=make_train_calls(strategy, make_train_step(
                 state.model, state.optimizer, objective, config, source.num_classes, state.average)),
-            evaluate=task.make_evaluation(setting, state.evaluated_model, source, sync_statistics),
+            evaluate=task.make_evaluation(setting, state.evaluated_model, source, statistics.pool),
             any_replica=replicas.make_any_replica(strategy) if topology.num_processes > 1 else lambda flag: flag,
             wall_start=wall_start, watchdog=cleanup.enter_context(contextlib.closing(
                 Watchdog(config.train.step_timeout_seconds))),
@@ -282,8 +282,8 @@ def train_epoch(loop: Loop, progress: Progress, iterator, epoch: int, watcher: P
                 loop.checkpointer.save(progress.step)
             if loop.any_replica(watcher.requested):
                 if progress.step < epoch_end:  # at the epoch's end, end_epoch evaluates and saves it first
-                    if not saved:
-                        loop.checkpointer.save(progress.step)
+                    if not saved:  # a step the uninterrupted run does not save at
+                        loop.checkpointer.save(progress.step, scheduled=False)
                     raise RetryableError(f"preempted (SIGTERM): checkpoint saved at step {progress.step}; "
                                          "run again to resume")
                 totals.preempted = True

@@ -5,9 +5,10 @@ taken alike by every replica of every worker, or MultiWorkerMirroredStrategy
 hangs in a collective one side never joins. Each helper here is one small
 all-reduce (or all-gather) whose result is identical everywhere:
 
-- `sync_moving_statistics`: Keras keeps batch-norm moving statistics per replica
+- `BatchNormStatistics`: Keras keeps batch-norm moving statistics per replica
   (aggregation NONE); they are pooled across all replicas before every evaluation
-  and save, so evaluation, checkpoints and every worker's weights agree.
+  and scheduled save, so evaluation, checkpoints and every worker's weights agree,
+  and captured replica by replica where a save is not scheduled (a preemption).
 - `any_replica`: whether a flag (e.g. SIGTERM received) is set on any worker.
 - `check_same_step`: every worker restored the same step (exact, min == max).
 - `weights_are_finite`: no NaN/Inf in the model's weights.
@@ -32,19 +33,42 @@ def batch_norm_statistics(models: list[keras.Model]) -> list[tuple[tf.Variable, 
             if isinstance(layer, keras.layers.BatchNormalization)]
 
 
-def make_statistics_sync(strategy: tf.distribute.Strategy, models: list[keras.Model]) -> Callable[[], None]:
-    """A function that replaces every replica's BN moving statistics by their pooled values.
+class BatchNormStatistics:
+    """The batch-norm moving statistics of `models`, which Keras keeps per replica (aggregation NONE).
 
-    The moving mean becomes the mean of the replicas' means; the moving variance the
-    pooled variance: the mean of the variances plus the variance of the means (the
-    variance of the union of the replicas' examples), not the plain mean of variances.
+    - `pool()` replaces every replica's statistics by their pooled values: the moving mean by the
+      mean of the replicas' means; the moving variance by the mean of the variances plus the
+      variance of the means (the variance of the union of the replicas' examples), not the plain
+      mean of variances. Before every evaluation and every scheduled save, so evaluation,
+      checkpoints and every worker's weights agree.
+    - `capture()` gathers every replica's own statistics into checkpoint-only variables of shape
+      [replicas, ...] (`trackable`), and `release()` gives each replica back its own row: a save
+      at a step the uninterrupted run does not save at (a preemption) keeps the replicas' unpooled
+      statistics, so the resumed run goes on exactly as the uninterrupted one.
+
+    With one replica, or no batch norm, every method does nothing and `trackable` is None.
     """
-    pairs = batch_norm_statistics(models)
-    if strategy.num_replicas_in_sync == 1 or not pairs:
-        return lambda: None
 
+    def __init__(self, strategy: tf.distribute.Strategy, models: list[keras.Model]):
+        self.pairs = batch_norm_statistics(models)
+        self.replicas = strategy.num_replicas_in_sync
+        self.trackable: tf.train.Checkpoint | None = None
+        self.pool = self.capture = self.release = lambda: None
+        if self.replicas == 1 or not self.pairs:
+            return
+        variables = [variable for pair in self.pairs for variable in pair]
+        with strategy.scope():
+            self.rows = [tf.Variable(tf.zeros([self.replicas, *variable.shape], tf.float32), trainable=False,
+                                     name=f"replica_statistics_{index}", aggregation=tf.VariableAggregation.NONE)
+                         for index, variable in enumerate(variables)]
+        self.trackable = tf.train.Checkpoint(rows=self.rows)
+        self.pool = _pooling(strategy, self.pairs)
+        self.capture, self.release = _capturing(strategy, variables, self.rows)
+
+
+def _pooling(strategy: tf.distribute.Strategy, pairs: list[tuple[tf.Variable, tf.Variable]]) -> Callable[[], None]:
     @tf.function
-    def sync() -> None:
+    def pool() -> None:
         def replica_fn():
             context = tf.distribute.get_replica_context()
             values = []
@@ -59,7 +83,35 @@ def make_statistics_sync(strategy: tf.distribute.Strategy, models: list[keras.Mo
                 variance.assign(tf.cast(mean_of_variances + spread, variance.dtype))
         strategy.run(replica_fn)
 
-    return sync
+    return pool
+
+
+def _capturing(strategy: tf.distribute.Strategy, variables: list[tf.Variable], rows: list[tf.Variable]
+               ) -> tuple[Callable[[], None], Callable[[], None]]:
+    @tf.function
+    def capture() -> None:
+        def replica_fn():
+            context = tf.distribute.get_replica_context()
+            gathered = context.all_gather([tf.cast(tf.identity(variable.value), tf.float32)[None]
+                                           for variable in variables], axis=0)
+            for row, values in zip(rows, gathered):
+                row.assign(values)
+        strategy.run(replica_fn)
+
+    @tf.function
+    def release() -> None:
+        def replica_fn():
+            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+            for variable, row in zip(variables, rows):
+                variable.assign(tf.cast(tf.gather(row.read_value(), replica), variable.dtype))
+        strategy.run(replica_fn)
+
+    return capture, release
+
+
+def make_statistics_sync(strategy: tf.distribute.Strategy, models: list[keras.Model]) -> Callable[[], None]:
+    """BatchNormStatistics(strategy, models).pool: pools every replica's BN moving statistics."""
+    return BatchNormStatistics(strategy, models).pool
 
 
 def make_any_replica(strategy: tf.distribute.Strategy) -> Callable[[bool], bool]:
