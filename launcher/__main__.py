@@ -36,6 +36,9 @@ from resnet18.runtime.errors import (EXIT_FAILURE, EXIT_OK, ConfigError, Launche
 
 DEFAULT_RUNS_DIR = "runs"
 PEER_LOSS_WORDS = ("aborted by", "unhealthy")  # the line of a peer-loss error that names the cause
+# An AbortedError with one of these is a collective or a peer giving up (retryable); without, an op that failed.
+PEER_WORDS = ("ollective", "aborted by", "unhealthy", "heartbeat", "oordination", "peer", "Socket closed",
+              "Connection reset", "onnect")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -127,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     from resnet18.runtime.topology import describe as describe_strategy
     from resnet18.runtime.topology import topology_of
 
-    with _retryable_tensorflow_errors(tf):
+    with mapped_tensorflow_errors(tf):
         strategy = make_strategy(config.runtime, cluster)
     config_lib.check_batch_divisible(config, strategy.num_replicas_in_sync)
     info = describe_strategy(strategy)
@@ -142,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
 
     from resnet18.training.loop import train_and_evaluate
 
-    with _retryable_tensorflow_errors(tf):
+    with mapped_tensorflow_errors(tf):
         train_and_evaluate(config, strategy, workdir)
     if chief and config.train.evaluation == "inline":  # with a sidecar, the evaluator writes it when done
         _write_report(workdir)
@@ -165,7 +168,7 @@ def run_evaluator_task(config: config_lib.Config, workdir: str, cluster: Cluster
     print(describe(plan), flush=True)
     one_device = dataclasses.replace(config.runtime, strategy="one_device", gpus=None,
                                      cpu_replicas=0)
-    with _retryable_tensorflow_errors(tf):
+    with mapped_tensorflow_errors(tf):
         run_evaluator(config, make_strategy(one_device, None), workdir)
     _write_report(workdir)
     return EXIT_OK
@@ -198,21 +201,23 @@ def _write_report(workdir: str) -> None:
 
 
 @contextlib.contextmanager
-def _retryable_tensorflow_errors(tf):
+def mapped_tensorflow_errors(tf):
     """Maps TensorFlow's failures to the launcher's exit codes.
 
-    A lost or frozen peer surfaces as Unavailable/DeadlineExceeded/Cancelled/Aborted
-    (collectives aborted, coordination-service heartbeat missed): retryable (138), so
-    the cluster restarts every worker and they resume. Out of memory is not.
+    A lost or frozen peer surfaces as Unavailable/DeadlineExceeded/Cancelled (collectives aborted,
+    coordination-service heartbeat missed), or as Aborted naming a collective or a peer: retryable
+    (138), so the cluster restarts every worker and they resume. An Aborted that names neither is an
+    op that could not run here (oneDNN could not build a kernel, say): a restart would fail alike (1).
+    Out of memory is not retryable either.
     """
     try:
         yield
-    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
-            tf.errors.CancelledError, tf.errors.AbortedError) as error:
-        raise RetryableError(
-            f"lost contact with another worker ({type(error).__name__}: {first_line(error, PEER_LOSS_WORDS)}); "
-            "restart every worker to resume from the last checkpoint"
-        ) from None
+    except tf.errors.AbortedError as error:
+        if not any(word in str(error) for word in PEER_WORDS):
+            raise TrainingError(f"TensorFlow aborted an op ({first_line(error)}); a restart would not help") from None
+        raise _peer_lost(error) from None
+    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError) as error:
+        raise _peer_lost(error) from None
     except tf.errors.UnknownError as error:
         if "Could not start gRPC server" not in str(error):
             raise
@@ -223,6 +228,12 @@ def _retryable_tensorflow_errors(tf):
         raise TrainingError(
             f"out of memory ({first_line(error)}); lower train.global_batch_size or use more devices"
         ) from None
+
+
+def _peer_lost(error: Exception) -> RetryableError:
+    return RetryableError(
+        f"lost contact with another worker ({type(error).__name__}: {first_line(error, PEER_LOSS_WORDS)}); "
+        "restart every worker to resume from the last checkpoint")
 
 
 def run_local_workers(config: config_lib.Config, workdir: str, args: argparse.Namespace) -> int:
@@ -246,7 +257,7 @@ def run_local_workers(config: config_lib.Config, workdir: str, args: argparse.Na
     if args.dry_run:
         return _print_dry_run(Plan(config, workdir, STRATEGY_CLASSES["multi_worker"], local_workers=args.workers,
                                    gpus=tuple(gpus), num_replicas=args.workers * replicas_per_worker,
-                                   evaluator=args.evaluator))
+                                   evaluator=args.evaluator, min_workers=min_workers))
     os.makedirs(workdir, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="launch_", dir=workdir, delete=False) as stream:
         stream.write(config_lib.dump(config))
@@ -258,7 +269,8 @@ def run_local_workers(config: config_lib.Config, workdir: str, args: argparse.Na
             console=_console_filter(args.log_workers), max_restarts=args.max_restarts,
             preemption_grace=local_workers.DEFAULT_PREEMPTION_GRACE_SECONDS if args.preemption_grace is None
             else args.preemption_grace, check_workers=check_workers,
-            evaluator_silence=_evaluator_silence(config.train.step_timeout_seconds)))
+            evaluator_silence=_evaluator_silence(config.train.step_timeout_seconds),
+            global_batch=config.train.global_batch_size, replicas_per_worker=replicas_per_worker))
     finally:
         os.unlink(stream.name)
 

@@ -77,6 +77,8 @@ class GroupSpec:
     max_restarts: int = 0
     preemption_grace: float = DEFAULT_PREEMPTION_GRACE_SECONDS
     evaluator_silence: float | None = None  # once training is done: the evaluator's longest silence; None: any
+    global_batch: int | None = None  # train.global_batch_size, to say what a shrink does to each replica's batch
+    replicas_per_worker: int = 1
     command: tuple[str, ...] = (sys.executable, "-m", "launcher")
     check_workers: Callable[[int], None] = lambda count: None  # refuses a worker count (e.g. batch not divisible)
 
@@ -306,11 +308,17 @@ def _maybe_shrink(spec: GroupSpec, attempts: _Attempts) -> None:
     attempts.slots = [other for other in attempts.slots if other is not slot]
     attempts.blamed.clear()
     kept = ", ".join(other.name for other in attempts.slots)
+    grows = ""
+    if spec.global_batch:
+        before, after = (spec.global_batch // (count * spec.replicas_per_worker)
+                         for count in (len(attempts.slots) + 1, len(attempts.slots)))
+        grows = (f"; each replica's batch grows from {before} to {after}: if that does not fit in memory, the next "
+                 "start fails with exit 1 (out of memory), which is not retried")
     _event(spec, {"event": "group_shrink", "workers": len(attempts.slots), "dropped": slot.name,
                   "dropped_gpus": slot.gpus, "slots": [other.name for other in attempts.slots]})
     print(f"warning: {slot.name} failed first on {SHRINK_AFTER} starts in a row: continuing on "
           f"{len(attempts.slots)} worker(s) ({kept}; --min_workers {minimum}), same global batch, from the latest "
-          "checkpoint", file=sys.stderr, flush=True)
+          f"checkpoint{grows}", file=sys.stderr, flush=True)
 
 
 def _event(spec: GroupSpec, event: dict) -> None:

@@ -24,28 +24,33 @@ import sys
 import time
 from typing import Any
 
+import yaml
+
 from resnet18.runtime.errors import EXIT_OK, EXIT_USAGE, SetupError
 
-STALE_AFTER_SECONDS = 120  # a heartbeat older than this while "training": the chief is stalled or gone
 
 
 def collect(workdir: str, now: float | None = None) -> dict[str, Any]:
     """Everything the status says, as data."""
     import tensorflow as tf
 
-    from resnet18.runtime.checkpoint_files import checkpoint_candidates
+    from resnet18.runtime.checkpoint_files import EPOCHS_DIR, EPOCHS_KEPT_FOR_EVALUATOR, checkpoint_candidates
     from resnet18.runtime.history import read_history
     from resnet18.runtime.status import read_events, read_json, read_status
 
     now = time.time() if now is None else now
-    if not tf.io.gfile.exists(os.path.join(workdir, "config.yaml")):
+    config_path = os.path.join(workdir, "config.yaml")
+    if not tf.io.gfile.exists(config_path):
         raise SetupError(f"{workdir} holds no run (no config.yaml)")
+    with tf.io.gfile.GFile(config_path) as stream:
+        train = (yaml.safe_load(stream) or {}).get("train") or {}
     status = read_status(workdir) or {}
     events = read_events(workdir)
     history = read_history(workdir, warn=False)
     summary = read_json(os.path.join(workdir, "summary.json"))
     checkpoints = checkpoint_candidates(os.path.join(workdir, "checkpoints"))
-    result: dict[str, Any] = {"workdir": workdir, "state": _state(status, summary, events, now),
+    timeout = float(train.get("step_timeout_seconds", 1800.0) or 0.0)
+    result: dict[str, Any] = {"workdir": workdir, "state": _state(status, summary, events, now, timeout),
                               "step": status.get("step"), "total_steps": status.get("total_steps"),
                               "epoch": status.get("epoch"), "images_per_sec": status.get("images_per_sec"),
                               "heartbeat_age_seconds": now - status["updated"] if status.get("updated") else None}
@@ -56,7 +61,11 @@ def collect(workdir: str, now: float | None = None) -> dict[str, Any]:
                                      "age_seconds": now - modified}
     evaluated = [entry for entry in history if "test_accuracy" in entry]
     if evaluated:
-        result["last_evaluation"] = {key: evaluated[-1][key] for key in ("epoch", "step", "test_accuracy", "test_loss")}
+        result["last_evaluation"] = {key: evaluated[-1].get(key) for key in ("epoch", "step", "test_accuracy",
+                                                                             "test_loss")}
+    if train.get("evaluation") == "sidecar":  # epochs the chief keeps until an evaluator has taken them
+        result["awaiting_evaluator"] = len(checkpoint_candidates(os.path.join(workdir, EPOCHS_DIR)))
+        result["awaiting_evaluator_kept_at_most"] = EPOCHS_KEPT_FOR_EVALUATOR
     result["restarts"] = _restarts(events)
     if summary:
         result["final"] = {key: summary.get(key) for key in ("test_accuracy", "test_loss", "steps",
@@ -64,7 +73,11 @@ def collect(workdir: str, now: float | None = None) -> dict[str, Any]:
     return result
 
 
-def _state(status: dict[str, Any], summary: dict[str, Any] | None, events: list[dict[str, Any]], now: float) -> str:
+def _state(status: dict[str, Any], summary: dict[str, Any] | None, events: list[dict[str, Any]], now: float,
+           step_timeout: float) -> str:
+    """The run's state; a running chief is stalled when its heartbeat is older than its own watchdog allows."""
+    from resnet18.runtime.status import heartbeat_allowance
+
     state = status.get("state")
     if state in ("done", "stopped_early") or (summary and not state):
         return "stopped early" if (state == "stopped_early" or (summary or {}).get("stopped_early_after_epoch")) \
@@ -73,7 +86,11 @@ def _state(status: dict[str, Any], summary: dict[str, Any] | None, events: list[
         return state
     if state in ("training", "starting"):
         age = now - status.get("updated", now)
-        return "running" if age <= STALE_AFTER_SECONDS else f"stalled or gone (no heartbeat for {age:.0f} s)"
+        allowance = heartbeat_allowance(step_timeout, started=state == "training")
+        if allowance is None or age <= allowance:
+            return "running"
+        return (f"stalled or gone (no heartbeat for {age:.0f} s; its watchdog allows {allowance:.0f} s: "
+                "train.step_timeout_seconds and the heartbeat interval)")
     last = events[-1] if events else {}
     return {"group_failed": "failed", "group_start": "starting"}.get(last.get("event"), "unknown (no heartbeat yet)")
 
@@ -114,7 +131,12 @@ def render(result: dict[str, Any]) -> str:
     if "last_evaluation" in result:
         evaluation = result["last_evaluation"]
         lines.append(f"  last evaluation: epoch {evaluation['epoch']}: test_accuracy {evaluation['test_accuracy']:.4f}"
-                     f", test_loss {evaluation['test_loss']:.4f}")
+                     + (f", test_loss {evaluation['test_loss']:.4f}" if evaluation.get("test_loss") is not None
+                        else ""))
+    if result.get("awaiting_evaluator"):
+        lines.append(f"  epochs awaiting the sidecar evaluator: {result['awaiting_evaluator']} (the chief keeps "
+                     f"at most {result['awaiting_evaluator_kept_at_most']}; an evaluator further behind misses the "
+                     "oldest)")
     lines.append(f"  restarts: {len(result['restarts'])}")
     for restart in result["restarts"]:
         when = datetime.datetime.fromtimestamp(restart["time"]).isoformat(timespec="seconds")

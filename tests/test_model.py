@@ -140,6 +140,29 @@ def test_sync_bn_changes_no_weights_and_no_inference_output():
     assert np.array_equal(plain(images, training=False).numpy(), synced(images, training=False).numpy())
 
 
+def test_sync_bn_inference_is_keras_own_batch_norm_inference_to_round_off():
+    # The sync-BN model infers with the fused kernel; Keras' synchronized BatchNormalization infers with its own
+    # ops. Both compute (x - mean) / sqrt(var + eps) * gamma + beta with the moving statistics: equal to float32
+    # round-off through 20 layers (3.6e-7 of outputs up to 2.0 measured on an AMD EPYC; the last bits differ on
+    # an Intel Xeon with AMX). Non-trivial statistics, so a kernel that ignored them would fail.
+    ours = build_resnet18(width=8, seed=3, sync_bn=True)
+    reference = build_resnet18(width=8, seed=3, sync_bn=True, fused_batch_norm=False)
+    assert type(reference.get_layer("stem_bn")) is keras.layers.BatchNormalization
+    rng = np.random.default_rng(0)
+    for mine, theirs in zip(ours.weights, reference.weights):
+        name = mine.path.rsplit("/", 1)[1]
+        if name in ("gamma", "beta", "moving_mean", "moving_variance"):
+            value = (rng.uniform(0.5, 2.0, mine.shape) if name == "moving_variance"
+                     else rng.normal(0.0, 0.5, mine.shape)).astype(np.float32)
+            mine.assign(value)
+            theirs.assign(value)
+    images = rng.uniform(0, 255, size=[8, 32, 32, 3]).astype(np.float32)
+    expected = reference(images, training=False).numpy()
+    np.testing.assert_allclose(ours(images, training=False).numpy(), expected, rtol=1e-5, atol=1e-5)
+    untouched = build_resnet18(width=8, seed=3, sync_bn=True)(images, training=False).numpy()
+    assert np.abs(untouched - expected).max() > 1e-2  # the statistics matter at this tolerance
+
+
 # Run in a fresh process: a process gets one set of logical devices and one
 # MirroredStrategy. Replica 0 sees all-black images, replica 1 all-white (255), so
 # local and global batch moments differ a lot. Prints one JSON line.

@@ -161,6 +161,7 @@ def test_the_middle_slot_that_keeps_failing_is_dropped_and_the_others_keep_their
     assert run.finish(timeout=600) == 0, run.output[-4000:]
     shrink = run.wait_for(r"worker 1 failed first on 2 starts in a row: continuing on 2 worker\(s\) "
                           r"\(worker 0, worker 2;").string
+    assert "each replica's batch grows from 20 to 30" in shrink
     after = run.lines[run.lines.index(shrink):]
     started = {name: re.search(rf"Started {name} \(pid \d+, rank (\d), port \d+, CUDA_VISIBLE_DEVICES='(\d)'",
                                "\n".join(after)) for name in ("worker 0", "worker 1", "worker 2")}
@@ -240,6 +241,19 @@ def test_the_evaluator_exits_138_when_it_loses_the_chief(tiny_data_dir, tmp_path
             member.process.kill()
     assert code == 138, group["evaluator 0"].output[-3000:]
     assert "lost the chief" in group["evaluator 0"].output and time.monotonic() - lost < 30
+
+
+def test_without_an_evaluator_the_epochs_kept_for_it_stay_bounded_and_status_says_so(tiny_data_dir, tmp_path):
+    from resnet18.runtime.checkpoint_files import EPOCHS_KEPT_FOR_EVALUATOR
+
+    epochs = EPOCHS_KEPT_FOR_EVALUATOR + 2
+    result = run_launcher(*job(tiny_data_dir, tmp_path, f"train.epochs={epochs}", "train.evaluation=sidecar",
+                               "train.checkpoint_every_steps=0", "train.steps_per_loop=10"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    kept = sorted(path.name for path in (tmp_path / "epoch_checkpoints").glob("ckpt-*.index"))
+    assert len(kept) == EPOCHS_KEPT_FOR_EVALUATOR and "ckpt-10.index" not in kept and "ckpt-20.index" not in kept
+    assert "dropped ckpt-10, which it will not evaluate" in result.stdout
+    assert collect(str(tmp_path))["awaiting_evaluator"] == EPOCHS_KEPT_FOR_EVALUATOR
 
 
 def test_sidecar_evaluation_refuses_rules_that_need_test_metrics_during_training(tmp_path):

@@ -176,3 +176,23 @@ def test_a_short_pretraining_beats_a_random_encoder_by_knn_and_by_linear_evaluat
     assert export.returncode == 0, export.stderr[-2000:]
     report = json.loads((tmp_path / "pretrain" / "export" / "report.json").read_text())
     assert report["artifacts"][0]["feature_dim"] == 64 and report["artifacts"][0]["max_abs_difference"] < 1e-4
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_lars_adapts_exactly_the_conv_and_dense_kernels_of_the_real_network(fused):
+    # The SimCLR network as built for training: encoder (fused or Keras batch norm) and projection head.
+    import dataclasses
+
+    from resnet18.models import decayed_kernels
+    from resnet18.tasks.simclr import build_network
+
+    config = dataclasses.replace(SIMCLR, model=dataclasses.replace(SIMCLR.model, width=4),
+                                 train=dataclasses.replace(SIMCLR.train, deterministic=not fused))
+    model = build_network(config, 10)
+    optimizer = LARS(learning_rate=0.1)
+    optimizer.build(model.trainable_variables)
+    kernels = {id(kernel) for kernel in decayed_kernels(model)}
+    adapted = {variable.path for variable, adapts in zip(model.trainable_variables, optimizer.adapted) if adapts}
+    assert adapted == {variable.path for variable in model.trainable_variables if id(variable) in kernels}
+    spared = {variable.path.rsplit("/", 1)[1] for variable in model.trainable_variables if variable.path not in adapted}
+    assert spared == {"gamma", "beta", "bias"}  # batch norm's and the last dense layer's bias

@@ -141,6 +141,23 @@ def test_a_onednn_isa_cap_takes_away_the_flags_above_it():
         assert cpu - flags_above_isa_cap(everything) == cpu
 
 
+@pytest.mark.parametrize("cap, hidden", [
+    ("AVX2", {"avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16"}),
+    ("AVX512_CORE", {"avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16"}),
+    ("AVX512_CORE_VNNI", {"avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16"}),
+    ("AVX512_CORE_BF16", {"avx512_fp16", "amx_bf16", "amx_fp16"}),  # float16 hidden: refused, not aborted
+    ("AVX512_CORE_FP16", {"amx_bf16", "amx_fp16"}),
+    ("AVX10_1_512", {"amx_bf16", "amx_fp16"}),
+    ("AVX512_CORE_AMX", {"amx_fp16"}),
+    ("AVX10_1_512_AMX_FP16", set()),
+    ("AVX10_2_512", set()),
+])
+def test_each_onednn_isa_level_hides_exactly_the_flags_above_it(cap, hidden):
+    from resnet18.runtime.hardware import flags_above_isa_cap
+
+    assert flags_above_isa_cap(cap) == hidden
+
+
 def test_float16_is_refused_where_the_isa_cap_hides_the_cpus_float16(monkeypatch):
     # TensorFlow routes float16 convolutions to oneDNN by the CPU's own flags; under a cap below
     # AVX512-FP16 oneDNN cannot build them (seen on an Intel Xeon with AMX: AbortedError at the first step).
@@ -193,3 +210,27 @@ def test_dry_run_of_local_workers_says_which_gpus_each_worker_gets():
     assert result.returncode == 0, result.stderr
     assert "workers: 2 local processes on 127.0.0.1 (worker 0: GPU 0,1; worker 1: GPU 2,3)" in result.stdout
     assert "num_replicas: 4" in result.stdout
+
+
+def test_dry_run_of_an_elastic_group_says_how_large_each_replicas_batch_may_grow():
+    result = run_launcher("--job", TINY_JOB, "--workers", "4", "--min_workers", "2", "--dry_run", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "elastic: down to 2 worker(s); each replica's batch then grows up to 32" in result.stdout
+
+
+@pytest.mark.parametrize("error, code", [
+    (tf.errors.AbortedError(None, None, "Collective ops is aborted by: Error reported from /job:worker/task:1"), 138),
+    (tf.errors.UnavailableError(None, None, "The following tasks are unhealthy (stopped sending heartbeats)"), 138),
+    # oneDNN under an ISA cap that hides the CPU's float16 (an Intel Xeon with AMX): an op, not a peer.
+    (tf.errors.AbortedError(None, None, "Operation received an exception:Status: 5, message: could not create "
+                                        "a primitive descriptor, in file tensorflow/core/kernels/mkl/mkl_conv_ops.cc"),
+     1),
+    (tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[512,64,32,32]"), 1),
+])
+def test_tensorflow_errors_map_to_exit_codes_by_what_they_mean(error, code):
+    from launcher.__main__ import mapped_tensorflow_errors
+    from resnet18.runtime.errors import LauncherError
+
+    with pytest.raises(LauncherError) as raised, mapped_tensorflow_errors(tf):
+        raise error
+    assert raised.value.exit_code == code

@@ -25,6 +25,8 @@ from resnet18.runtime.errors import first_line
 
 _CHECKPOINT_INDEX = re.compile(r"^(ckpt-(\d+))\.index$")
 EPOCHS_DIR = "epoch_checkpoints"  # sidecar evaluation: each epoch's evaluated weights, until evaluated
+# An evaluator this many epochs behind (or none at all) loses the oldest: the directory never grows without bound.
+EPOCHS_KEPT_FOR_EVALUATOR = 10
 
 
 def checkpoint_candidates(directory: str) -> list[str]:

@@ -50,23 +50,27 @@ def float16_blocked_by_isa_cap(reported: frozenset[str] | set[str], usable: froz
     return bool(set(NATIVE_FLOAT16_CPU_FLAGS) & set(reported)) and not set(NATIVE_FLOAT16_CPU_FLAGS) & set(usable)
 
 
+# oneDNN's ISA levels (ONEDNN_MAX_CPU_ISA), each including those before it, with the older names of the
+# AVX10 ones (oneDNN's dnnl_cpu_isa_t), and the lowest level at which oneDNN uses each CPU flag here.
+ISA_LEVELS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
+              "AVX512_CORE_BF16", "AVX10_1_512", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512",
+              "AVX10_2_512_AMX_2")
+ISA_ALIASES = {"AVX512_CORE_FP16": "AVX10_1_512", "AVX512_CORE_AMX": "AVX10_1_512_AMX",
+               "AVX512_CORE_AMX_FP16": "AVX10_1_512_AMX_FP16"}
+FLAG_LEVELS = {"avx512f": "AVX512_CORE", "avx512_bf16": "AVX512_CORE_BF16", "avx512_fp16": "AVX10_1_512",
+               "amx_bf16": "AVX10_1_512_AMX", "amx_fp16": "AVX10_1_512_AMX_FP16"}
+
+
 def flags_above_isa_cap(cap: str) -> frozenset[str]:
     """The CPU flags oneDNN leaves unused under ONEDNN_MAX_CPU_ISA=cap (e.g. AVX2: every AVX-512 one).
 
-    oneDNN's ISA names (AVX2, AVX512_CORE, AVX512_CORE_BF16, AVX512_CORE_AMX, AVX10_1_512, ...)
-    say what they include; ALL, DEFAULT and no cap leave everything.
+    ALL, DEFAULT, no cap, and a name oneDNN does not know (it ignores those) leave everything.
     """
-    cap = cap.strip().upper()
-    if cap in ("", "ALL", "DEFAULT"):
+    cap = ISA_ALIASES.get(cap.strip().upper(), cap.strip().upper())
+    if cap not in ISA_LEVELS:
         return frozenset()
-    unused = set()
-    if not cap.startswith(("AVX512", "AVX10")):
-        unused |= {"avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16"}
-    if not any(part in cap for part in ("BF16", "FP16", "AMX", "AVX10")):
-        unused |= {"avx512_bf16", "amx_bf16"}
-    if "AMX" not in cap:
-        unused |= {"amx_bf16", "amx_fp16"}
-    return frozenset(unused)
+    level = ISA_LEVELS.index(cap)
+    return frozenset(flag for flag, needs in FLAG_LEVELS.items() if ISA_LEVELS.index(needs) > level)
 
 
 @functools.lru_cache(maxsize=1)

@@ -27,6 +27,9 @@ from typing import Any
 STATUS_FILE = "status.json"
 EVENTS_FILE = "events.jsonl"
 HEARTBEAT_SECONDS = 5.0
+# Beyond train.step_timeout_seconds, for a chief not yet past its first step: start-up, data preparation,
+# tracing and compiling, which its watchdog does not time.
+STARTUP_SECONDS = 600.0
 SPEED_WINDOW = 30  # training calls over which images/s is averaged
 
 
@@ -101,6 +104,18 @@ def read_events(workdir: str) -> list[dict[str, Any]]:
 
 def read_status(workdir: str) -> dict[str, Any] | None:
     return read_json(os.path.join(workdir, STATUS_FILE))
+
+
+def heartbeat_allowance(step_timeout: float, started: bool) -> float | None:
+    """How old a healthy chief's heartbeat may get (None: train.step_timeout_seconds is 0, no limit).
+
+    The watchdog bounds every training call, evaluation and save by train.step_timeout_seconds, and the
+    heartbeat is written at most every HEARTBEAT_SECONDS after a call; before its first step a chief
+    gets STARTUP_SECONDS more.
+    """
+    if not step_timeout:
+        return None
+    return step_timeout + (HEARTBEAT_SECONDS if started else STARTUP_SECONDS)
 
 
 class Heartbeat:

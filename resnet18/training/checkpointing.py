@@ -14,7 +14,8 @@ from typing import Callable
 
 import tensorflow as tf
 
-from resnet18.runtime.checkpoint_files import (EPOCHS_DIR, holds_object, leading_dimension, remove_stale_temporaries,
+from resnet18.runtime.checkpoint_files import (EPOCHS_DIR, EPOCHS_KEPT_FOR_EVALUATOR, checkpoint_candidates,
+                                               holds_object, leading_dimension, remove_stale_temporaries,
                                                restore_latest_good)
 from resnet18.runtime.errors import SetupError, TrainingError
 from resnet18.training.replicas import BatchNormStatistics
@@ -110,8 +111,20 @@ class Checkpointer:
             print(f"Checkpoint at step {step}: {self.last_saved}", flush=True)
 
     def save_for_evaluator(self, step: int) -> str:
-        """Keeps the evaluated weights of the epoch ending at `step` for the sidecar evaluator."""
-        return self._epochs.save(checkpoint_number=step)
+        """Keeps the evaluated weights of the epoch ending at `step` for the sidecar evaluator.
+
+        At most EPOCHS_KEPT_FOR_EVALUATOR wait for it: beyond that the oldest is deleted, and the chief says so.
+        """
+        path = self._epochs.save(checkpoint_number=step)
+        waiting = checkpoint_candidates(self._epochs.directory)
+        for prefix in waiting[EPOCHS_KEPT_FOR_EVALUATOR:]:
+            for name in tf.io.gfile.glob(prefix + ".*"):
+                tf.io.gfile.remove(name)
+            if self.is_chief:
+                print(f"warning: {len(waiting)} epochs wait for a sidecar evaluator (none is running, or it is "
+                      f"{EPOCHS_KEPT_FOR_EVALUATOR} epochs behind); dropped {os.path.basename(prefix)}, which it will "
+                      "not evaluate", flush=True)
+        return path
 
     def save_best(self, step: int) -> str:
         """Keeps the evaluated weights as the best epoch's (every worker takes part)."""

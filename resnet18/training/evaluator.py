@@ -46,7 +46,8 @@ from resnet18.runtime import hardware
 from resnet18.runtime.checkpoint_files import EPOCHS_DIR, checkpoint_candidates
 from resnet18.runtime.errors import RetryableError, TrainingError, first_line
 from resnet18.runtime.history import EVALUATIONS_FILE, read_evaluations
-from resnet18.runtime.status import HEARTBEAT_SECONDS, append_event, read_json, read_status, write_json
+from resnet18.runtime.status import (HEARTBEAT_SECONDS, STARTUP_SECONDS, append_event, read_json, read_status,
+                                     write_json)
 from resnet18.runtime.summaries import Summaries
 from resnet18.runtime.watchdog import Watchdog
 from resnet18.tasks import task_of
@@ -54,7 +55,7 @@ from resnet18.tasks.task import Setting
 
 POLL_SECONDS = 1.0
 SUMMARY_WAIT_SECONDS = 120  # after the last epoch, how long to wait for the trainer's summary.json
-CHIEF_STARTUP_SECONDS = 600.0  # beyond train.step_timeout_seconds, for a chief not yet past its first step
+CHIEF_STARTUP_SECONDS = STARTUP_SECONDS  # beyond train.step_timeout_seconds, for a chief not yet past its first step
 
 
 def run_evaluator(config: Config, strategy: tf.distribute.Strategy, workdir: str) -> dict[str, Any]:

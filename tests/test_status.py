@@ -1,0 +1,47 @@
+"""launcher.status from files alone: when a running chief counts as stalled, runs without a test loss.
+
+    python -m pytest tests/test_status.py
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import yaml
+
+from launcher.status import collect, render
+from resnet18.config import Config, dump
+from resnet18.runtime.status import HEARTBEAT_SECONDS, STARTUP_SECONDS, STATUS_FILE, write_json
+
+
+def run_dir(tmp_path, step_timeout: float, state: str, age: float):
+    config = yaml.safe_load(dump(Config()))
+    config["train"]["step_timeout_seconds"] = step_timeout
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    write_json(str(tmp_path / STATUS_FILE), {"state": state, "step": 40, "epoch": 1, "total_steps": 100,
+                                             "updated": time.time() - age})
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("step_timeout, state, age, stalled", [
+    (1800, "training", 300, False),  # an evaluation of 5 minutes: healthy (this was "stalled" after 120 s)
+    (1800, "training", 1800 + HEARTBEAT_SECONDS + 1, True),
+    (60, "training", 300, True),
+    (60, "starting", 300, False),  # compiling its first step: the watchdog does not time that
+    (60, "starting", 60 + STARTUP_SECONDS + 1, True),
+    (0, "training", 10_000, False),  # no watchdog, no stall declared
+])
+def test_a_chief_is_stalled_only_past_what_its_own_watchdog_allows(tmp_path, step_timeout, state, age, stalled):
+    result = collect(run_dir(tmp_path, step_timeout, state, age))
+    assert result["state"].startswith("stalled") == stalled, result["state"]
+
+
+def test_a_run_without_a_test_loss_is_shown(tmp_path):
+    workdir = run_dir(tmp_path, 1800, "training", 1)
+    (tmp_path / "history.jsonl").write_text(json.dumps(
+        {"epoch": 1, "step": 10, "train_loss": 5.0, "train_accuracy": 0.1, "test_accuracy": 0.3,
+         "knn_accuracy": 0.3}) + "\n")
+    text = render(collect(workdir))
+    assert "last evaluation: epoch 1: test_accuracy 0.3000\n" in text
