@@ -107,7 +107,8 @@ def one_step_update(config: Config, model) -> np.ndarray:
     images = tf.random.stateless_uniform([32, size, size, 3], [1, 2], maxval=255.0)
     labels = tf.random.stateless_uniform([32], [3, 4], 0, 10, dtype=tf.int32)
     tf.function(make_train_step(model, optimizer, objective(model, config), config, num_classes=10))(images, labels)
-    return np.concatenate([(old - variable.numpy()).ravel() for old, variable in zip(before, model.trainable_variables)])
+    return np.concatenate([(old - variable.numpy()).ravel()
+                           for old, variable in zip(before, model.trainable_variables)])
 
 
 @pytest.mark.parametrize("network, relative_l2", [
