@@ -20,11 +20,12 @@ import contextlib
 import dataclasses
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import traceback
 
-from launcher import cpu_environment, local_workers, processes
+from launcher import cpu_environment, isolation, local_workers, processes
 from launcher.cluster import ClusterSpec, cluster_address, read_tf_config
 from launcher.plan import STRATEGY_CLASSES, Plan, describe
 from launcher.slurm import tf_config_from_slurm
@@ -32,7 +33,7 @@ from resnet18 import config as config_lib
 from resnet18 import tasks
 from resnet18.runtime.preemption import preempted_before_training
 from resnet18.runtime.errors import (EXIT_FAILURE, EXIT_OK, ConfigError, LauncherError, PortInUseError, RetryableError,
-                             TrainingError, first_line)
+                                     SetupError, TrainingError, first_line)
 
 DEFAULT_RUNS_DIR = "runs"
 PEER_LOSS_WORDS = ("aborted by", "unhealthy")  # the line of a peer-loss error that names the cause
@@ -75,6 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "such as 0 or 0,2 or evaluator; every task's output goes to WORKDIR/logs/ anyway")
     parser.add_argument("--evaluator", action="store_true",
                         help="with --workers: also run a sidecar evaluator task (train.evaluation: sidecar)")
+    parser.add_argument("--worker_network", choices=isolation.MODES, default="auto",
+                        help="with --workers: private runs the group in a network namespace of its own, where "
+                             "nothing outside it reaches the workers' unauthenticated servers; host leaves them on "
+                             "the host's network; auto (default): private where it can be made, else host")
     parser.add_argument("--dry_run", action="store_true",
                         help="print the resolved config, strategy, devices and replicas; do not train")
     return parser.parse_args(argv)
@@ -92,15 +97,15 @@ def dedicated_flags(args: argparse.Namespace) -> dict[str, object]:
     return flags
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     config = tasks.check(config_lib.build_config(args.job, args.overrides, dedicated_flags(args)))
     workdir = args.workdir or os.path.join(DEFAULT_RUNS_DIR, config.name)
     if args.workers is not None:
-        return run_local_workers(config, workdir, args)
+        return run_local_workers(config, workdir, args, sys.argv[1:] if argv is None else argv)
     only_with_workers = {"--gpus_per_worker": args.gpus_per_worker is not None, "--max_restarts": args.max_restarts,
                          "--min_workers": args.min_workers is not None, "--evaluator": args.evaluator,
                          "--preemption_grace": args.preemption_grace is not None,
-                         "--log_workers": args.log_workers != "all"}
+                         "--log_workers": args.log_workers != "all", "--worker_network": args.worker_network != "auto"}
     given = [flag for flag, used in only_with_workers.items() if used]
     if given:
         raise ConfigError(f"{', '.join(given)} go(es) with --workers N")
@@ -236,8 +241,9 @@ def _peer_lost(error: Exception) -> RetryableError:
         "restart every worker to resume from the last checkpoint")
 
 
-def run_local_workers(config: config_lib.Config, workdir: str, args: argparse.Namespace) -> int:
-    """`--workers N`: validate once here, then start N workers sharing one resolved config."""
+def run_local_workers(config: config_lib.Config, workdir: str, args: argparse.Namespace, argv: list[str]) -> int:
+    """`--workers N`: validate once here, then start N workers sharing one resolved config (in a private
+    network namespace where one can be made: this launcher runs again inside it, with the same `argv`)."""
     if args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     if args.max_restarts < 0:
@@ -254,10 +260,21 @@ def run_local_workers(config: config_lib.Config, workdir: str, args: argparse.Na
         config_lib.check_batch_divisible(config, count * replicas_per_worker)
 
     check_workers(args.workers)
+    inside = os.environ.get(isolation.INSIDE_VARIABLE)
+    network = (isolation.Decision(True, "a network namespace of its own") if inside
+               else isolation.decide(args.worker_network, config, workdir))
     if args.dry_run:
         return _print_dry_run(Plan(config, workdir, STRATEGY_CLASSES["multi_worker"], local_workers=args.workers,
                                    gpus=tuple(gpus), num_replicas=args.workers * replicas_per_worker,
-                                   evaluator=args.evaluator, min_workers=min_workers))
+                                   evaluator=args.evaluator, min_workers=min_workers, network=network.describe()))
+    if not inside:
+        print(network.describe(), flush=True)
+    if inside:
+        processes.die_with_parent(int(inside))
+        isolation.bring_up_loopback()
+    elif network.private:
+        _prepare_data_outside(config, workdir)
+        return isolation.run_inside(network, argv)
     os.makedirs(workdir, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="launch_", dir=workdir, delete=False) as stream:
         stream.write(config_lib.dump(config))
@@ -273,6 +290,23 @@ def run_local_workers(config: config_lib.Config, workdir: str, args: argparse.Na
             global_batch=config.train.global_batch_size, replicas_per_worker=replicas_per_worker))
     finally:
         os.unlink(stream.name)
+
+
+def _prepare_data_outside(config: config_lib.Config, workdir: str) -> None:
+    """Prepares a TFDS data set (which may need a download) before the group enters its private network."""
+    if config.data.source != "tfds":
+        return  # the stand-in and image folders are local
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="prepare_", dir=workdir, delete=False) as stream:
+        stream.write(config_lib.dump(config))
+    try:
+        result = subprocess.run([sys.executable, "-m", "launcher.prepare", "--job", stream.name, "--workdir", workdir])
+    finally:
+        os.unlink(stream.name)
+    if result.returncode:
+        raise SetupError(f"the data set could not be prepared before the workers' private network started (exit "
+                         f"{result.returncode}, above); prepare it with python -m launcher.prepare, or use "
+                         "--worker_network host")
 
 
 def _evaluator_silence(step_timeout: float) -> float | None:
@@ -305,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         processes.keep_alive(alive)
     args = parse_args(argv)
     try:
-        return run(args)
+        return run(args, argv)
     except LauncherError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return error.exit_code

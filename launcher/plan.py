@@ -29,6 +29,7 @@ class Plan:
     cluster: ClusterSpec | None = None  # this task's TF_CONFIG on a cluster
     local_workers: int | None = None  # --workers N
     min_workers: int | None = None  # --min_workers M (elastic: down to M workers)
+    network: str | None = None  # where a local group's network is (launcher/isolation.py)
     gpus: tuple[str | None, ...] = ()  # CUDA_VISIBLE_DEVICES per local worker (None: all it sees)
     evaluator: bool = False  # a sidecar evaluator task
     num_replicas: int | None = None  # known once the strategy exists (or from --workers)
@@ -49,6 +50,8 @@ def describe(plan: Plan) -> str:
         lines.append(f"num_replicas: {plan.num_replicas}")
         per_replica = plan.config.train.global_batch_size // plan.num_replicas
         lines.append(f"batch: {plan.config.train.global_batch_size} global = {plan.num_replicas} x {per_replica}")
+    if plan.network:
+        lines.append(plan.network)
     if plan.local_workers and plan.min_workers and plan.min_workers < plan.local_workers:
         fewest = plan.min_workers * (plan.num_replicas // plan.local_workers)
         lines.append(f"elastic: down to {plan.min_workers} worker(s); each replica's batch then grows up to "

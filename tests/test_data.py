@@ -279,3 +279,19 @@ def test_a_tpu_holds_each_split_in_memory_with_the_same_examples(tiny_data_dir, 
     for (images, labels), (other_images, other_labels) in [(in_memory.train.read(indices), source.train.read(indices))]:
         np.testing.assert_array_equal(images, other_images)
         np.testing.assert_array_equal(labels, other_labels)
+
+
+def test_prepare_readies_a_jobs_data_where_a_run_will_find_it(tiny_data_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    result = subprocess.run([sys.executable, "-m", "launcher.prepare", "--job", TINY_JOB, "--set",
+                             f"data.data_dir={tiny_data_dir}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"Prepared cifar10: {TINY_TRAIN} training and {TINY_TEST} test examples, 10 classes" in result.stdout
+    missing = subprocess.run([sys.executable, "-m", "launcher.prepare", "--job", TINY_JOB, "--set", *REAL_DATA,
+                              f"data.data_dir={tmp_path / 'tfds'}"], cwd=REPO, capture_output=True, text=True,
+                             timeout=300, env={**os.environ, **OFFLINE})
+    assert missing.returncode == 2 and "CIFAR-10 is not prepared" in missing.stderr
