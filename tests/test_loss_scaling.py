@@ -22,8 +22,8 @@ from resnet18.runtime import hardware
 from resnet18.config import Config, TrainConfig
 from resnet18.training.optimizers import AgreedLossScaleOptimizer, make_optimizer
 from resnet18.training.schedules import make_schedule
+from resnet18.tasks.classification import cross_entropy
 from resnet18.training.step import make_train_step
-from tests.helpers_tiny_model import objective
 from tests.conftest import REPO
 
 BATCH = 8  # global
@@ -52,7 +52,7 @@ def test_one_overflowing_replica_skips_the_step_on_both(two_replicas):
         optimizer = make_optimizer(config, make_schedule(config, 10), "float16", model)
         optimizer.build(model.trainable_variables)
     assert isinstance(optimizer, AgreedLossScaleOptimizer)
-    step = make_train_step(model, optimizer, objective(model, config), config, num_classes=10)
+    step = make_train_step(model, optimizer, cross_entropy(model, config, 10), config, num_classes=10)
     labels = strategy.experimental_distribute_values_from_function(
         lambda context: tf.zeros([BATCH // 2], tf.int32))
 

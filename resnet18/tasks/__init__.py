@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from resnet18.config import Config
 from resnet18.registry import lookup
+from resnet18.runtime.errors import ConfigError
 from resnet18.tasks import classification, distillation, simclr
 from resnet18.tasks.task import Task
 
@@ -32,5 +33,16 @@ def task_of(config: Config) -> Task:
 
 def check(config: Config) -> Config:
     """Refuses the options `config`'s task does not support (ConfigError, exit 2); returns the config."""
-    task_of(config).check(config)
+    task = task_of(config)
+    train = config.train
+    if "test_loss" not in task.metrics:  # rules that decide from each epoch's test loss
+        needs = [key for key, used in (("train.lr_schedule plateau", train.lr_schedule == "plateau"),
+                                       ("train.early_stopping_patience", train.early_stopping_patience > 0)) if used]
+        if needs:
+            raise ConfigError(f"train.task {task.name} has no test loss to drive {', '.join(needs)} (its "
+                              f"test_accuracy is the {task.accuracy})")
+    if train.best_checkpoint_metric and train.best_checkpoint_metric not in task.metrics:
+        raise ConfigError(f"train.best_checkpoint_metric {train.best_checkpoint_metric}: train.task {task.name} "
+                          f"evaluates only {', '.join(task.metrics)}")
+    task.check(config)
     return config

@@ -139,6 +139,7 @@ TASK = Task(
     heads=("logits",),
     exports="classifier",
     accuracy="test split",
+    metrics=("test_loss", "test_accuracy"),
     check=check,
     build_network=build_network,
     train_augmentation=train_augmentation,

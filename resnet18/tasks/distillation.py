@@ -174,6 +174,7 @@ TASK = Task(
     heads=classification.TASK.heads,
     exports="classifier",
     accuracy=classification.TASK.accuracy,
+    metrics=classification.TASK.metrics,
     check=check,
     build_network=classification.build_network,
     train_augmentation=classification.train_augmentation,

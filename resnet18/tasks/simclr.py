@@ -19,10 +19,12 @@
   as in InstDisc and MoCo's monitor) on the encoder's features of the test split
   against the training split's, every epoch (inline, or in the sidecar evaluator): the
   accuracy a run reports. It exports the encoder.
-- Refused (`check`): what needs labels or a test loss (CutMix, flip TTA, plateau, early
-  stopping, best-by-test-loss), a frozen encoder, gradient accumulation (a micro-batch
+- Refused (`check`): what needs labels (CutMix, flip TTA), a frozen encoder, gradient
+  accumulation (a micro-batch
   would gather only its own projections: its negatives would not be the global
   batch's), and XLA on GPUs and CPUs (the gather would sit inside the compiled pass).
+  What needs a test loss (plateau, early stopping, best-by-test-loss) is refused for every
+  task without one (tasks/__init__.py).
 
 TensorFlow is imported inside the functions: config validation reads `TASK.check`
 before TensorFlow starts (tasks/task.py).
@@ -56,15 +58,12 @@ HEADS = ("projection_hidden", "projection_bn", "projection_relu", "projection_ou
 
 
 def check(config: Config) -> None:
-    """Refuses what SimCLR cannot do: options that need labels or a test loss, and splits of its global batch."""
+    """Refuses what SimCLR cannot do: options that need labels, and splits of its global batch."""
     train = config.train
     refused = [(key, why) for key, why, used in (
         ("data.cutmix_prob", "it makes its own views", config.data.cutmix_prob > 0),
         ("train.tta_flip", "its accuracy is the kNN monitor's", train.tta_flip),
         ("model.freeze_encoder", "it trains the encoder", config.model.freeze_encoder),
-        ("train.lr_schedule plateau", "it has no test loss", train.lr_schedule == "plateau"),
-        ("train.early_stopping_patience", "it has no test loss", train.early_stopping_patience > 0),
-        ("train.best_checkpoint_metric test_loss", "it has no test loss", train.best_checkpoint_metric == "test_loss"),
         # Each micro-batch would gather only its own projections: its negatives would not be the global batch's.
         ("train.grad_accum_steps > 1", "NT-Xent's negatives must be the whole global batch's; use more devices "
          "or a smaller train.global_batch_size", train.grad_accum_steps > 1),
@@ -288,6 +287,7 @@ TASK = Task(
     heads=HEADS,
     exports="encoder",
     accuracy="kNN monitor on the encoder's features",
+    metrics=("test_accuracy",),
     check=check,
     build_network=build_network,
     train_augmentation=train_augmentation,

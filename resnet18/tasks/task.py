@@ -22,7 +22,8 @@ hierarchy:
   their keys marked `must_match` in config.py then belong to the run's identity.
 - `heads` are the layers a warm start may leave new; `exports` says what
   launcher.export writes ("classifier" or "encoder"); `accuracy` what its test_accuracy
-  measures, for reports.
+  measures, for reports; `metrics` what its evaluation returns (the rules that need a
+  test loss, a best checkpoint or a sweep's metric are refused for the others).
 
     python -c "from resnet18.tasks import TASKS; print(sorted(TASKS))"
 """
@@ -66,6 +67,7 @@ class Task:
     heads: tuple[str, ...]
     exports: str  # "classifier" or "encoder"
     accuracy: str  # what test_accuracy measures
+    metrics: tuple[str, ...]  # what its evaluation returns: test_accuracy, and test_loss where it has one
     check: Callable[[Config], None]
     build_network: Callable[[Config, int, str], keras.Model]
     train_augmentation: Callable[[Config], Augmentation]

@@ -50,6 +50,7 @@ from resnet18.runtime.status import (HEARTBEAT_SECONDS, STARTUP_SECONDS, append_
                                      write_json)
 from resnet18.runtime.summaries import Summaries
 from resnet18.runtime.watchdog import Watchdog
+from resnet18 import tasks
 from resnet18.tasks import task_of
 from resnet18.tasks.task import Setting
 
@@ -64,8 +65,7 @@ def run_evaluator(config: Config, strategy: tf.distribute.Strategy, workdir: str
     Raises:
       RetryableError: the chief was lost, preempted or failed before the last epoch (exit 138).
     """
-    task = task_of(config)
-    task.check(config)
+    task = task_of(tasks.check(config))
     source = sources.prepare_source(config.data, workdir)
     steps_per_epoch = pipeline.steps_per_epoch(source.num_train, config.train.global_batch_size)
     total_steps = config.train.epochs * steps_per_epoch

@@ -44,9 +44,12 @@ from resnet18.training.step import make_train_calls, make_train_step
 from resnet18.training.summary import process_start_time, summarize, write_summary
 
 
-def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir: str,
+                       stop_after_epoch: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
     """Trains and evaluates under `strategy`; resumes from WORKDIR/checkpoints.
 
+    `stop_after_epoch`, if given, is asked on the chief after every evaluated epoch (its history
+    entry): True stops the run there, on every worker, like early stopping (a sweep's pruner).
     Returns the run summary (also written to WORKDIR/summary.json by the chief).
 
     Raises:
@@ -101,7 +104,8 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
             any_replica=replicas.make_any_replica(strategy) if topology.num_processes > 1 else lambda flag: flag,
             wall_start=wall_start, watchdog=cleanup.enter_context(contextlib.closing(
                 Watchdog(config.train.step_timeout_seconds))),
-            heartbeat=Heartbeat(workdir, topology.is_chief, config.train.epochs * steps_per_epoch, steps_per_epoch))
+            heartbeat=Heartbeat(workdir, topology.is_chief, config.train.epochs * steps_per_epoch, steps_per_epoch),
+            stop_after_epoch=stop_after_epoch)
 
         # --- Loop ---------------------------------------------------------------------------
         summaries = cleanup.enter_context(Summaries(workdir, topology.is_chief))
@@ -119,7 +123,7 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
 def _setup(config: Config, task: Task, strategy: tf.distribute.Strategy, topology: Topology, workdir: str) -> Config:
     """Settles what depends on the hardware (the precision `auto` resolves to, XLA on TPUs) and checks the config
     against its task and the work directory's checkpoints; returns the config the run trains with."""
-    task.check(config)
+    tasks.check(config)
     if config.train.deterministic:
         tf.config.experimental.enable_op_determinism()
     config_lib.check_batch_divisible(config, topology.num_replicas)
@@ -179,6 +183,7 @@ class Loop:
     wall_start: float
     watchdog: Watchdog  # exits 138 when a call makes no progress (train.step_timeout_seconds)
     heartbeat: Heartbeat  # WORKDIR/status.json, written by the chief
+    stop_after_epoch: Callable[[dict[str, Any]], bool] | None = None  # asked on the chief after each evaluation
 
     def heartbeat_step(self) -> int:
         """The step last recorded by the heartbeat (where a failed run stood)."""
@@ -373,6 +378,10 @@ def _end_epoch_with_evaluation(loop: Loop, progress: Progress, epoch: int, total
     if progress.stopped_at_epoch:
         loop.say(f"EarlyStopping: test_loss has not improved for {loop.config.train.early_stopping_patience} "
                  f"epochs; stopping after epoch {progress.stopped_at_epoch}")
+    elif loop.stop_after_epoch is not None:  # every worker stops alike: the chief's answer, agreed
+        if loop.any_replica(loop.topology.is_chief and loop.stop_after_epoch(metrics)):
+            progress.stopped_at_epoch = epoch + 1
+            loop.say(f"Stopping after epoch {epoch + 1}, as asked (a sweep's pruner)")
     loop.say(f"epoch {epoch + 1}/{loop.config.train.epochs}  step {progress.step}/{loop.total_steps}  "
              f"loss {metrics['train_loss']:.4f}  accuracy {metrics['train_accuracy']:.4f}  "
              + (f"test_loss {metrics['test_loss']:.4f}  " if "test_loss" in metrics else "")
