@@ -134,6 +134,20 @@ def distributed_ordered(strategy: tf.distribute.Strategy, store: ExampleStore, g
     return strategy.distribute_datasets_from_function(ordered_dataset_fn(store, global_batch_size))
 
 
+def static_batch(global_batch_size: int, *tensors: tf.Tensor) -> tuple[tf.Tensor, ...]:
+    """`tensors` (one replica's batch; call in replica context) with their leading dimension pinned to
+    this replica's share of `global_batch_size`.
+
+    MultiWorkerMirroredStrategy's iterator gives each replica a batch of unknown size (it handles partial
+    batches, which these pipelines never make), MirroredStrategy's a static one. Grappler optimises the
+    two graphs differently (its arithmetic optimizer regroups a residual block's additions only where it
+    can prove their shapes equal), so the same data trained different float32 weights on 2 workers and on
+    2 replicas. Pinned, every layout runs the same graph.
+    """
+    batch = global_batch_size // tf.distribute.get_replica_context().num_replicas_in_sync
+    return tuple(tf.ensure_shape(tensor, [batch, *tensor.shape[1:]]) for tensor in tensors)
+
+
 def ordered_batches(store: ExampleStore, global_batch_size: int, first: int, count: int, replicas: int
                     ) -> tf.data.Dataset:
     """The split in order, this pipeline's slice of each global batch, padded and masked at the end."""

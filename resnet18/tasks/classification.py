@@ -87,11 +87,11 @@ def make_evaluation(setting: Setting, model: keras.Model, source: Source,
     batch = setting.config.train.global_batch_size
     return test_split_evaluation(setting.strategy, model, distributed_ordered(setting.strategy, source.test, batch),
                                  eval_steps(source.num_test, batch), source.num_classes, source.num_test,
-                                 setting.config.train.tta_flip, sync_statistics)
+                                 setting.config.train.tta_flip, sync_statistics, batch)
 
 
 def test_split_evaluation(strategy, model: keras.Model, dataset, steps: int, num_classes: int, num_examples: int,
-                          tta_flip: bool, sync_statistics: Callable[[], None]) -> Evaluate:
+                          tta_flip: bool, sync_statistics: Callable[[], None], global_batch_size: int) -> Evaluate:
     """A function that evaluates `model` on the distributed `dataset` of (images, labels, mask).
 
     It returns test_loss, test_accuracy, test_examples and the confusion matrix (rows: true class).
@@ -99,9 +99,11 @@ def test_split_evaluation(strategy, model: keras.Model, dataset, steps: int, num
     import numpy as np
     import tensorflow as tf
 
+    from resnet18.data.pipeline import static_batch
     from resnet18.runtime.errors import TrainingError
 
     def eval_step(images, labels, mask):
+        images, labels, mask = static_batch(global_batch_size, images, labels, mask)  # one graph on every layout
         logits = tf.cast(model(images, training=False), tf.float32)
         if tta_flip:  # mean logits of the image and its mirror image
             mirrored = tf.cast(model(tf.reverse(images, axis=[2]), training=False), tf.float32)

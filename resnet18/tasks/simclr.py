@@ -240,7 +240,7 @@ def make_evaluation(setting: Setting, model: keras.Model, source: Source,
     """
     import tensorflow as tf
 
-    from resnet18.data.pipeline import distributed_ordered, eval_steps
+    from resnet18.data.pipeline import distributed_ordered, eval_steps, static_batch
     from resnet18.models import encoder_of
 
     strategy, options, batch = setting.strategy, setting.config.simclr, setting.config.train.global_batch_size
@@ -255,7 +255,8 @@ def make_evaluation(setting: Setting, model: keras.Model, source: Source,
         masks = tf.TensorArray(tf.float32, size=steps)
         for step in tf.range(steps):
             images, batch_labels, mask = next(iterator)
-            features = strategy.run(lambda x: tf.cast(encoder(x, training=False), tf.float32), args=(images,))
+            features = strategy.run(lambda x: tf.cast(encoder(*static_batch(batch, x), training=False), tf.float32),
+                                    args=(images,))
             outputs = outputs.write(step, strategy.gather(features, axis=0))
             labels = labels.write(step, strategy.gather(batch_labels, axis=0))
             masks = masks.write(step, strategy.gather(mask, axis=0))

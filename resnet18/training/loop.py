@@ -99,7 +99,7 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
         loop = Loop(
             config=config, task=task, topology=topology, state=state, checkpointer=checkpointer, workdir=workdir,
             steps_per_epoch=steps_per_epoch, train_calls=make_train_calls(strategy, make_train_step(
-                state.model, state.optimizer, objective, config, source.num_classes, state.average)),
+                state.model, state.optimizer, objective, config, source.num_classes, state.average), global_batch),
             evaluate=task.make_evaluation(setting, state.evaluated_model, source, statistics.pool),
             any_replica=replicas.make_any_replica(strategy) if topology.num_processes > 1 else lambda flag: flag,
             wall_start=wall_start, watchdog=cleanup.enter_context(contextlib.closing(
@@ -126,6 +126,10 @@ def _setup(config: Config, task: Task, strategy: tf.distribute.Strategy, topolog
     tasks.check(config)
     if config.train.deterministic:
         tf.config.experimental.enable_op_determinism()
+        # Grappler's arithmetic optimizer regroups float additions where it can prove their shapes equal, and
+        # MirroredStrategy's cross-replica sums are additions in the step's own graph (MultiWorkerMirrored's are
+        # collectives): regrouped, the same sums round differently in the two layouts.
+        tf.config.optimizer.set_experimental_options({"arithmetic_optimization": False})
     config_lib.check_batch_divisible(config, topology.num_replicas)
     if config.train.xla and isinstance(strategy, tf.distribute.TPUStrategy):
         # A TPU compiles every step with XLA anyway; a nested jit_compile function would only get in the way.

@@ -19,6 +19,7 @@ import keras
 import tensorflow as tf
 
 from resnet18.config import Config
+from resnet18.data.pipeline import static_batch
 from resnet18.models import decayed_kernels
 from resnet18.tasks.task import Objective
 from resnet18.training.ema import WeightAverage
@@ -87,15 +88,18 @@ def make_train_step(
     return train_step
 
 
-def make_train_calls(strategy: tf.distribute.Strategy, train_step: Callable) -> Callable:
+def make_train_calls(strategy: tf.distribute.Strategy, train_step: Callable, global_batch_size: int) -> Callable:
     """A compiled function (iterator, steps) -> (loss sum, correct sum) over `steps` train steps."""
+
+    def pinned_step(*batch):  # the same graph on every layout (pipeline.static_batch)
+        return train_step(*static_batch(global_batch_size, *batch))
 
     @tf.function
     def train_calls(iterator, num_steps):
         loss_sum = tf.constant(0.0)
         correct_sum = tf.constant(0.0)
         for _ in tf.range(num_steps):
-            loss, correct = strategy.run(train_step, args=next(iterator))
+            loss, correct = strategy.run(pinned_step, args=next(iterator))
             loss_sum += strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
             correct_sum += strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None)
         return loss_sum, correct_sum
