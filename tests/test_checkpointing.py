@@ -113,7 +113,8 @@ def test_a_weight_average_turned_on_late_starts_from_the_restored_weights_not_a_
     state = build_train_state(config, strategy, task_of(config), 10, "float32", steps_per_epoch=12)
     fresh = [weight.numpy() for weight in build_model(config, 10).weights]
     assert all(np.array_equal(a, b.numpy()) for a, b in zip(fresh, state.average.model.weights))  # before restore
-    checkpointer = Checkpointer(state, str(tmp_path), True, 3, lambda: None, lambda: True)
+    checkpointer = Checkpointer(state, str(tmp_path), is_chief=True, max_to_keep=3, statistics=None,
+                                weights_are_finite=lambda: True)
     assert checkpointer.restore() == 12
     trained = [weight.numpy() for weight in state.model.weights]
     average = [weight.numpy() for weight in state.average.model.weights]

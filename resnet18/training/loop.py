@@ -193,9 +193,18 @@ class Loop:
         """The step last recorded by the heartbeat (where a failed run stood)."""
         return int(self.heartbeat.last_step)
 
-    def watching(self, what: str, first_call: bool = False):
-        """The watchdog armed for `what` (not for the first call, which compiles)."""
-        return contextlib.nullcontext() if first_call else self.watchdog.watching(what)
+    traced: set[str] = dataclasses.field(default_factory=set)  # kinds of call done once (traced, compiled)
+
+    @contextlib.contextmanager
+    def watching(self, kind: str, what: str):
+        """The watchdog armed for `what`, unless it is the first call of its `kind` (which traces and
+        compiles: minutes on a loaded machine, which step_timeout_seconds does not bound)."""
+        if kind in self.traced:
+            with self.watchdog.watching(what):
+                yield
+        else:
+            yield
+            self.traced.add(kind)
 
     @property
     def total_steps(self) -> int:
@@ -284,18 +293,21 @@ def train_epoch(loop: Loop, progress: Progress, iterator, epoch: int, watcher: P
         # The first call runs one step: it traces and compiles, and a user sees progress soon.
         chunk = min(1 if progress.first_call else loop.config.train.steps_per_loop, epoch_end - progress.step,
                     next_checkpoint - progress.step)
-        with loop.watching(f"training steps {progress.step + 1}-{progress.step + chunk}", progress.first_call):
+        with loop.watching("train", f"training steps {progress.step + 1}-{progress.step + chunk}"):
             train_call(loop, progress, iterator, chunk, totals, bar, summaries)
-            saved = bool(every) and progress.step % every == 0 and progress.step < epoch_end
-            if saved:
+            preempted = loop.any_replica(watcher.requested)
+        saved = bool(every) and progress.step % every == 0 and progress.step < epoch_end
+        if saved:
+            with loop.watching("save", f"the checkpoint at step {progress.step}"):
                 loop.checkpointer.save(progress.step)
-            if loop.any_replica(watcher.requested):
-                if progress.step < epoch_end:  # at the epoch's end, end_epoch evaluates and saves it first
-                    if not saved:  # a step the uninterrupted run does not save at
+        if preempted:
+            if progress.step < epoch_end:  # at the epoch's end, end_epoch evaluates and saves it first
+                if not saved:  # a step the uninterrupted run does not save at
+                    with loop.watching("save", f"the checkpoint at step {progress.step}"):
                         loop.checkpointer.save(progress.step, scheduled=False)
-                    raise RetryableError(f"preempted (SIGTERM): checkpoint saved at step {progress.step}; "
-                                         "run again to resume")
-                totals.preempted = True
+                raise RetryableError(f"preempted (SIGTERM): checkpoint saved at step {progress.step}; "
+                                     "run again to resume")
+            totals.preempted = True
     return totals
 
 
@@ -337,7 +349,7 @@ def end_epoch(loop: Loop, progress: Progress, epoch: int, totals: EpochTotals, s
 
     With sidecar evaluation the evaluator task evaluates the epoch's checkpoint (evaluator.py).
     """
-    with loop.watching(f"the end of epoch {epoch + 1}"):
+    with loop.watching("end_epoch", f"the end of epoch {epoch + 1}"):
         if loop.config.train.evaluation == "sidecar":
             _end_epoch_without_evaluation(loop, progress, epoch, totals)
         else:
