@@ -148,10 +148,11 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     if chief:
         print(describe(plan), flush=True)
 
+    from launcher.sweep_trial import reporter_from_environment
     from resnet18.training.loop import train_and_evaluate
 
     with mapped_tensorflow_errors(tf):
-        train_and_evaluate(config, strategy, workdir)
+        train_and_evaluate(config, strategy, workdir, stop_after_epoch=reporter_from_environment())
     if chief and config.train.evaluation == "inline":  # with a sidecar, the evaluator writes it when done
         _write_report(workdir)
     return EXIT_OK

@@ -1,4 +1,4 @@
-"""A run's state at a glance, from what is on disk: `python -m launcher.status --workdir DIR`.
+"""A run's (or a sweep's) state at a glance, from what is on disk: `python -m launcher.status --workdir DIR`.
 
 Works while the run goes on, after it finished or crashed, and on a shared work
 directory (gs:// included): it only reads WORKDIR/config.yaml, status.json (the
@@ -156,12 +156,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args(argv)
     try:
-        result = collect(args.workdir)
+        sweep = os.path.exists(os.path.join(args.workdir, "sweep.json"))
+        result = collect_sweep(args.workdir) if sweep else collect(args.workdir)
     except SetupError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    print(json.dumps(result, indent=2) if args.json else render(result))
+    print(json.dumps(result, indent=2) if args.json else (render_sweep(result) if sweep else render(result)))
     return EXIT_OK
+
+
+def collect_sweep(workdir: str, now: float | None = None) -> dict[str, Any]:
+    """A sweep's state from its sweep.json, and every running trial's own status."""
+    with open(os.path.join(workdir, "sweep.json"), encoding="utf-8") as stream:
+        sweep = json.load(stream)
+    states: dict[str, int] = {}
+    for trial in sweep["trials"]:
+        states[trial["state"]] = states.get(trial["state"], 0) + 1
+    running = []
+    for trial in sweep["trials"]:
+        if trial["state"] == "running" and os.path.exists(os.path.join(trial["workdir"], "config.yaml")):
+            running.append({"number": trial["number"], "params": trial["params"],
+                            **{key: value for key, value in collect(trial["workdir"], now).items()
+                               if key in ("state", "step", "total_steps", "epoch", "images_per_sec")}})
+    return {"workdir": workdir, "sweep": sweep["study"], "metric": sweep["metric"], "direction": sweep["direction"],
+            "trials_planned": sweep["trials_planned"], "trials": states, "best": sweep["best"], "running": running}
+
+
+def render_sweep(result: dict[str, Any]) -> str:
+    states = ", ".join(f"{count} {state}" for state, count in sorted(result["trials"].items())) or "none yet"
+    lines = [f"{result['workdir']}: sweep {result['sweep']}: {sum(result['trials'].values())} of "
+             f"{result['trials_planned']} trials ({states}); {result['metric']} ({result['direction']})"]
+    best = result["best"]
+    if best:
+        params = ", ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+                           for key, value in best["params"].items())
+        lines.append(f"  best so far: trial {best['number']}, {result['metric']} {best['value']:.4f} ({params})")
+    for trial in result["running"]:
+        lines.append(f"  running: trial {trial['number']}: {trial['state']}, step {trial['step']}/"
+                     f"{trial['total_steps']} (epoch {trial['epoch']})")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

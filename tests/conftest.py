@@ -76,3 +76,12 @@ def smoke_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("smoke") / "run"
     result = run_launcher("--job", os.path.join(REPO, "jobs", "cpu_smoke.yaml"), "--workdir", str(workdir), timeout=900)
     return result, workdir
+
+
+def server_missing(what: str) -> None:
+    """A test needing a real server that is not installed: skipped on a laptop, failed where .ci/run ran
+    (it installs them and sets LAUNCHER_REQUIRE_SERVERS=1), so CI never passes by skipping."""
+    message = f"{what} is not installed (.ci/run installs it from Debian)"
+    if os.environ.get("LAUNCHER_REQUIRE_SERVERS") == "1":
+        pytest.fail(message)
+    pytest.skip(message)

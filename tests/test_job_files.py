@@ -61,7 +61,9 @@ def test_every_job_file_parses():
     assert {"cpu_smoke.yaml", "cifar10_multiworker.yaml", "tfjob_multiworker_gpu.yaml",
             "vertex_ai_multiworker.yaml", "slurm_multiworker.sbatch", "tpu_vm.yaml"} <= set(names)
     for name in names:
-        if name.endswith(".yaml"):
+        if name.endswith(".space.yaml"):  # a sweep's search space for the job of the same name, checked below
+            assert name.removesuffix(".space.yaml") + ".yaml" in names, f"{name}: no job of that name"
+        elif name.endswith(".yaml"):
             documents = load_documents(name)
             assert documents, name
             launcher_job = not any("apiVersion" in document or "workerPoolSpecs" in document for document in documents)
@@ -253,3 +255,14 @@ def test_dockerfiles_pass_hadolint():
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert os.path.isfile(os.path.join(REPO, ".dockerignore"))
+
+
+def test_every_sweep_space_fits_its_job():
+    """jobs/NAME.space.yaml searches jobs/NAME.yaml: every key read by its task, every draw a valid config."""
+    from launcher.sweep_space import load_space
+
+    spaces = sorted(name for name in os.listdir(JOBS) if name.endswith(".space.yaml"))
+    assert {"cpu_smoke.space.yaml", "cifar10_fast.space.yaml"} <= set(spaces)
+    for name in spaces:
+        job = build_config(os.path.join(JOBS, name.removesuffix(".space.yaml") + ".yaml"))
+        assert load_space(os.path.join(JOBS, name), job), name

@@ -386,6 +386,10 @@ def _end_epoch_with_evaluation(loop: Loop, progress: Progress, epoch: int, total
         write_history(loop.workdir, progress.epochs_so_far)
     summaries.scalars("test", progress.step, {name: metrics[key] for name, key in (
         ("loss", "test_loss"), ("accuracy", "test_accuracy")) if key in metrics})
+    # Asked before the save: a run killed after its checkpoint has told a sweep this epoch (the resumed run
+    # starts after it); every worker stops alike, on the chief's answer, agreed.
+    asked_to_stop = loop.stop_after_epoch is not None and loop.any_replica(
+        loop.topology.is_chief and loop.stop_after_epoch(metrics))
     # Best first: a crash between the two saves then replays this epoch on resume (the newest
     # checkpoint is the previous one), so WORKDIR/best never misses a recorded best epoch.
     save_if_best(loop, progress.epochs_so_far)
@@ -394,10 +398,9 @@ def _end_epoch_with_evaluation(loop: Loop, progress: Progress, epoch: int, total
     if progress.stopped_at_epoch:
         loop.say(f"EarlyStopping: test_loss has not improved for {loop.config.train.early_stopping_patience} "
                  f"epochs; stopping after epoch {progress.stopped_at_epoch}")
-    elif loop.stop_after_epoch is not None:  # every worker stops alike: the chief's answer, agreed
-        if loop.any_replica(loop.topology.is_chief and loop.stop_after_epoch(metrics)):
-            progress.stopped_at_epoch = epoch + 1
-            loop.say(f"Stopping after epoch {epoch + 1}, as asked (a sweep's pruner)")
+    elif asked_to_stop:
+        progress.stopped_at_epoch = epoch + 1
+        loop.say(f"Stopping after epoch {epoch + 1}, as asked (a sweep's pruner)")
     loop.say(f"epoch {epoch + 1}/{loop.config.train.epochs}  step {progress.step}/{loop.total_steps}  "
              f"loss {metrics['train_loss']:.4f}  accuracy {metrics['train_accuracy']:.4f}  "
              + (f"test_loss {metrics['test_loss']:.4f}  " if "test_loss" in metrics else "")

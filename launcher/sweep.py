@@ -1,0 +1,401 @@
+"""Hyperparameter search: `python -m launcher.sweep`, trials as ordinary launcher runs, Optuna deciding.
+
+    python -m launcher.sweep --job JOB.yaml --space SPACE.yaml --trials N --workdir DIR
+        [--parallel K] [--storage URL] [--metric test_accuracy] [--direction maximize]
+        [--pruner asha|hyperband|median|none] [--seed S] [--dry_run] [-- launcher flags: --workers 2, --gpus 1]
+
+- The search is Optuna's: a TPE sampler (seeded; random for the first trials) and, per
+  epoch, a pruner (asha: successive halving; hyperband; median; none). The study lives in
+  `--storage`: an SQLite file in DIR by default; a PostgreSQL or MySQL URL, or
+  `journal:/shared/file.log`, make one sweep of the same command run on many machines.
+- Each trial is an ordinary launcher run in DIR/trials/<number>/ (config.yaml,
+  checkpoints, history, report) with the space's values as `--set` and the launcher flags
+  after `--`, so a trial can be `--workers 2`, `--gpus 1` or a TPU. `--parallel K` runs K
+  trials at once here, each with its share of the cores (threads) or GPUs.
+- Pruning: each trial's chief reports its metric every epoch (launcher/sweep_trial.py);
+  a pruned trial stops at that epoch's end, its checkpoint kept, and is recorded as pruned.
+- Faults: a trial that exits 138 (preempted, stalled, lost a peer) or is killed is
+  restarted and resumes from its checkpoints, up to --trial_restarts times; one that exits
+  1 or 2 is recorded as failed with its error line and the sweep goes on. A sweep killed
+  and started again with the same command resumes this machine's unfinished trials from
+  their checkpoints, never starts a finished one again and never runs more than --trials.
+- Results: DIR/sweep.json (every trial: params, state, value, per-epoch values, wall
+  time, work directory; the best), DIR/best.yaml (the best trial's config, runnable with
+  --job), TensorBoard HParams summaries in DIR/tensorboard/, and DIR/report/ (history,
+  parallel coordinates, importances, report.md). `python -m launcher.status --workdir DIR`.
+
+Exit codes: 0 done (failed trials are in the results); 2 bad input (flag, job, space,
+storage), nothing started; 138 stopped by SIGTERM/SIGINT (run the same command to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+from launcher import sweep_results, sweep_space, sweep_trial
+from launcher.processes import gpu_slices, visible_gpu_ids
+from resnet18 import config as config_lib
+from resnet18 import tasks
+from resnet18.config import Config
+from resnet18.runtime.errors import EXIT_OK, EXIT_RETRYABLE, ConfigError, LauncherError
+
+PRUNERS = ("asha", "hyperband", "median", "none")
+POLL_SECONDS = 1.0
+RETRYABLE = (EXIT_RETRYABLE, 130, 137, 143)
+FORBIDDEN_FLAGS = ("--job", "--workdir", "--set", "--dry_run")  # the sweep gives each trial these
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """Where one of the K parallel trials runs: its threads and GPUs."""
+
+    index: int
+    threads: int
+    gpus: str | None  # CUDA_VISIBLE_DEVICES (None: as the environment)
+
+    def environment(self) -> dict[str, str]:
+        env = {"TF_NUM_INTRAOP_THREADS": str(self.threads), "TF_NUM_INTEROP_THREADS": str(min(2, self.threads)),
+               "OMP_NUM_THREADS": str(self.threads)}
+        return env if self.gpus is None else dict(env, CUDA_VISIBLE_DEVICES=self.gpus)
+
+
+@dataclasses.dataclass
+class Active:
+    """A trial running now."""
+
+    number: int
+    trial_id: int
+    params: dict[str, Any]
+    slot: Slot
+    process: subprocess.Popen
+    started: float
+    restarts: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """A checked sweep: the job, its space, the study and where trials run."""
+
+    args: argparse.Namespace
+    launcher_args: tuple[str, ...]
+    job: Config
+    space: list[sweep_space.Dimension]
+    storage: str
+    study_name: str
+    slots: tuple[Slot, ...]
+
+    @property
+    def direction(self) -> str:
+        """--direction, else minimize a loss and maximize anything else."""
+        return self.args.direction or ("minimize" if "loss" in self.args.metric else "maximize")
+
+    def trial_dir(self, number: int) -> str:
+        return os.path.join(self.args.workdir, "trials", str(number))
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    argv = sys.argv[1:] if argv is None else argv
+    own, launcher_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    parser = argparse.ArgumentParser(prog="python -m launcher.sweep", description=__doc__.splitlines()[0],
+                                     epilog="Launcher flags for every trial go after --, e.g. -- --workers 2")
+    parser.add_argument("--job", required=True, help="the YAML job every trial runs (see jobs/)")
+    parser.add_argument("--space", required=True, help="SPACE.yaml: config keys -> distributions")
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config keys set for every trial, e.g. --set train.epochs=10 (before the space's)")
+    parser.add_argument("--trials", type=int, required=True, help="trials in the whole sweep (all machines)")
+    parser.add_argument("--workdir", required=True, help="the sweep's directory: trials/, sweep.json, report/")
+    parser.add_argument("--parallel", type=int, default=1, help="trials at once on this machine (default 1)")
+    parser.add_argument("--storage", help="the study's storage: sqlite:///..., postgresql://..., mysql://..., or "
+                                          "journal:PATH (default: an SQLite file in --workdir)")
+    parser.add_argument("--study_name", help="the study's name in --storage (default: the job's name)")
+    parser.add_argument("--metric", default="test_accuracy", help="what each trial is scored by (default "
+                                                                  "test_accuracy; test_loss)")
+    parser.add_argument("--direction", choices=("maximize", "minimize"), default=None,
+                        help="default: maximize for accuracies, minimize for losses")
+    parser.add_argument("--pruner", choices=PRUNERS, default="asha", help="stops poor trials early (default asha)")
+    parser.add_argument("--seed", type=int, default=0, help="the sampler's seed (default 0)")
+    parser.add_argument("--trial_restarts", type=int, default=2,
+                        help="restarts of a trial that exits 138 or is killed (default 2)")
+    parser.add_argument("--dry_run", action="store_true", help="check everything, print the plan, start nothing")
+    return parser.parse_args(own), launcher_args
+
+
+def checked(args: argparse.Namespace, launcher_args: list[str]) -> Sweep:
+    """Everything checked before anything starts (ConfigError naming what is wrong: exit 2)."""
+    for name, value, least in (("--trials", args.trials, 1), ("--parallel", args.parallel, 1),
+                               ("--trial_restarts", args.trial_restarts, 0)):
+        if value < least:
+            raise ConfigError(f"{name} must be >= {least}, got {value}")
+    given = [flag for flag in FORBIDDEN_FLAGS if any(arg.split("=")[0] == flag for arg in launcher_args)]
+    if given:
+        raise ConfigError(f"{', '.join(given)} after --: the sweep gives every trial its own --job, --workdir and "
+                          "--set (the sweep's own --set applies to every trial)")
+    from launcher.__main__ import parse_args as launcher_parse_args
+
+    try:
+        launcher = launcher_parse_args(["--job", args.job, *launcher_args])
+    except SystemExit:
+        raise ConfigError(f"the launcher flags after -- are not valid: {' '.join(launcher_args)}") from None
+    job = tasks.check(config_lib.build_config(args.job, args.overrides))
+    task = tasks.task_of(job)
+    if args.metric not in task.metrics:
+        raise ConfigError(f"--metric {args.metric}: train.task {task.name} evaluates only {', '.join(task.metrics)}")
+    if args.pruner != "none" and (job.train.evaluation == "sidecar" or launcher.evaluator):
+        raise ConfigError(f"--pruner {args.pruner} decides after each epoch's evaluation, which a sidecar evaluator "
+                          "makes later, in another task: use train.evaluation inline or --pruner none")
+    space = sweep_space.load_space(args.space, job)
+    storage = args.storage or f"sqlite:///{os.path.abspath(os.path.join(args.workdir, 'sweep.db'))}"
+    return Sweep(args, tuple(launcher_args), job, space, storage, args.study_name or job.name,
+                 _slots(args.parallel, launcher.workers or 1))
+
+
+def _slots(parallel: int, processes_per_trial: int) -> tuple[Slot, ...]:
+    """K slots: the visible GPUs split evenly (as --workers does), else the cores, so K trials do not oversubscribe."""
+    threads = max(1, (os.cpu_count() or 1) // (parallel * processes_per_trial))
+    gpus = gpu_slices(parallel, None, visible_gpu_ids())
+    return tuple(Slot(index, threads, gpus[index]) for index in range(parallel))
+
+
+def open_study(sweep: Sweep):
+    """The study (created, or loaded if it exists), with its sampler and pruner.
+
+    Raises:
+      ConfigError: the storage cannot be reached (exit 2).
+    """
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if sweep.storage.startswith("sqlite:"):
+        os.makedirs(sweep.args.workdir, exist_ok=True)
+    try:
+        return optuna.create_study(storage=sweep_trial.open_storage(sweep.storage), study_name=sweep.study_name,
+                                   direction=sweep.direction, load_if_exists=True, pruner=_pruner(sweep.args))
+    except Exception as error:  # SQLAlchemy, psycopg2, a file system: any way a storage is out of reach
+        raise ConfigError(f"--storage {sweep.storage}: cannot be reached ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0][:300]})") from None
+
+
+def _pruner(args: argparse.Namespace):
+    import optuna
+
+    return {"asha": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3),
+            "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3),
+            "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
+            "none": optuna.pruners.NopPruner}[args.pruner]()
+
+
+def _sampler(args: argparse.Namespace, trials_so_far: int):
+    """Seeded by the sweep's seed and the number of trials so far, so a restarted sweep draws what it would have."""
+    import numpy as np
+    import optuna
+
+    seed = int(np.random.SeedSequence([args.seed, trials_so_far]).generate_state(1)[0])  # unrelated streams
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
+
+
+# --- Running trials ------------------------------------------------------------------------
+
+def start_trial(sweep: Sweep, number: int, trial_id: int, params: dict[str, Any], slot: Slot, restarts: int = 0
+                ) -> Active:
+    """Starts (or resumes: the same work directory) one trial as an ordinary launcher run."""
+    workdir = sweep.trial_dir(number)
+    os.makedirs(workdir, exist_ok=True)
+    command = [sys.executable, "-m", "launcher", "--job", os.path.abspath(sweep.args.job), "--workdir", workdir,
+               "--set", *sweep.args.overrides, *sweep_space.overrides(params), *sweep.launcher_args]
+    env = dict(os.environ, **slot.environment(), **{sweep_trial.VARIABLE: json.dumps(
+        {"storage": sweep.storage, "study": sweep.study_name, "trial_id": trial_id, "metric": sweep.args.metric})})
+    with open(os.path.join(workdir, "sweep.log"), "a", encoding="utf-8") as log:
+        log.write(f"===== {time.strftime('%Y-%m-%dT%H:%M:%S')} trial {number}, start {restarts}: "
+                  f"{' '.join(command)} =====\n")
+        log.flush()
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True)
+    print(f"Trial {number} {'resumed' if restarts else 'started'} (slot {slot.index}, pid {process.pid}): "
+          + ", ".join(f"{key}={value}" for key, value in params.items()), flush=True)
+    return Active(number, trial_id, params, slot, process, time.time(), restarts)
+
+
+def own_unfinished(study) -> list:
+    """This machine's trials left running by a sweep process that is gone (a kill -9, a reboot)."""
+    import optuna
+
+    host = socket.gethostname()
+    return [trial for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+            if trial.user_attrs.get("host") == host and not _alive(trial.user_attrs.get("sweep_pid"))]
+
+
+def _alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+        return int(pid) != os.getpid()
+    except (TypeError, ValueError, ProcessLookupError, PermissionError):
+        return False
+
+
+def run(sweep: Sweep) -> int:
+    """Runs the sweep to its end on this machine; returns the exit code."""
+    study = open_study(sweep)
+    resumes = own_unfinished(study)
+    active: list[Active] = []
+    stopping: list[int] = []
+
+    def stop(signum, frame):  # noqa: ARG001 - signal handler signature
+        stopping.append(signum)
+        for trial in active:
+            _signal(trial.process, signal.SIGTERM)
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        budget_left = True
+        while True:
+            for slot in [slot for slot in sweep.slots if not any(trial.slot == slot for trial in active)]:
+                if stopping:
+                    break
+                if resumes:
+                    trial = resumes.pop(0)
+                    _claim(study, trial._trial_id)  # FrozenTrial keeps its id private; Trial() needs it
+                    active.append(start_trial(sweep, trial.number, trial._trial_id, dict(trial.params), slot, 1))
+                elif budget_left:
+                    started = _ask(sweep, study, slot)
+                    budget_left = started is not None
+                    active += [started] if started else []
+            for trial in [trial for trial in active if trial.process.poll() is not None]:
+                active.remove(trial)
+                restarted = _finished(sweep, study, trial, bool(stopping))
+                active += [restarted] if restarted else []
+            sweep_results.write(sweep, study)
+            if not active and (stopping or (not resumes and not budget_left)):
+                break
+            time.sleep(POLL_SECONDS)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if stopping:
+        print(f"Stopped by {signal.Signals(stopping[0]).name}: the running trials saved a checkpoint; run the same "
+              "command to resume them", file=sys.stderr, flush=True)
+        return EXIT_RETRYABLE
+    sweep_results.finish(sweep, study)
+    return EXIT_OK
+
+
+def _claim(study, trial_id: int) -> None:
+    """Marks a trial as this sweep process's (for a later restart to tell abandoned trials from running ones)."""
+    _running_trial(study, trial_id).set_user_attr("sweep_pid", os.getpid())
+
+
+def _running_trial(study, trial_id: int):
+    """The live Trial of a trial id (Optuna's own handle for a trial another process started)."""
+    import optuna
+
+    return optuna.trial.Trial(study, trial_id)
+
+
+def _ask(sweep: Sweep, study, slot: Slot) -> Active | None:
+    """A new trial within --trials (None when the budget is spent, on every machine sharing the study)."""
+    import optuna
+
+    if len(study.get_trials(deepcopy=False)) >= sweep.args.trials:
+        return None
+    study.sampler = _sampler(sweep.args, len(study.get_trials(deepcopy=False)))
+    trial = study.ask()
+    if trial.number >= sweep.args.trials:  # another machine took the last one meanwhile
+        trial.set_user_attr("error", "beyond --trials: not run")
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return None
+    params = sweep_space.suggest(trial, sweep.space)
+    trial.set_user_attr("host", socket.gethostname())
+    trial.set_user_attr("workdir", sweep.trial_dir(trial.number))
+    trial.set_user_attr("sweep_pid", os.getpid())
+    return start_trial(sweep, trial.number, trial._trial_id, params, slot)  # Trial() in the run needs the id
+
+
+def _finished(sweep: Sweep, study, trial: Active, stopping: bool) -> Active | None:
+    """Records how a trial ended; returns it restarted when it may be (138, killed)."""
+    import optuna
+
+    code = trial.process.returncode
+    seconds = time.time() - trial.started
+    frozen = next(item for item in study.get_trials(deepcopy=False) if item.number == trial.number)
+    _running_trial(study, trial.trial_id).set_user_attr("wall_seconds",
+                                                        frozen.user_attrs.get("wall_seconds", 0.0) + seconds)
+    if code == 0:
+        summary = sweep_results.read_summary(sweep.trial_dir(trial.number))
+        value = (summary or {}).get(sweep.args.metric)
+        if frozen.user_attrs.get("pruned_at_epoch") is not None:
+            study.tell(trial.number, state=optuna.trial.TrialState.PRUNED)
+            print(f"Trial {trial.number} pruned after epoch {(summary or {}).get('stopped_early_after_epoch')}",
+                  flush=True)
+        elif value is None:
+            _failed(study, trial, f"exit 0 but no {sweep.args.metric} in its summary.json")
+        else:
+            study.tell(trial.number, value)
+            print(f"Trial {trial.number} done: {sweep.args.metric} {value:.4f}", flush=True)
+        return None
+    if stopping:
+        return None  # left running: the same command resumes it
+    if (code < 0 or code in RETRYABLE) and trial.restarts < sweep.args.trial_restarts:
+        print(f"Trial {trial.number} exited {code} (retryable): resuming it from its checkpoints", flush=True)
+        return start_trial(sweep, trial.number, trial.trial_id, trial.params, trial.slot, trial.restarts + 1)
+    _failed(study, trial, sweep_results.error_line(sweep.trial_dir(trial.number), code))
+    return None
+
+
+def _failed(study, trial: Active, error: str) -> None:
+    import optuna
+
+    _running_trial(study, trial.trial_id).set_user_attr("error", error)
+    study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    print(f"Trial {trial.number} failed: {error}", flush=True)
+
+
+def _signal(process: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(process.pid, signum)  # the trial and, for --workers, its group
+    except ProcessLookupError:
+        pass
+
+
+def describe(sweep: Sweep) -> str:
+    """The plan, as the dry run prints it."""
+    lines = [f"study: {sweep.study_name} in {sweep.storage}",
+             f"metric: {sweep.args.metric} ({sweep.direction}), pruner {sweep.args.pruner}, TPE sampler "
+             f"(seed {sweep.args.seed})",
+             f"trials: {sweep.args.trials} in all, {len(sweep.slots)} at once here, each in "
+             f"{os.path.join(sweep.args.workdir, 'trials', '<number>')}"]
+    lines += [f"space: {dimension.key}: " + (f"one of {list(dimension.choices)}" if dimension.kind == "categorical"
+                                            else f"{dimension.kind} in [{dimension.low}, {dimension.high}]"
+                                            + (" (log)" if dimension.log else "")) for dimension in sweep.space]
+    lines += [f"slot {slot.index}: {slot.threads} thread(s) per process"
+              + (f", CUDA_VISIBLE_DEVICES={slot.gpus!r}" if slot.gpus is not None else "") for slot in sweep.slots]
+    lines.append("each trial: python -m launcher --job " + sweep.args.job + " --workdir <trial> --set "
+                 + " ".join([*sweep.args.overrides, "<values>", *sweep.launcher_args]))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        args, launcher_args = parse_args(argv)
+        sweep = checked(args, launcher_args)
+        if args.dry_run:
+            open_study(sweep) if args.storage else None  # a shared storage must be reachable
+            print(describe(sweep), flush=True)
+            return EXIT_OK
+        print(describe(sweep), flush=True)
+        return run(sweep)
+    except LauncherError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return error.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""What a sweep leaves in its directory: sweep.json, best.yaml, TensorBoard HParams, report/.
+
+- sweep.json, rewritten after every trial ends: the study, the metric, every trial
+  (number, params, state, value, per-epoch values, wall time, work directory, error) and
+  the best so far. `python -m launcher.status --workdir DIR` reads it.
+- best.yaml: the best trial's config, runnable with --job.
+- tensorboard/: one HParams session per trial (its params, its metric per epoch), so
+  TensorBoard's HParams tab shows the sweep: `tensorboard --logdir DIR/tensorboard`.
+- report/: optimization history, parallel coordinates and parameter importances as
+  PNGs (Optuna's matplotlib plots), and report.md with the trial table.
+
+    python -c "import json; print(json.load(open('DIR/sweep.json'))['best'])"
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+SWEEP_FILE = "sweep.json"
+
+
+def read_summary(workdir: str) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as stream:
+            return json.load(stream)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def error_line(workdir: str, code: int) -> str:
+    """The trial's last `error: ...` line (what the launcher says of a failure), or its exit code."""
+    try:
+        with open(os.path.join(workdir, "sweep.log"), encoding="utf-8", errors="replace") as stream:
+            errors = [line.strip() for line in stream if line.lstrip().startswith("error:")]
+    except OSError:
+        errors = []
+    return (errors[-1] if errors else "no error line") + f" (exit {code})"
+
+
+def trials(sweep, study) -> list[dict[str, Any]]:
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        rows.append({"number": trial.number, "params": dict(trial.params), "state": trial.state.name.lower(),
+                     "value": trial.value, "values_per_epoch": {str(step): value for step, value
+                                                               in sorted(trial.intermediate_values.items())},
+                     "wall_seconds": trial.user_attrs.get("wall_seconds"),
+                     "workdir": trial.user_attrs.get("workdir", sweep.trial_dir(trial.number)),
+                     "host": trial.user_attrs.get("host"), "error": trial.user_attrs.get("error")})
+    return rows
+
+
+def best(study) -> Any:
+    import optuna
+
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return study.best_trial if complete else None
+
+
+def write(sweep, study) -> dict[str, Any]:
+    """Writes DIR/sweep.json (atomically); returns what it wrote."""
+    leader = best(study)
+    content = {"study": sweep.study_name, "storage": sweep.storage, "metric": sweep.args.metric,
+               "direction": sweep.direction, "trials_planned": sweep.args.trials,
+               "space": {dimension.key: dimension.kind for dimension in sweep.space},
+               "trials": trials(sweep, study),
+               "best": None if leader is None else {"number": leader.number, "value": leader.value,
+                                                    "params": dict(leader.params),
+                                                    "workdir": leader.user_attrs.get("workdir")}}
+    path = os.path.join(sweep.args.workdir, SWEEP_FILE)
+    os.makedirs(sweep.args.workdir, exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as stream:
+        json.dump(content, stream, indent=1)
+    os.replace(path + ".tmp", path)
+    return content
+
+
+def finish(sweep, study) -> None:
+    """best.yaml, the HParams summaries and the report, once this machine's trials are done."""
+    content = write(sweep, study)
+    if content["best"]:
+        write_best(sweep, content["best"])
+        print(f"Best: trial {content['best']['number']}, {sweep.args.metric} {content['best']['value']:.4f}: "
+              f"{content['best']['params']} -> {os.path.join(sweep.args.workdir, 'best.yaml')}", flush=True)
+    write_hparams(sweep, content)
+    write_report(sweep, study, content)
+
+
+def write_best(sweep, best_trial: dict[str, Any]) -> str:
+    """DIR/best.yaml: the job with the sweep's --set and the best trial's values, as that trial ran it.
+
+    Built from the study, not copied from the trial's directory, which may be on another machine."""
+    from launcher.sweep_space import with_value
+    from resnet18 import config as config_lib
+
+    config = with_value(sweep.job, best_trial["params"], f"trial {best_trial['number']}")
+    path = os.path.join(sweep.args.workdir, "best.yaml")
+    with open(path, "w", encoding="utf-8") as stream:
+        stream.write(f"# The best trial ({best_trial['number']}) of sweep {sweep.study_name}: "
+                     f"{sweep.args.metric} {best_trial['value']:.4f}\n" + config_lib.dump(config))
+    return path
+
+
+def write_hparams(sweep, content: dict[str, Any]) -> None:
+    """DIR/tensorboard: the experiment (its hyperparameters and metric) and one session per trial."""
+    import tensorflow as tf
+    from tensorboard.plugins.hparams import api as hp
+
+    root = os.path.join(sweep.args.workdir, "tensorboard")
+    shutil.rmtree(root, ignore_errors=True)  # rewritten whole: a sweep resumed elsewhere adds trials
+    hparams = {dimension.key: hp.HParam(dimension.key, _domain(dimension)) for dimension in sweep.space}
+    dimensions = {dimension.key: dimension for dimension in sweep.space}
+    with tf.summary.create_file_writer(root).as_default():
+        hp.hparams_config(hparams=list(hparams.values()), metrics=[hp.Metric(sweep.args.metric)])
+    for trial in content["trials"]:
+        if not trial["params"] or trial["state"] == "running":
+            continue
+        with tf.summary.create_file_writer(os.path.join(root, f"trial-{trial['number']}")).as_default():
+            hp.hparams({hparams[key]: _hparam_value(dimensions[key], value)
+                        for key, value in trial["params"].items() if key in hparams},
+                       trial_id=f"trial-{trial['number']}")
+            for epoch, value in trial["values_per_epoch"].items():
+                tf.summary.scalar(sweep.args.metric, value, step=int(epoch))
+
+
+def _as_text(dimension) -> bool:
+    """Whether TensorBoard must see a categorical's choices as text (it takes one type of bool, number or text)."""
+    kinds = {type(choice) for choice in dimension.choices}
+    return dimension.kind == "categorical" and not (len(kinds) == 1 and kinds <= {bool, int, float, str})
+
+
+def _hparam_value(dimension, value):
+    return str(value) if _as_text(dimension) else value
+
+
+def _domain(dimension):
+    from tensorboard.plugins.hparams import api as hp
+
+    if dimension.kind == "categorical":
+        return hp.Discrete([_hparam_value(dimension, choice) for choice in dimension.choices])
+    if dimension.kind == "int":
+        return hp.IntInterval(int(dimension.low), int(dimension.high))
+    return hp.RealInterval(float(dimension.low), float(dimension.high))
+
+
+def write_report(sweep, study, content: dict[str, Any]) -> list[str]:
+    """DIR/report/: history, parallel coordinates, importances (PNG) and report.md."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as plots
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # the plots are "experimental"
+
+    out = os.path.join(sweep.args.workdir, "report")
+    os.makedirs(out, exist_ok=True)
+    written, notes = [], []
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    for name, plot, needs in (("optimization_history.png", plots.plot_optimization_history, 1),
+                              ("parallel_coordinates.png", plots.plot_parallel_coordinate, 2),
+                              ("param_importances.png", plots.plot_param_importances, 2)):
+        if len(complete) < needs or (name == "param_importances.png" and len(sweep.space) < 2):
+            notes.append(f"{name}: not drawn ({len(complete)} complete trial(s), {len(sweep.space)} parameter(s))")
+            continue
+        try:
+            axes = plot(study)
+        except (ValueError, RuntimeError) as error:  # Optuna refuses a plot the trials cannot support
+            notes.append(f"{name}: not drawn ({error})")
+            continue
+        figure = (axes.flat[0] if hasattr(axes, "flat") else axes).get_figure()
+        figure.set_size_inches(10, 5.5)
+        figure.tight_layout()
+        figure.savefig(os.path.join(out, name), dpi=110)
+        plt.close(figure)
+        written.append(name)
+    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as stream:
+        stream.write(_markdown(sweep, content, written, notes))
+    return written + ["report.md"]
+
+
+def _shown(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _markdown(sweep, content: dict[str, Any], pictures: list[str], notes: list[str]) -> str:
+    keys = [dimension.key for dimension in sweep.space]
+    lines = [f"# Sweep {content['study']}", "",
+             f"{len(content['trials'])} trial(s) of {content['trials_planned']}; metric {content['metric']} "
+             f"({content['direction']}); storage {content['storage']}.", ""]
+    if content["best"]:
+        lines += [f"Best: trial {content['best']['number']}, {content['metric']} {content['best']['value']:.4f}, "
+                  + ", ".join(f"{key}={_shown(value)}" for key, value in content["best"]["params"].items())
+                  + " (its config: best.yaml).", ""]
+    lines += [f"![{name}]({name})" for name in pictures] + [""] + [f"- {note}" for note in notes] + [""]
+    lines += ["| trial | state | " + " | ".join(keys) + f" | {content['metric']} | epochs | wall s |",
+              "|---" * (len(keys) + 5) + "|"]
+    for trial in content["trials"]:
+        value = "" if trial["value"] is None else f"{trial['value']:.4f}"
+        wall = "" if trial["wall_seconds"] is None else f"{trial['wall_seconds']:.0f}"
+        lines.append(f"| {trial['number']} | {trial['state']} | "
+                     + " | ".join(_shown(trial["params"].get(key, "")) for key in keys)
+                     + f" | {value} | {len(trial['values_per_epoch'])} | {wall} |")
+    return "\n".join(lines) + "\n"

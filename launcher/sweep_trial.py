@@ -1,0 +1,91 @@
+"""Inside a sweep's trial: report each epoch's metric to the study, and stop where its pruner says.
+
+`python -m launcher.sweep` starts every trial as an ordinary launcher run with
+LAUNCHER_SWEEP_TRIAL set (JSON: storage, study, trial id, metric). The chief of that run
+reports the metric of every evaluated epoch to the trial (the epoch is the step) and asks
+the study's pruner whether to go on; a pruned trial stops at that epoch's end, its
+checkpoint kept, like early stopping. Epochs reported before a restart are not reported
+again: a resumed trial goes on where it was.
+
+    LAUNCHER_SWEEP_TRIAL='{"storage": ..., "study": ..., "trial_id": 3, "metric": ...}' python -m launcher ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from typing import Any, Callable
+
+VARIABLE = "LAUNCHER_SWEEP_TRIAL"
+CREATE_ATTEMPTS = 5
+
+
+def open_storage(url: str):
+    """An Optuna storage for URL: sqlite:///..., postgresql://..., mysql://..., or journal:PATH (a file on a
+    shared file system)."""
+    import optuna
+
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+    import sqlalchemy.exc
+
+    # SQLite: many trial processes report at once; wait for the lock instead of failing at once.
+    options = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    for attempt in range(CREATE_ATTEMPTS):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=options)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            # Sweeps started at once on a new database (one per machine) all create Optuna's tables; on
+            # PostgreSQL one wins and the others fail (duplicate type or table). The tables exist now.
+            if attempt == CREATE_ATTEMPTS - 1:
+                raise
+            time.sleep(random.uniform(0.2, 1.0))
+
+
+def reporter_from_environment() -> Callable[[dict[str, Any]], bool] | None:
+    """The stop-after-epoch hook of a sweep's trial (None outside a sweep)."""
+    text = os.environ.get(VARIABLE)
+    if not text:
+        return None
+    spec = json.loads(text)
+    return Reporter(spec["storage"], spec["study"], int(spec["trial_id"]), spec["metric"])
+
+
+class Reporter:
+    """Reports an epoch's metric to the trial and says whether the pruner stops it there.
+
+    Every worker of a trial has one (they all take part in agreeing on the answer), but only
+    the chief calls it, so only the chief connects to the storage, on its first call.
+    """
+
+    def __init__(self, storage: str, study: str, trial_id: int, metric: str):
+        self.where = (storage, study, trial_id)
+        self.metric = metric
+        self.trial = None
+
+    def _connect(self) -> None:
+        import optuna
+
+        storage, study, trial_id = self.where
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.study = optuna.load_study(study_name=study, storage=open_storage(storage))
+        self.trial = optuna.trial.Trial(self.study, trial_id)
+        # FrozenTrial keeps its id private; the sweep passes the id, which Trial() needs.
+        frozen = next(trial for trial in self.study.get_trials(deepcopy=False) if trial._trial_id == trial_id)
+        self.reported = set(frozen.intermediate_values)  # before a restart
+
+    def __call__(self, entry: dict[str, Any]) -> bool:
+        if self.trial is None:
+            self._connect()
+        epoch = int(entry["epoch"])
+        if epoch not in self.reported and entry.get(self.metric) is not None:
+            self.trial.report(float(entry[self.metric]), epoch)
+            self.reported.add(epoch)
+        if not self.trial.should_prune():
+            return False
+        self.trial.set_user_attr("pruned_at_epoch", epoch)  # the sweep records the trial as pruned
+        return True

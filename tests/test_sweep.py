@@ -1,0 +1,267 @@
+"""python -m launcher.sweep: bad input refused before anything starts, a real sweep, kill and resume, a failed
+trial, a PostgreSQL server shared by two sweep processes, TensorBoard's HParams tab.
+
+Trials are the tiny job (width 4, 640 generated images) with a few epochs; every server is a real one
+started in a temporary directory and stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import pytest
+
+from launcher.processes import free_ports
+from tests.conftest import REPO, TINY_JOB, server_missing
+from tests.processes import Running
+
+SPACE = "train.learning_rate: {type: float, low: 0.1, high: 0.8, log: true}\n" \
+        "train.label_smoothing: {type: float, low: 0.0, high: 0.2}\n"
+FINGERPRINT = re.compile(r"Final weights sha256 ([0-9a-f]{64})")
+
+
+def write_space(tmp_path, text: str = SPACE) -> str:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def sweep_command(data_dir: str, space: str, workdir, sets: tuple[str, ...] = (), flags: tuple[str, ...] = (),
+                  trials: int = 4, parallel: int = 2) -> list[str]:
+    return ["--job", TINY_JOB, "--space", space, "--trials", str(trials), "--parallel", str(parallel),
+            "--workdir", str(workdir), *flags, "--set", f"data.data_dir={data_dir}", "train.deterministic=true", *sets]
+
+
+def run_sweep(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launcher.sweep", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def results(workdir) -> dict:
+    return json.loads((workdir / "sweep.json").read_text())
+
+
+# --- Bad input: exit 2 naming it, nothing started ------------------------------------------
+
+@pytest.mark.parametrize("space, extra, words", [
+    ("train.learnng_rate: {type: float, low: 0.1, high: 0.8}\n", [], ["unknown key 'train.learnng_rate'",
+                                                                     "did you mean 'learning_rate'"]),
+    ("data.augmentation: {type: categorical, choices: []}\n", [], ["data.augmentation: categorical needs a "
+                                                                   "non-empty list of choices"]),
+    ("train.learning_rate: {type: float, low: 0.8, high: 0.1}\n", [], ["train.learning_rate: low 0.8 > high 0.1"]),
+    ("train.label_smoothing: {type: float, low: 0.0, high: 1.5}\n", [], ["train.label_smoothing must be in [0, 1)"]),
+    ("simclr.temperature: {type: float, low: 0.1, high: 0.5}\n", [], ["simclr.temperature: the job's task "
+                                                                      "(classification) does not read simclr.*"]),
+    (SPACE, ["--metric", "test_loss", "--set", "train.task=simclr"], ["--metric test_loss: train.task simclr "
+                                                                      "evaluates only test_accuracy"]),
+    (SPACE, ["--storage", "postgresql://nobody@127.0.0.1:1/none"], ["--storage postgresql://nobody@127.0.0.1:1/none: "
+                                                                    "cannot be reached"]),
+    (SPACE, ["--", "--workdir", "x"], ["--workdir after --"]),
+])
+def test_bad_input_exits_2_naming_it_and_starts_nothing(tmp_path, space, extra, words):
+    result = run_sweep("--job", TINY_JOB, "--space", write_space(tmp_path, space), "--trials", "2",
+                       "--workdir", str(tmp_path / "sweep"), *extra, timeout=120)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    for word in words:
+        assert word in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "sweep" / "trials").exists()
+
+
+# --- A sweep, end to end ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def finished_sweep(tiny_data_dir, tmp_path_factory):
+    """A 4-trial, 2-parallel sweep of the tiny job, one trial killed once on the way: (its output, its directory)."""
+    root = tmp_path_factory.mktemp("sweep")
+    workdir = root / "sweep"
+    run = Running(sweep_command(tiny_data_dir, write_space(root), workdir, sets=("train.epochs=3",),
+                                flags=("--pruner", "median")), command=[sys.executable, "-m", "launcher.sweep"])
+    try:
+        victim = int(run.wait_for(r"^Trial 1 started \(slot \d, pid (\d+)\)").group(1))
+        log = workdir / "trials" / "1" / "sweep.log"
+        deadline = time.monotonic() + 240
+        while "Checkpoint at step" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        os.killpg(victim, signal.SIGKILL)  # a trial killed mid-training is resumed, not lost
+        assert run.finish(timeout=900) == 0, run.output[-4000:]
+    finally:
+        run.process.kill()
+    return run.output, workdir
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_every_trial_resumes_a_killed_one_and_writes_its_results(finished_sweep):
+    output, workdir = finished_sweep
+    sweep = results(workdir)
+    assert [trial["number"] for trial in sweep["trials"]] == [0, 1, 2, 3]
+    assert all(trial["state"] in ("complete", "pruned") for trial in sweep["trials"]), sweep["trials"]
+    assert "Trial 1 exited -9 (retryable): resuming it from its checkpoints" in output
+    assert "Resuming from" in (workdir / "trials" / "1" / "sweep.log").read_text()
+    complete = [trial for trial in sweep["trials"] if trial["state"] == "complete"]
+    assert complete and all(len(trial["values_per_epoch"]) == 3 for trial in complete)
+    best = max(complete, key=lambda trial: trial["value"])
+    assert sweep["best"]["number"] == best["number"]
+    for trial in sweep["trials"]:  # each an ordinary launcher run in its own directory
+        assert (workdir / "trials" / str(trial["number"]) / "config.yaml").exists()
+    best_yaml = (workdir / "best.yaml").read_text()
+    assert f"learning_rate: {best['params']['train.learning_rate']}" in best_yaml
+    for name in ("optimization_history.png", "parallel_coordinates.png", "param_importances.png", "report.md"):
+        assert (workdir / "report" / name).stat().st_size > 0, name
+    status = subprocess.run([sys.executable, "-m", "launcher.status", "--workdir", str(workdir)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0 and "sweep tiny: 4 of 4 trials" in status.stdout
+    assert f"best so far: trial {best['number']}" in status.stdout
+
+
+@pytest.mark.slow
+def test_tensorboard_serves_every_trial_in_its_hparams_tab(finished_sweep):
+    _, workdir = finished_sweep
+    port = free_ports(1)[0]
+    server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(workdir / "tensorboard"),
+                               "--port", str(port), "--host", "127.0.0.1"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}/data/plugin/hparams"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                experiment = post(f"{base}/experiment", {"experimentName": ""})
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "TensorBoard did not answer"
+                time.sleep(1)
+        names = {item["hparam"]["name"] if "hparam" in item else item["name"] for item in experiment["hparamInfos"]}
+        assert names == {"train.learning_rate", "train.label_smoothing"}
+        groups = post(f"{base}/session_groups", {"experimentName": "", "allowedStatuses": [
+            "STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"], "colParams": [],
+            "startIndex": 0, "sliceSize": 100})
+        sessions = {group["name"] for group in groups["sessionGroups"]}
+        finished = {f"trial-{trial['number']}" for trial in results(workdir)["trials"]}
+        assert finished <= {name.rstrip("/").split("/")[-1] for name in sessions}, sessions
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+# --- Kill the sweep, start it again ---------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_killed_sweep_resumes_its_trials_exactly_and_runs_no_more(tiny_data_dir, tmp_path):
+    space = write_space(tmp_path)
+    command = sweep_command(tiny_data_dir, space, tmp_path / "sweep", sets=("train.epochs=3",),
+                            flags=("--pruner", "none"), trials=2)
+    run = Running(command, command=[sys.executable, "-m", "launcher.sweep"])
+    run.wait_for(r"^Trial 1 started")
+    pids = {int(pid) for pid in re.findall(r"Trial \d started \(slot \d, pid (\d+)\)", run.output)}
+    logs = [tmp_path / "sweep" / "trials" / str(number) / "sweep.log" for number in (0, 1)]
+    deadline = time.monotonic() + 240
+    while not all("Checkpoint at step" in (log.read_text() if log.exists() else "") for log in logs):
+        assert time.monotonic() < deadline, "no checkpoints"
+        time.sleep(0.5)
+    run.process.kill()  # kill -9 of the sweep ...
+    for pid in pids:
+        try:
+            os.killpg(pid, signal.SIGKILL)  # ... and of its trials
+        except ProcessLookupError:
+            pass
+    run.finish(timeout=60)
+    again = Running(command, command=[sys.executable, "-m", "launcher.sweep"])
+    assert again.finish(timeout=900) == 0, again.output[-4000:]
+    assert "Trial 0 resumed" in again.output and "Trial 1 resumed" in again.output
+    assert "Trial 2" not in again.output  # never more than --trials
+    sweep = results(tmp_path / "sweep")
+    assert [trial["state"] for trial in sweep["trials"]] == ["complete", "complete"]
+    for trial in sweep["trials"]:
+        log = (tmp_path / "sweep" / "trials" / str(trial["number"]) / "sweep.log").read_text()
+        resumed_at = int(re.search(r"Resuming from \S+ at step (\d+)/", log).group(1))
+        assert resumed_at > 0  # steps were not repeated from the start
+        # The same final weights as the same trial run without a stop.
+        reference = subprocess.run(
+            [sys.executable, "-m", "launcher", "--job", TINY_JOB, "--workdir", str(tmp_path / f"ref{trial['number']}"),
+             "--set", f"data.data_dir={tiny_data_dir}", "train.deterministic=true", "train.epochs=3",
+             *[f"{key}={value}" for key, value in trial["params"].items()]], cwd=REPO, capture_output=True,
+            text=True, timeout=600, env={**os.environ, "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"})
+        assert reference.returncode == 0, reference.stderr[-2000:]
+        assert FINGERPRINT.findall(log)[-1] == FINGERPRINT.findall(reference.stdout)[-1], trial["number"]
+
+
+# --- A trial that fails -----------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_failing_trial_is_recorded_with_its_error_and_the_sweep_goes_on(tiny_data_dir, tmp_path):
+    # The sampler is seeded by --seed and the trial count: with seed 3 the 4 trials draw both choices.
+    space = write_space(tmp_path, "train.init_from: {type: categorical, choices: [null, /nonexistent/run]}\n")
+    result = run_sweep(*sweep_command(tiny_data_dir, space, tmp_path / "sweep", sets=("train.epochs=1",),
+                                      flags=("--pruner", "none", "--seed", "3")), timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    trials = results(tmp_path / "sweep")["trials"]
+    failed = [trial for trial in trials if trial["params"]["train.init_from"] == "/nonexistent/run"]
+    assert failed and all(trial["state"] == "fail" for trial in failed)
+    assert all("train.init_from '/nonexistent/run' holds no run" in trial["error"] and "(exit 2)" in trial["error"]
+               for trial in failed)
+    assert all(trial["state"] == "complete" for trial in trials if trial not in failed)
+
+
+# --- Two machines, one PostgreSQL server --------------------------------------------------------
+
+def postgres_binaries() -> str | None:
+    found = sorted(path for path in (f"/usr/lib/postgresql/{version}/bin" for version in range(20, 9, -1))
+                   if os.path.exists(os.path.join(path, "initdb")))
+    return found[0] if found else None
+
+
+@pytest.fixture
+def postgres():
+    """A PostgreSQL server in a temporary directory (as user postgres when this runs as root): its URL."""
+    binaries = postgres_binaries()
+    if binaries is None:
+        server_missing("PostgreSQL (Debian's postgresql)")
+    root = tempfile.mkdtemp(prefix="sweep_postgres_")  # not under pytest's private 0700 directory
+    data = os.path.join(root, "data")
+    run_as = ["/bin/sh", "-c"]
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        shutil.chown(root, "postgres")
+        run_as = ["su", "postgres", "-s", "/bin/sh", "-c"]
+    port = free_ports(1)[0]
+    try:
+        subprocess.run([*run_as, f"{binaries}/initdb -D {data} -A trust -U sweep >/dev/null"], check=True,
+                       timeout=120)
+        subprocess.run([*run_as, f"{binaries}/pg_ctl -D {data} -l {root}/log -w -o '-p {port} -k {root} "
+                                 f"-c listen_addresses=127.0.0.1' start >/dev/null"], check=True, timeout=120)
+        yield f"postgresql://sweep@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*run_as, f"{binaries}/pg_ctl -D {data} -m fast -w stop >/dev/null 2>&1"], timeout=120)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_two_sweep_processes_share_one_postgresql_study_as_two_machines_would(tiny_data_dir, tmp_path, postgres):
+    space = write_space(tmp_path)
+    machines = [Running(sweep_command(tiny_data_dir, space, tmp_path / name, sets=("train.epochs=1",),
+                                      flags=("--storage", postgres, "--pruner", "none"), parallel=1),
+                        command=[sys.executable, "-m", "launcher.sweep"]) for name in ("a", "b")]
+    codes = [machine.finish(timeout=900) for machine in machines]
+    assert codes == [0, 0], machines[0].output[-3000:] + machines[1].output[-3000:]
+    ran = [{int(number) for number in re.findall(r"^Trial (\d+) done", machine.output, re.M)} for machine in machines]
+    assert ran[0] and ran[1] and not ran[0] & ran[1]  # both machines worked, never on the same trial
+    assert ran[0] | ran[1] == {0, 1, 2, 3}  # one sweep of 4 trials, not two of 4
+    for name in ("a", "b"):
+        assert len(results(tmp_path / name)["trials"]) == 4  # each sees the whole study
+    # The best trial ran on one machine only; both write its config (from the study, not its directory).
+    assert (tmp_path / "a" / "best.yaml").read_text() == (tmp_path / "b" / "best.yaml").read_text()
