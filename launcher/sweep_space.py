@@ -9,7 +9,7 @@ Every key must be a config key the job's task reads (config.py; a section such a
 ends of a range, every choice) must give a config that `--dry_run` would accept: the
 same checks, the same one-line errors naming the key and the file (exit 2).
 
-    python -m launcher.sweep --job jobs/cpu_smoke.yaml --space jobs/cpu_smoke.space.yaml --dry_run ...
+    python -m launcher.sweep --job jobs/cpu_smoke.yaml --space jobs/sweep_cpu_smoke.yaml --dry_run ...
 """
 
 from __future__ import annotations

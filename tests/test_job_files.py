@@ -61,8 +61,8 @@ def test_every_job_file_parses():
     assert {"cpu_smoke.yaml", "cifar10_multiworker.yaml", "tfjob_multiworker_gpu.yaml",
             "vertex_ai_multiworker.yaml", "slurm_multiworker.sbatch", "tpu_vm.yaml"} <= set(names)
     for name in names:
-        if name.endswith(".space.yaml"):  # a sweep's search space for the job of the same name, checked below
-            assert name.removesuffix(".space.yaml") + ".yaml" in names, f"{name}: no job of that name"
+        if name.startswith("sweep_"):  # jobs/sweep_NAME.yaml: a search space for jobs/NAME.yaml, checked below
+            assert name.removeprefix("sweep_") in names, f"{name}: no job {name.removeprefix('sweep_')}"
         elif name.endswith(".yaml"):
             documents = load_documents(name)
             assert documents, name
@@ -258,11 +258,11 @@ def test_dockerfiles_pass_hadolint():
 
 
 def test_every_sweep_space_fits_its_job():
-    """jobs/NAME.space.yaml searches jobs/NAME.yaml: every key read by its task, every draw a valid config."""
+    """jobs/sweep_NAME.yaml searches jobs/NAME.yaml: every key read by its task, every draw a valid config."""
     from launcher.sweep_space import load_space
 
-    spaces = sorted(name for name in os.listdir(JOBS) if name.endswith(".space.yaml"))
-    assert {"cpu_smoke.space.yaml", "cifar10_fast.space.yaml"} <= set(spaces)
+    spaces = sorted(name for name in os.listdir(JOBS) if name.startswith("sweep_") and name.endswith(".yaml"))
+    assert {"sweep_cpu_smoke.yaml", "sweep_cifar10_fast.yaml"} <= set(spaces)
     for name in spaces:
-        job = build_config(os.path.join(JOBS, name.removesuffix(".space.yaml") + ".yaml"))
+        job = build_config(os.path.join(JOBS, name.removeprefix("sweep_")))
         assert load_space(os.path.join(JOBS, name), job), name
