@@ -19,6 +19,8 @@
   1 or 2 is recorded as failed with its error line and the sweep goes on. A sweep killed
   and started again with the same command resumes this machine's unfinished trials from
   their checkpoints, never starts a finished one again and never runs more than --trials.
+  "This machine" is --machine_id: by default the Slurm array task (or job), which a requeued
+  task keeps on whatever node it lands, else the host name.
 - Results: DIR/sweep.json (every trial: params, state, value, per-epoch values, wall
   time, work directory; the best), DIR/best.yaml (the best trial's config, runnable with
   --job), TensorBoard HParams summaries in DIR/tensorboard/, and DIR/report/ (history,
@@ -49,7 +51,8 @@ from resnet18.config import Config
 from resnet18.runtime.errors import EXIT_OK, EXIT_RETRYABLE, ConfigError, LauncherError
 
 PRUNERS = ("asha", "hyperband", "median", "none")
-POLL_SECONDS = 1.0
+POLL_SECONDS = 0.2  # how soon a slot whose trial ended gets the next
+WRITE_SECONDS = 10.0  # sweep.json: at once when a trial starts or ends, else this often
 RETRYABLE = (EXIT_RETRYABLE, 130, 137, 143)
 FORBIDDEN_FLAGS = ("--job", "--workdir", "--set", "--dry_run")  # the sweep gives each trial these
 
@@ -92,6 +95,7 @@ class Sweep:
     storage: str
     study_name: str
     slots: tuple[Slot, ...]
+    machine: str  # owns the trials this process starts (machine_id)
 
     @property
     def direction(self) -> str:
@@ -125,6 +129,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--seed", type=int, default=0, help="the sampler's seed (default 0)")
     parser.add_argument("--trial_restarts", type=int, default=2,
                         help="restarts of a trial that exits 138 or is killed (default 2)")
+    parser.add_argument("--machine_id", help="who owns this process's trials, to resume them after a kill: "
+                                             "default the Slurm array task or job, else the host name")
     parser.add_argument("--dry_run", action="store_true", help="check everything, print the plan, start nothing")
     return parser.parse_args(own), launcher_args
 
@@ -155,7 +161,7 @@ def checked(args: argparse.Namespace, launcher_args: list[str]) -> Sweep:
     space = sweep_space.load_space(args.space, job)
     storage = args.storage or f"sqlite:///{os.path.abspath(os.path.join(args.workdir, 'sweep.db'))}"
     return Sweep(args, tuple(launcher_args), job, space, storage, args.study_name or job.name,
-                 _slots(args.parallel, launcher.workers or 1))
+                 _slots(args.parallel, launcher.workers or 1), machine_id(args.machine_id))
 
 
 def _slots(parallel: int, processes_per_trial: int) -> tuple[Slot, ...]:
@@ -224,16 +230,32 @@ def start_trial(sweep: Sweep, number: int, trial_id: int, params: dict[str, Any]
     return Active(number, trial_id, params, slot, process, time.time(), restarts)
 
 
-def own_unfinished(study) -> list:
-    """This machine's trials left running by a sweep process that is gone (a kill -9, a reboot)."""
+def machine_id(given: str | None) -> str:
+    """Who owns the trials this sweep process starts: --machine_id, else the Slurm array task or job (a
+    requeued one keeps it, on whatever node it lands), else the host name."""
+    if given:
+        return given
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"slurm-{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    if os.environ.get("SLURM_JOB_ID"):
+        return f"slurm-{os.environ['SLURM_JOB_ID']}"
+    return socket.gethostname()
+
+
+def own_unfinished(sweep: Sweep, study) -> list:
+    """This machine's trials left running by a sweep process that is gone (a kill -9, a reboot, a requeue)."""
     import optuna
 
-    host = socket.gethostname()
     return [trial for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-            if trial.user_attrs.get("host") == host and not _alive(trial.user_attrs.get("sweep_pid"))]
+            if trial.user_attrs.get("machine") == sweep.machine and not _alive(trial.user_attrs.get("host"),
+                                                                               trial.user_attrs.get("sweep_pid"))]
 
 
-def _alive(pid: Any) -> bool:
+def _alive(host: Any, pid: Any) -> bool:
+    """Whether the sweep process that last ran a trial still does (one on another host, as after a requeue, does
+    not: a machine id runs one sweep process at a time)."""
+    if host != socket.gethostname():
+        return False
     try:
         os.kill(int(pid), 0)
         return int(pid) != os.getpid()
@@ -244,7 +266,7 @@ def _alive(pid: Any) -> bool:
 def run(sweep: Sweep) -> int:
     """Runs the sweep to its end on this machine; returns the exit code."""
     study = open_study(sweep)
-    resumes = own_unfinished(study)
+    resumes = own_unfinished(sweep, study)
     active: list[Active] = []
     stopping: list[int] = []
 
@@ -255,8 +277,9 @@ def run(sweep: Sweep) -> int:
 
     previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        budget_left = True
+        budget_left, written = True, 0.0
         while True:
+            changed = False
             for slot in [slot for slot in sweep.slots if not any(trial.slot == slot for trial in active)]:
                 if stopping:
                     break
@@ -264,15 +287,20 @@ def run(sweep: Sweep) -> int:
                     trial = resumes.pop(0)
                     _claim(study, trial._trial_id)  # FrozenTrial keeps its id private; Trial() needs it
                     active.append(start_trial(sweep, trial.number, trial._trial_id, dict(trial.params), slot, 1))
+                    changed = True
                 elif budget_left:
                     started = _ask(sweep, study, slot)
                     budget_left = started is not None
                     active += [started] if started else []
+                    changed = True
             for trial in [trial for trial in active if trial.process.poll() is not None]:
                 active.remove(trial)
                 restarted = _finished(sweep, study, trial, bool(stopping))
                 active += [restarted] if restarted else []
-            sweep_results.write(sweep, study)
+                changed = True
+            if changed or time.monotonic() - written > WRITE_SECONDS:  # and the epochs reported meanwhile
+                sweep_results.write(sweep, study)
+                written = time.monotonic()
             if not active and (stopping or (not resumes and not budget_left)):
                 break
             time.sleep(POLL_SECONDS)
@@ -289,7 +317,9 @@ def run(sweep: Sweep) -> int:
 
 def _claim(study, trial_id: int) -> None:
     """Marks a trial as this sweep process's (for a later restart to tell abandoned trials from running ones)."""
-    _running_trial(study, trial_id).set_user_attr("sweep_pid", os.getpid())
+    trial = _running_trial(study, trial_id)
+    trial.set_user_attr("host", socket.gethostname())
+    trial.set_user_attr("sweep_pid", os.getpid())
 
 
 def _running_trial(study, trial_id: int):
@@ -312,6 +342,7 @@ def _ask(sweep: Sweep, study, slot: Slot) -> Active | None:
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         return None
     params = sweep_space.suggest(trial, sweep.space)
+    trial.set_user_attr("machine", sweep.machine)
     trial.set_user_attr("host", socket.gethostname())
     trial.set_user_attr("workdir", sweep.trial_dir(trial.number))
     trial.set_user_attr("sweep_pid", os.getpid())
@@ -330,7 +361,8 @@ def _finished(sweep: Sweep, study, trial: Active, stopping: bool) -> Active | No
     if code == 0:
         summary = sweep_results.read_summary(sweep.trial_dir(trial.number))
         value = (summary or {}).get(sweep.args.metric)
-        if frozen.user_attrs.get("pruned_at_epoch") is not None:
+        pruned_at = frozen.user_attrs.get("pruned_at_epoch")
+        if pruned_at is not None and pruned_at < (summary or {}).get("epochs", 0):  # pruned after the last: done
             study.tell(trial.number, state=optuna.trial.TrialState.PRUNED)
             print(f"Trial {trial.number} pruned after epoch {(summary or {}).get('stopped_early_after_epoch')}",
                   flush=True)
@@ -366,7 +398,7 @@ def _signal(process: subprocess.Popen, signum: int) -> None:
 
 def describe(sweep: Sweep) -> str:
     """The plan, as the dry run prints it."""
-    lines = [f"study: {sweep.study_name} in {sweep.storage}",
+    lines = [f"study: {sweep.study_name} in {sweep.storage} (this machine: {sweep.machine})",
              f"metric: {sweep.args.metric} ({sweep.direction}), pruner {sweep.args.pruner}, TPE sampler "
              f"(seed {sweep.args.seed})",
              f"trials: {sweep.args.trials} in all, {len(sweep.slots)} at once here, each in "

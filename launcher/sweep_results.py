@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import time
 from typing import Any
 
 SWEEP_FILE = "sweep.json"
@@ -48,7 +50,8 @@ def trials(sweep, study) -> list[dict[str, Any]]:
                                                                in sorted(trial.intermediate_values.items())},
                      "wall_seconds": trial.user_attrs.get("wall_seconds"),
                      "workdir": trial.user_attrs.get("workdir", sweep.trial_dir(trial.number)),
-                     "host": trial.user_attrs.get("host"), "error": trial.user_attrs.get("error")})
+                     "machine": trial.user_attrs.get("machine"), "host": trial.user_attrs.get("host"),
+                     "error": trial.user_attrs.get("error")})
     return rows
 
 
@@ -71,9 +74,10 @@ def write(sweep, study) -> dict[str, Any]:
                                                     "workdir": leader.user_attrs.get("workdir")}}
     path = os.path.join(sweep.args.workdir, SWEEP_FILE)
     os.makedirs(sweep.args.workdir, exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as stream:
+    temporary = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"  # sweeps may share DIR
+    with open(temporary, "w", encoding="utf-8") as stream:
         json.dump(content, stream, indent=1)
-    os.replace(path + ".tmp", path)
+    os.replace(temporary, path)
     return content
 
 
@@ -104,25 +108,57 @@ def write_best(sweep, best_trial: dict[str, Any]) -> str:
 
 
 def write_hparams(sweep, content: dict[str, Any]) -> None:
-    """DIR/tensorboard: the experiment (its hyperparameters and metric) and one session per trial."""
-    import tensorflow as tf
-    from tensorboard.plugins.hparams import api as hp
+    """DIR/tensorboard: the experiment (its hyperparameters and metric) and one session per trial (its values,
+    its metric per epoch, how it ended).
+
+    TensorBoard's HParams protos and record format, as its summary API writes them, without TensorFlow (which
+    its summary API and event writer import: seconds, and TensorFlow's log lines in the sweep's output)."""
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    def plugin_summary(tag: str, **data) -> summary_pb2.Summary:
+        summary = summary_pb2.Summary()
+        summary.value.add(tag=tag, tensor=metadata.NULL_TENSOR, metadata=metadata.create_summary_metadata(
+            plugin_data_pb2.HParamsPluginData(**data)))
+        return summary
+
+    def write(directory: str, summaries: list[tuple[int, summary_pb2.Summary]]) -> None:
+        os.makedirs(directory, exist_ok=True)  # an event file as TensorBoard's EventFileWriter writes it
+        name = f"events.out.tfevents.{time.time():.0f}.{socket.gethostname()}.{os.getpid()}"
+        with open(os.path.join(directory, name), "wb") as stream:
+            records = RecordWriter(stream)
+            records.write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
+            for step, summary in summaries:
+                records.write(event_pb2.Event(wall_time=time.time(), step=step, summary=summary).SerializeToString())
 
     root = os.path.join(sweep.args.workdir, "tensorboard")
     shutil.rmtree(root, ignore_errors=True)  # rewritten whole: a sweep resumed elsewhere adds trials
-    hparams = {dimension.key: hp.HParam(dimension.key, _domain(dimension)) for dimension in sweep.space}
+    experiment = api_pb2.Experiment(
+        hparam_infos=[_hparam_info(dimension, api_pb2) for dimension in sweep.space],
+        metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=sweep.args.metric))],
+        time_created_secs=time.time())
+    write(root, [(0, plugin_summary(metadata.EXPERIMENT_TAG, experiment=experiment))])
     dimensions = {dimension.key: dimension for dimension in sweep.space}
-    with tf.summary.create_file_writer(root).as_default():
-        hp.hparams_config(hparams=list(hparams.values()), metrics=[hp.Metric(sweep.args.metric)])
     for trial in content["trials"]:
         if not trial["params"] or trial["state"] == "running":
             continue
-        with tf.summary.create_file_writer(os.path.join(root, f"trial-{trial['number']}")).as_default():
-            hp.hparams({hparams[key]: _hparam_value(dimensions[key], value)
-                        for key, value in trial["params"].items() if key in hparams},
-                       trial_id=f"trial-{trial['number']}")
-            for epoch, value in trial["values_per_epoch"].items():
-                tf.summary.scalar(sweep.args.metric, value, step=int(epoch))
+        name = f"trial-{trial['number']}"
+        start = plugin_data_pb2.SessionStartInfo(group_name=name, start_time_secs=time.time())
+        for key, value in trial["params"].items():
+            if key in dimensions:
+                value = _hparam_value(dimensions[key], value)
+                field = ("bool_value" if isinstance(value, bool) else
+                         "number_value" if isinstance(value, (int, float)) else "string_value")
+                setattr(start.hparams[key], field, value)
+        end = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_FAILURE if trial["state"] == "failed"
+                                             else api_pb2.STATUS_SUCCESS, end_time_secs=time.time())
+        scalars = [(int(epoch), summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=sweep.args.metric,
+                                                                                     simple_value=value)]))
+                   for epoch, value in trial["values_per_epoch"].items()]
+        write(os.path.join(root, name), [(0, plugin_summary(metadata.SESSION_START_INFO_TAG, session_start_info=start)),
+                                         *scalars,
+                                         (0, plugin_summary(metadata.SESSION_END_INFO_TAG, session_end_info=end))])
 
 
 def _as_text(dimension) -> bool:
@@ -135,14 +171,18 @@ def _hparam_value(dimension, value):
     return str(value) if _as_text(dimension) else value
 
 
-def _domain(dimension):
-    from tensorboard.plugins.hparams import api as hp
-
+def _hparam_info(dimension, api_pb2):
+    """The hyperparameter's domain, as TensorBoard's HParams tab filters it."""
+    info = api_pb2.HParamInfo(name=dimension.key)
     if dimension.kind == "categorical":
-        return hp.Discrete([_hparam_value(dimension, choice) for choice in dimension.choices])
-    if dimension.kind == "int":
-        return hp.IntInterval(int(dimension.low), int(dimension.high))
-    return hp.RealInterval(float(dimension.low), float(dimension.high))
+        values = [_hparam_value(dimension, choice) for choice in dimension.choices]
+        info.type = {bool: api_pb2.DATA_TYPE_BOOL, str: api_pb2.DATA_TYPE_STRING}.get(type(values[0]),
+                                                                                      api_pb2.DATA_TYPE_FLOAT64)
+        info.domain_discrete.extend(values)  # a protobuf ListValue: bools, numbers or strings
+    else:
+        info.type = api_pb2.DATA_TYPE_FLOAT64
+        info.domain_interval.min_value, info.domain_interval.max_value = float(dimension.low), float(dimension.high)
+    return info
 
 
 def write_report(sweep, study, content: dict[str, Any]) -> list[str]:

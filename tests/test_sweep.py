@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -75,6 +76,50 @@ def test_bad_input_exits_2_naming_it_and_starts_nothing(tmp_path, space, extra, 
         assert word in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "sweep" / "trials").exists()
+
+
+# --- Which trials are this machine's to resume ---------------------------------------------
+
+def test_a_requeued_slurm_array_task_owns_its_trials_on_any_node(monkeypatch):
+    from launcher.sweep import machine_id
+
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "41")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    monkeypatch.setenv("SLURM_JOB_ID", "44")
+    assert machine_id(None) == "slurm-41_3" and machine_id("mine") == "mine"
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID")
+    assert machine_id(None) == "slurm-44"
+    monkeypatch.delenv("SLURM_JOB_ID")
+    assert machine_id(None) == socket.gethostname()
+
+
+def test_a_machine_resumes_its_own_abandoned_trials_only(tmp_path):
+    """Real Optuna trials: abandoned (their sweep process gone, here or on another node) or not, ours or not."""
+    import optuna
+
+    from launcher.sweep import Sweep, own_unfinished
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}")
+    here, gone_pid = socket.gethostname(), free_pid()
+    for machine, host, pid in (("slurm-41_3", "node7", os.getpid()),  # requeued: ran on another node
+                               ("slurm-41_3", here, gone_pid),  # its sweep process was killed
+                               ("slurm-41_3", here, os.getppid()),  # a live sweep process of ours still runs it
+                               ("slurm-41_2", "node7", 1)):  # another array task's
+        trial = study.ask()
+        for key, value in (("machine", machine), ("host", host), ("sweep_pid", pid)):
+            trial.set_user_attr(key, value)
+    finished = study.ask()
+    finished.set_user_attr("machine", "slurm-41_3")
+    study.tell(finished, 1.0)
+    sweep = Sweep(None, (), None, [], "", "", (), "slurm-41_3")
+    assert [trial.number for trial in own_unfinished(sweep, study)] == [0, 1]
+
+
+def free_pid() -> int:
+    """A process id no process has (a child's, after it was reaped)."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
 
 
 # --- A sweep, end to end ----------------------------------------------------------------------
@@ -145,9 +190,17 @@ def test_tensorboard_serves_every_trial_in_its_hparams_tab(finished_sweep):
         groups = post(f"{base}/session_groups", {"experimentName": "", "allowedStatuses": [
             "STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"], "colParams": [],
             "startIndex": 0, "sliceSize": 100})
-        sessions = {group["name"] for group in groups["sessionGroups"]}
-        finished = {f"trial-{trial['number']}" for trial in results(workdir)["trials"]}
-        assert finished <= {name.rstrip("/").split("/")[-1] for name in sessions}, sessions
+        shown = {group["name"]: group for group in groups["sessionGroups"]}
+        trials = results(workdir)["trials"]
+        assert set(shown) == {f"trial-{trial['number']}" for trial in trials}
+        for trial in trials:  # its values, and its metric at its last epoch (stored as float32)
+            group = shown[f"trial-{trial['number']}"]
+            assert group["hparams"] == pytest.approx(trial["params"], rel=0, abs=0)
+            last_epoch, last_value = max((int(epoch), value) for epoch, value in trial["values_per_epoch"].items())
+            (metric,) = group["metricValues"]
+            assert metric["name"]["tag"] == "test_accuracy" and metric["trainingStep"] == last_epoch
+            assert metric["value"] == pytest.approx(last_value, rel=2**-24)
+            assert group["sessions"][0]["status"] == "STATUS_SUCCESS"
     finally:
         server.terminate()
         server.wait(timeout=30)
