@@ -34,13 +34,13 @@ outside the work directory, or a checkpoint that does not fit the configured mod
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import glob
 import json
 import os
 import statistics
 import sys
 import time
-import warnings
 from typing import Any, Callable
 
 from resnet18 import config as config_lib
@@ -172,11 +172,9 @@ def _calibration_images(source):
 def _tflite_predict(path: str):
     """(predict(images uint8 [N,H,W,3]) -> class ids, latency of one image) for a .tflite file."""
     import numpy as np
-    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter  # LiteRT's: tf.lite.Interpreter is deprecated for it
 
-    with warnings.catch_warnings():  # TF 2.21 still ships tf.lite.Interpreter, with a deprecation notice
-        warnings.simplefilter("ignore")
-        interpreter = tf.lite.Interpreter(model_path=path, num_threads=1)
+    interpreter = Interpreter(model_path=path, num_threads=1)
     interpreter.allocate_tensors()
     input_detail = interpreter.get_input_details()[0]
     output_index = interpreter.get_output_details()[0]["index"]
@@ -220,7 +218,7 @@ def export_classifier(workdir: str, formats: list[str], config, source, model, p
                               "test_examples": int(len(labels)), "latency_threads": 1, "artifacts": []}
     one_image = tf.constant(images[:1])
 
-    def record(name: str, path: str, predict, latency_ms: float) -> None:
+    def record(name: str, path: str, predict, latency_ms: float, runtime: str) -> None:
         predictions = predict(images)
         accuracy = float(np.mean(predictions == labels))
         report["artifacts"].append({
@@ -228,7 +226,7 @@ def export_classifier(workdir: str, formats: list[str], config, source, model, p
             "file_bytes": _size(path), "test_accuracy": accuracy,
             "accuracy_change_points": 100.0 * (accuracy - checkpoint_accuracy),
             "agreement_with_checkpoint": float(np.mean(predictions == reference)),
-            "latency_ms_median": latency_ms,
+            "latency_ms_median": latency_ms, "runtime": runtime,  # what ran (and timed) the artifact
         })
         print(f"{name:12s} {_size(path) / 1e6:8.2f} MB  test accuracy {accuracy:.4f} "
               f"({100.0 * (accuracy - checkpoint_accuracy):+.2f} points)  {latency_ms:.2f} ms/image", flush=True)
@@ -241,7 +239,7 @@ def export_classifier(workdir: str, formats: list[str], config, source, model, p
         record("saved_model", path,
                lambda batch: np.concatenate([serving(images=tf.constant(batch[i:i + 256]))["class_ids"].numpy()
                                              for i in range(0, len(batch), 256)]),
-               _median_latency_ms(lambda: serving(images=one_image)))
+               _median_latency_ms(lambda: serving(images=one_image)), f"tensorflow {tf.__version__}")
     for name in ("tflite", "tflite_int8"):
         if name not in formats:
             continue
@@ -258,12 +256,14 @@ def export_classifier(workdir: str, formats: list[str], config, source, model, p
         with open(path, "wb") as stream:
             stream.write(converter.convert())
         predict, one = _tflite_predict(path)
-        record(name, path, predict, _median_latency_ms(lambda: one(images[0])))  # noqa: B023 (called here)
+        record(name, path, predict, _median_latency_ms(lambda: one(images[0])),  # noqa: B023 (called here)
+               f"ai_edge_litert {importlib.metadata.version('ai-edge-litert')}")
     if "onnx" in formats:
         try:
             path = _export_onnx(module, size, os.path.join(out, "model.onnx"))
             predict, one = _onnx_predict(path)
-            record("onnx", path, predict, _median_latency_ms(lambda: one(images[:1])))
+            record("onnx", path, predict, _median_latency_ms(lambda: one(images[:1])),
+                   f"onnxruntime {importlib.metadata.version('onnxruntime')}")
         except Exception as error:  # tf2onnx missing or unable to convert this TensorFlow
             reason = f"{type(error).__name__}: {first_line(error)}"
             failures.append(f"onnx: {reason}")

@@ -89,6 +89,9 @@ def test_every_format_is_exported_and_evaluated(exported):
     assert int8["accuracy_change_points"] >= -1.0  # the target: int8 loses at most 1 point
     for artifact in artifacts.values():
         assert artifact["latency_ms_median"] > 0 and artifact["file_bytes"] > 0
+    # LiteRT's interpreter runs (and times) the TFLite files, not the deprecated tf.lite.Interpreter.
+    assert all(artifacts[name]["runtime"].startswith("ai_edge_litert ") for name in ("tflite", "tflite_int8"))
+    assert artifacts["onnx"]["runtime"].startswith("onnxruntime ")
 
 
 @pytest.mark.slow
