@@ -14,6 +14,7 @@ requires it) and passed explicitly to everything that needs it.
 
 from __future__ import annotations
 
+import sys
 import threading
 from typing import Callable, TypeVar
 
@@ -24,6 +25,10 @@ from resnet18.config import RuntimeConfig
 from resnet18.runtime.errors import SetupError, first_line
 
 TPU_CONNECT_TIMEOUT_SECONDS = 120
+# Google's TPU VM runtime table for TensorFlow ends at TF 2.18 (tpu-vm-tf-2.18.0-pjrt; -pod-pjrt on a
+# slice), the tensorflow-tpu wheel at 2.20: a newer TensorFlow on a TPU is a pairing nobody tested.
+LAST_TPU_RUNTIME = ((2, 18), "tpu-vm-tf-2.18.0-pjrt")
+LAST_TENSORFLOW_TPU = "2.20"
 T = TypeVar("T")
 
 
@@ -139,8 +144,21 @@ def _multi_worker_strategy(gpus: list) -> tf.distribute.Strategy:
     return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
 
 
+def tpu_support_note(tensorflow_version: str) -> str | None:
+    """One line for a TensorFlow newer than the last TPU runtime Google publishes (None otherwise)."""
+    (major, minor), runtime = tuple(int(part) for part in tensorflow_version.split(".")[:2]), LAST_TPU_RUNTIME[1]
+    if (major, minor) <= LAST_TPU_RUNTIME[0]:
+        return None
+    return (f"note: TensorFlow {tensorflow_version} on a TPU: Google's TPU runtimes for TensorFlow end at "
+            f"{runtime} and tensorflow-tpu at {LAST_TENSORFLOW_TPU}; this pairing is untested "
+            "(docs/clusters.md#cloud-tpus)")
+
+
 def _tpu_strategy(address: str) -> tf.distribute.Strategy:
     """Connects to the TPU (with a deadline, so an unreachable TPU is an error, not a hang)."""
+    note = tpu_support_note(tf.__version__)
+    if note:
+        print(note, file=sys.stderr, flush=True)
 
     def connect() -> tf.distribute.Strategy:
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=address)

@@ -94,7 +94,8 @@ def test_optimizer_sums_replica_gradients(two_replicas):
 
 @pytest.mark.parametrize("args, code, words", [
     (["--gpus", "4"], 2, ["found 0"]),
-    (["--strategy", "tpu", "--tpu", "local"], 2, ["TPU 'local' is not reachable"]),
+    (["--strategy", "tpu", "--tpu", "local"], 2, ["TPU 'local' is not reachable",
+                                                 "tensorflow-tpu at 2.20; this pairing is untested"]),
     (["--strategy", "mirrored", "--cpu_replicas", "2"], 0, ["num_replicas: 2", "MirroredStrategy"]),
     (["--strategy", "one_device"], 0, ["num_replicas: 1", "OneDeviceStrategy"]),
 ])
@@ -234,3 +235,13 @@ def test_tensorflow_errors_map_to_exit_codes_by_what_they_mean(error, code):
     with pytest.raises(LauncherError) as raised, mapped_tensorflow_errors(tf):
         raise error
     assert raised.value.exit_code == code
+
+
+@pytest.mark.parametrize("version, noted", [("2.18.1", False), ("2.16.1", False), ("2.19.0", True),
+                                            ("2.21.0", True), ("3.0.0", True)])
+def test_a_tensorflow_newer_than_the_last_tpu_runtime_is_noted_not_refused(version, noted):
+    from launcher.strategy import tpu_support_note
+
+    note = tpu_support_note(version)
+    assert (note is not None) == noted
+    assert not noted or (note.startswith(f"note: TensorFlow {version} on a TPU") and "tpu-vm-tf-2.18.0-pjrt" in note)
