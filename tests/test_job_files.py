@@ -29,9 +29,8 @@ from tests.conftest import REPO, run_launcher
 
 JOBS = os.path.join(REPO, "jobs")
 KUBERNETES_VERSION = "1.30.0"
-# kubeflow/training-operator pkg/util/train/train_util.go IsRetryableExitCode
-KUBEFLOW_RETRYABLE = {130, 137, 138, 143}
-KUBEFLOW_PERMANENT = {1, 2, 126, 127, 128, 139}
+# kubeflow/trainer v1.9.4 pkg/util/train/train_util.go IsRetryableExitCode: exit code >= 128 is retried.
+KUBEFLOW_PERMANENT = {1, 2, 126, 127}
 
 
 def load_documents(name: str) -> list:
@@ -58,8 +57,9 @@ def job_path_from(args: list[str]) -> str:
 
 def test_every_job_file_parses():
     names = sorted(os.listdir(JOBS))
-    assert {"cpu_smoke.yaml", "cifar10_multiworker.yaml", "tfjob_multiworker_gpu.yaml",
-            "vertex_ai_multiworker.yaml", "slurm_multiworker.sbatch", "tpu_vm.yaml"} <= set(names)
+    assert {"cpu_smoke.yaml", "cifar10_multiworker.yaml", "tfjob_multiworker_gpu.yaml", "trainjob_multiworker_gpu.yaml",
+            "vertex_ai_multiworker.yaml", "slurm_multiworker.sbatch", "slurm_sweep_array.sbatch",
+            "slurm_local_cluster.sh", "tpu_vm.yaml"} <= set(names)
     for name in names:
         if name.startswith("sweep_"):  # jobs/sweep_NAME.yaml: a search space for jobs/NAME.yaml, checked below
             assert name.removeprefix("sweep_") in names, f"{name}: no job {name.removeprefix('sweep_')}"
@@ -69,7 +69,7 @@ def test_every_job_file_parses():
             launcher_job = not any("apiVersion" in document or "workerPoolSpecs" in document for document in documents)
             if launcher_job:
                 build_config(os.path.join(JOBS, name))  # strict: unknown keys, types, values
-        elif name.endswith(".sbatch"):
+        elif name.endswith((".sbatch", ".sh")):
             subprocess.run(["bash", "-n", os.path.join(JOBS, name)], check=True)
         else:
             pytest.fail(f"unexpected file in jobs/: {name}")
@@ -165,9 +165,16 @@ def args_of(replica) -> list[str]:
     return launcher_args(container["command"], container["args"])
 
 
-def test_exit_codes_match_the_tfjob_restart_policy():
-    assert EXIT_RETRYABLE in KUBEFLOW_RETRYABLE
-    assert {EXIT_FAILURE, EXIT_USAGE} <= KUBEFLOW_PERMANENT
+def test_exit_codes_match_the_restart_policies():
+    """TFJob's ExitCode policy retries >= 128; the TrainJob's podFailurePolicy fails at once on the
+    permanent codes; the Slurm script requeues 137, 138 and 143 and never a task's 1 or 2."""
+    assert EXIT_RETRYABLE >= 128 and {EXIT_FAILURE, EXIT_USAGE} <= KUBEFLOW_PERMANENT
+    runtime = next(document for document in load_documents("trainjob_multiworker_gpu.yaml")
+                   if document["kind"] == "TrainingRuntime")
+    (rule,) = runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["podFailurePolicy"]["rules"]
+    assert rule["action"] == "FailJob" and set(rule["onExitCodes"]["values"]) == KUBEFLOW_PERMANENT
+    slurm = open(os.path.join(JOBS, "slurm_multiworker.sbatch"), encoding="utf-8").read()
+    assert f"$code == {EXIT_RETRYABLE}" in slurm and "$task_code == 1 || $task_code == 2" in slurm
 
 
 # --- Vertex AI ----------------------------------------------------------------------------
@@ -205,8 +212,8 @@ def test_slurm_script_makes_a_valid_cluster_for_every_task():
     options = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)", text, re.M))
     nodes, per_node = int(options["nodes"]), int(options["ntasks-per-node"])
     assert options["signal"].startswith("TERM@")  # a checkpoint before the time limit
-    command = re.search(r"python -m launcher (.*?)$", text, re.S).group(1).replace("\\\n", " ").split()
-    job_path_from(command)
+    assert '"$PYTHON" -m launcher --job "$JOB"' in text  # what tests/test_slurm.py submits for real
+    job_path_from(["--job", re.search(r"^JOB=\$\{JOB:-(\S+)\}", text, re.M).group(1)])  # the default job
     tasks = nodes * per_node
     env = {"SLURM_STEP_NUM_TASKS": str(tasks), "SLURM_STEP_NODELIST": f"node[1-{nodes}]",
            "SLURM_STEP_TASKS_PER_NODE": f"{per_node}(x{nodes})"}
