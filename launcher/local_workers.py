@@ -164,7 +164,8 @@ def wait_for_group(spec: GroupSpec, group: Group, forwarded: list[int], attempt:
 
 def _stop_failed_group(spec: GroupSpec, group: Group, failed: Task, forwarded: list[int]) -> Failure:
     """Stops every task after a worker failed; returns the failure, blamed on the right worker."""
-    blamed = to_blame(group.workers, failed)  # before the stop: it makes every liveness file stale
+    # Before the stop, which makes every liveness file stale; a preemption's 138s blame nobody frozen.
+    blamed = to_blame(group.workers, failed, settle=not forwarded)
     # Preempted (forwarded signal or 138): the others are saving; otherwise the group is broken.
     patient = bool(forwarded) or failed.code == EXIT_RETRYABLE
     stop_tasks(group.tasks, spec.preemption_grace if patient else STOP_GRACE_SECONDS, signal_first=not patient)

@@ -193,11 +193,11 @@ def gpu_slices(workers: int, gpus_per_worker: int | None, visible: list[str]) ->
         gpus_per_worker = len(visible) // workers
     if gpus_per_worker == 0:
         return [""] * workers
-    if gpus_per_worker * workers > len(visible) and visible:
+    if gpus_per_worker * workers > len(visible):  # as --gpus N with fewer GPUs: asking for absent GPUs is an error
         raise SetupError(f"--workers {workers} x --gpus_per_worker {gpus_per_worker} needs "
-                         f"{workers * gpus_per_worker} GPUs; this host shows {len(visible)}")
-    ids = visible or [str(index) for index in range(workers * gpus_per_worker)]
-    return [",".join(ids[rank * gpus_per_worker:(rank + 1) * gpus_per_worker]) for rank in range(workers)]
+                         f"{workers * gpus_per_worker} GPUs; this host shows {len(visible)} (CUDA_VISIBLE_DEVICES, "
+                         "else nvidia-smi -L)")
+    return [",".join(visible[rank * gpus_per_worker:(rank + 1) * gpus_per_worker]) for rank in range(workers)]
 
 
 def initial_slots(workers: int, gpus_per_worker: int | None = None) -> list[Slot]:
@@ -321,16 +321,25 @@ def first_failure(tasks: list[Task]) -> Task | None:
     return min(failed, key=lambda task: task.ended) if failed else None
 
 
-def to_blame(tasks: list[Task], failed: Task) -> Failure:
+def to_blame(tasks: list[Task], failed: Task, settle: bool = True) -> Failure:
     """The failure of a group, blamed on `failed` (the first task that ended) or on a frozen one.
 
     A worker that ended with 138 may have been stalled by a frozen peer (its watchdog fired, or it lost
-    the peer's heartbeats): a still-running task whose liveness file went stale is the frozen one.
+    the peer's heartbeats): a still-running task whose liveness file went stale is the frozen one. The
+    peer may give up before the frozen file is ALIVE_STALE_SECONDS old (TensorFlow's coordination
+    service declares a task unhealthy after about as long), so with `settle` this waits, at most that
+    long, until a running task's file is stale or every task has ended.
     """
-    now = time.time()
+    deadline = time.time() + (ALIVE_STALE_SECONDS + ALIVE_SECONDS if settle and failed.code == EXIT_RETRYABLE
+                              else 0.0)
+    while True:
+        now = time.time()
+        running = [task for task in tasks if task.ended is None and task is not failed]
+        frozen = [(age, task) for task in running if (age := task.frozen_for(now)) > ALIVE_STALE_SECONDS]
+        if frozen or not running or now >= deadline:
+            break
+        time.sleep(ALIVE_SECONDS / 4)
     silent = tuple((task.name, round(task.frozen_for(now), 1)) for task in tasks)
-    frozen = [(task.frozen_for(now), task) for task in tasks if task.ended is None and task is not failed]
-    frozen = [(age, task) for age, task in frozen if age > ALIVE_STALE_SECONDS]
     if failed.code != EXIT_RETRYABLE or not frozen:
         return Failure.of(failed, silent=silent)
     age, task = max(frozen, key=lambda pair: pair[0])
