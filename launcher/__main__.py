@@ -26,6 +26,7 @@ import tempfile
 import traceback
 
 from launcher import cpu_environment, isolation, local_workers, processes
+from launcher.flags import FlagError, FlagParser, integer, nonempty, positive_seconds
 from launcher.cluster import ClusterSpec, cluster_address, read_tf_config
 from launcher.plan import STRATEGY_CLASSES, Plan, describe
 from launcher.slurm import tf_config_from_slurm
@@ -43,35 +44,36 @@ PEER_WORDS = ("ollective", "aborted by", "unhealthy", "heartbeat", "oordination"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = FlagParser(
         prog="python -m launcher",
         description="Train ResNet18 on CIFAR-10 with tf.distribute on a CPU, GPUs, a cluster or a TPU.",
         epilog="Exit codes: 0 success, 1 failure, 2 usage/config/environment error, "
                "138 retryable (preempted or peer lost), 130 interrupted.",
     )
-    parser.add_argument("--job", help="YAML job file (see jobs/)")
-    parser.add_argument("--workdir", help=f"checkpoints, TensorBoard, summary (default: {DEFAULT_RUNS_DIR}/<job name>)")
+    parser.add_argument("--job", type=nonempty, help="YAML job file (see jobs/)")
+    parser.add_argument("--workdir", type=nonempty,
+                        help=f"checkpoints, TensorBoard, summary (default: {DEFAULT_RUNS_DIR}/<job name>)")
     parser.add_argument("--strategy", choices=config_lib.choices(config_lib.RuntimeConfig, "strategy"),
                         help="runtime.strategy (default auto)")
-    parser.add_argument("--gpus", type=int, help="runtime.gpus: GPUs of this machine to use (default all)")
-    parser.add_argument("--cpu_replicas", type=int, help="runtime.cpu_replicas: split the CPU into N replicas")
-    parser.add_argument("--tpu", help='runtime.tpu: TPU name, grpc:// address, or "local" on a TPU VM')
+    parser.add_argument("--gpus", type=integer(0), help="runtime.gpus: GPUs of this machine to use (default all)")
+    parser.add_argument("--cpu_replicas", type=integer(1), help="runtime.cpu_replicas: split the CPU into N replicas")
+    parser.add_argument("--tpu", type=nonempty, help='runtime.tpu: TPU name, grpc:// address, or "local" on a TPU VM')
     parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override config keys, e.g. --set train.epochs=5 data.augmentation=none")
-    parser.add_argument("--workers", type=int,
+    parser.add_argument("--workers", type=integer(1),
                         help="start N local worker processes on 127.0.0.1 (MultiWorkerMirroredStrategy)")
-    parser.add_argument("--gpus_per_worker", type=int,
+    parser.add_argument("--gpus_per_worker", type=integer(0),
                         help="with --workers: GPUs of this host per worker "
                              "(0 = CPU only; default: the visible GPUs split evenly)")
-    parser.add_argument("--max_restarts", type=int, default=0,
+    parser.add_argument("--max_restarts", type=integer(0), default=0,
                         help="with --workers: restart the whole group up to N times after a retryable failure")
-    parser.add_argument("--min_workers", type=int,
+    parser.add_argument("--min_workers", type=integer(1),
                         help="with --workers: go on with fewer workers, down to this many, when a worker slot "
                              "keeps failing (default: --workers, i.e. never fewer)")
-    parser.add_argument("--preemption_grace", type=float, default=None,
+    parser.add_argument("--preemption_grace", type=positive_seconds, default=None,
                         help="with --workers: seconds every worker gets to finish its checkpoint after a "
                              "preemption before it is killed (default 60)")
-    parser.add_argument("--log_workers", default="all",
+    parser.add_argument("--log_workers", type=console_selection, default="all",
                         help="with --workers: tasks whose output the console shows: all (default), or a list "
                              "such as 0 or 0,2 or evaluator; every task's output goes to WORKDIR/logs/ anyway")
     parser.add_argument("--evaluator", action="store_true",
@@ -85,11 +87,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# The flags that set one config key each (applied after --job and --set).
+FLAG_KEYS = {"strategy": "runtime.strategy", "gpus": "runtime.gpus", "cpu_replicas": "runtime.cpu_replicas",
+             "tpu": "runtime.tpu"}
+
+
 def dedicated_flags(args: argparse.Namespace) -> dict[str, object]:
     """The flags that override one config key each (applied last)."""
-    keys = {"strategy": "runtime.strategy", "gpus": "runtime.gpus",
-            "cpu_replicas": "runtime.cpu_replicas", "tpu": "runtime.tpu"}
-    flags = {key: getattr(args, flag) for flag, key in keys.items() if getattr(args, flag) is not None}
+    flags = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}
     if args.workers is not None:
         flags["runtime.strategy"] = "multi_worker"
     if args.evaluator:
@@ -98,17 +103,16 @@ def dedicated_flags(args: argparse.Namespace) -> dict[str, object]:
 
 
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
-    config = tasks.check(config_lib.build_config(args.job, args.overrides, dedicated_flags(args)))
+    check_flag_combinations(args)
+    try:
+        config = tasks.check(config_lib.build_config(args.job, args.overrides, dedicated_flags(args)))
+    except ConfigError as error:  # a key a flag set is named with the flag, which is what the user typed
+        named = [f"{key} is --{flag}" for flag, key in FLAG_KEYS.items()
+                 if getattr(args, flag) is not None and key in str(error)]
+        raise (type(error)(f"{error} ({', '.join(named)})") if named else error) from None
     workdir = args.workdir or os.path.join(DEFAULT_RUNS_DIR, config.name)
     if args.workers is not None:
         return run_local_workers(config, workdir, args, sys.argv[1:] if argv is None else argv)
-    only_with_workers = {"--gpus_per_worker": args.gpus_per_worker is not None, "--max_restarts": args.max_restarts,
-                         "--min_workers": args.min_workers is not None, "--evaluator": args.evaluator,
-                         "--preemption_grace": args.preemption_grace is not None,
-                         "--log_workers": args.log_workers != "all", "--worker_network": args.worker_network != "auto"}
-    given = [flag for flag, used in only_with_workers.items() if used]
-    if given:
-        raise ConfigError(f"{', '.join(given)} go(es) with --workers N")
     # Until training starts there is nothing to save: SIGTERM exits 138 at once (not by its default action).
     signal.signal(signal.SIGTERM, preempted_before_training)
     cluster = _cluster_from_environment()
@@ -245,13 +249,7 @@ def _peer_lost(error: Exception) -> RetryableError:
 def run_local_workers(config: config_lib.Config, workdir: str, args: argparse.Namespace, argv: list[str]) -> int:
     """`--workers N`: validate once here, then start N workers sharing one resolved config (in a private
     network namespace where one can be made: this launcher runs again inside it, with the same `argv`)."""
-    if args.workers < 1:
-        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
-    if args.max_restarts < 0:
-        raise ConfigError(f"--max_restarts must be >= 0, got {args.max_restarts}")
     min_workers = args.workers if args.min_workers is None else args.min_workers
-    if not 1 <= min_workers <= args.workers:
-        raise ConfigError(f"--min_workers must be between 1 and --workers {args.workers}, got {min_workers}")
     if config.runtime.cpu_replicas > 1:
         raise ConfigError("with --workers each worker has one CPU replica; drop --cpu_replicas (or set it to 1)")
     gpus = processes.gpu_slices(args.workers, args.gpus_per_worker, processes.visible_gpu_ids())
@@ -284,7 +282,7 @@ def run_local_workers(config: config_lib.Config, workdir: str, args: argparse.Na
             worker_args=("--job", stream.name, "--workdir", workdir), workers=args.workers, min_workers=min_workers,
             gpus_per_worker=args.gpus_per_worker, evaluator=args.evaluator, log_dir=os.path.join(workdir, "logs"),
             workdir=workdir,
-            console=_console_filter(args.log_workers), max_restarts=args.max_restarts,
+            console=args.log_workers, max_restarts=args.max_restarts,
             preemption_grace=local_workers.DEFAULT_PREEMPTION_GRACE_SECONDS if args.preemption_grace is None
             else args.preemption_grace, check_workers=check_workers,
             evaluator_silence=_evaluator_silence(config.train.step_timeout_seconds),
@@ -316,19 +314,48 @@ def _evaluator_silence(step_timeout: float) -> float | None:
     return step_timeout + local_workers.EVALUATOR_ALLOWANCE_SECONDS if step_timeout else None
 
 
-def _console_filter(text: str) -> frozenset[str] | None:
+def console_selection(text: str) -> frozenset[str] | None:
     """--log_workers: all -> None; "0,2,evaluator" -> {"worker 0", "worker 2", "evaluator"}."""
     if text.strip() == "all":
         return None
     names = set()
-    for item in (part.strip() for part in text.split(",") if part.strip()):
+    for item in (part.strip() for part in text.split(",")):
         if item == "evaluator":
             names.add("evaluator")
         elif item.isdigit():
             names.add(f"worker {int(item)}")
         else:
-            raise ConfigError(f"--log_workers {text!r}: expected all, or worker ranks and/or evaluator, e.g. 0,2")
+            raise argparse.ArgumentTypeError(f"expected all, or worker ranks and/or evaluator such as 0,2, "
+                                             f"got {text!r}")
     return frozenset(names)
+
+
+def check_flag_combinations(args: argparse.Namespace) -> None:
+    """Flags that cannot go together (FlagError naming them), before the job is read."""
+    if args.workers is None:
+        only_with_workers = {"--gpus_per_worker": args.gpus_per_worker is not None,
+                             "--max_restarts": args.max_restarts, "--min_workers": args.min_workers is not None,
+                             "--evaluator": args.evaluator, "--preemption_grace": args.preemption_grace is not None,
+                             "--log_workers": args.log_workers is not None,
+                             "--worker_network": args.worker_network != "auto"}
+        given = [flag for flag, used in only_with_workers.items() if used]
+        if given:
+            raise FlagError(f"{', '.join(given)} go(es) with --workers N")
+        return
+    others = {"--strategy": args.strategy not in (None, "multi_worker"), "--tpu": args.tpu is not None,
+              "--gpus": args.gpus is not None, "--cpu_replicas": args.cpu_replicas not in (None, 1)}
+    given = [flag for flag, used in others.items() if used]
+    if given:
+        raise FlagError(f"{', '.join(given)} cannot go with --workers {args.workers}, which runs "
+                        "MultiWorkerMirroredStrategy with one replica per worker (or --gpus_per_worker GPUs each)")
+    if args.min_workers is not None and args.min_workers > args.workers:
+        raise FlagError(f"--min_workers must be between 1 and --workers {args.workers}, got {args.min_workers}")
+    for name in sorted(args.log_workers or ()):
+        if name == "evaluator" and not args.evaluator:
+            raise FlagError("--log_workers names the evaluator, which runs only with --evaluator")
+        if name.startswith("worker ") and int(name.split()[1]) >= args.workers:
+            raise FlagError(f"--log_workers names {name}; --workers {args.workers} has workers 0 to "
+                            f"{args.workers - 1}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -338,9 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         processes.die_with_parent(int(parent))
     if alive := os.environ.get(processes.ALIVE_FILE_VARIABLE):
         processes.keep_alive(alive)
-    args = parse_args(argv)
     try:
-        return run(args, argv)
+        return run(parse_args(argv), argv)
     except LauncherError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return error.exit_code

@@ -33,7 +33,6 @@ outside the work directory, or a checkpoint that does not fit the configured mod
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import glob
 import json
@@ -43,6 +42,7 @@ import sys
 import time
 from typing import Any, Callable
 
+from launcher.flags import FlagParser, run_directory
 from resnet18 import config as config_lib
 from resnet18.runtime.errors import EXIT_FAILURE, EXIT_OK, LauncherError, SetupError, first_line
 
@@ -357,16 +357,14 @@ def _onnx_predict(path: str):
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    parser = argparse.ArgumentParser(prog="python -m launcher.export", description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True, help="work directory of a trained run")
+    parser = FlagParser(prog="python -m launcher.export", description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", required=True, type=run_directory, help="work directory of a trained run")
     parser.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated: {', '.join(FORMATS)}")
     parser.add_argument("--weights", choices=("latest", "best"), default="latest",
                         help="the newest checkpoint, or the best epoch's (train.best_checkpoint_metric)")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         formats = parse_formats(args.formats)
-        if not os.path.isdir(args.workdir):
-            raise SetupError(f"--workdir {args.workdir!r} is not a directory")
         report = export(args.workdir, formats, args.weights)
     except LauncherError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)

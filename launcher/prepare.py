@@ -14,24 +14,24 @@ Exit codes: 0 prepared (or already there); 2 bad job or flags, or the data canno
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
+from launcher.flags import FlagParser, nonempty
 from resnet18 import config as config_lib
 from resnet18.runtime.errors import EXIT_OK, LauncherError
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    parser = argparse.ArgumentParser(prog="python -m launcher.prepare", description=__doc__.splitlines()[0])
-    parser.add_argument("--job", help="YAML job file (see jobs/)")
-    parser.add_argument("--workdir", default=".", help="the run's work directory (where the stand-in goes when "
-                                                       "data.data_dir is not set)")
+    parser = FlagParser(prog="python -m launcher.prepare", description=__doc__.splitlines()[0])
+    parser.add_argument("--job", type=nonempty, help="YAML job file (see jobs/)")
+    parser.add_argument("--workdir", default=".", type=nonempty,
+                        help="the run's work directory (where the stand-in goes when data.data_dir is not set)")
     parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override config keys, e.g. --set data.data_dir=/shared/tfds")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         config = config_lib.build_config(args.job, args.overrides)
         from resnet18.data.sources import prepare_source
 

@@ -11,7 +11,6 @@ and report.md. Exit 2 when the work directory holds no finished run.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -27,7 +26,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
-from resnet18.runtime.errors import EXIT_OK, SetupError  # noqa: E402
+from launcher.flags import FlagParser, run_directory  # noqa: E402
+from resnet18.runtime.errors import EXIT_OK, LauncherError, SetupError  # noqa: E402
 from resnet18.runtime.history import read_history  # noqa: E402
 
 
@@ -198,13 +198,13 @@ def _number(value) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launcher.report", description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True, help="work directory of a finished run")
-    args = parser.parse_args(argv)
+    parser = FlagParser(prog="python -m launcher.report", description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", required=True, type=run_directory, help="work directory of a finished run")
     try:
+        args = parser.parse_args(argv)
         for path in write_report(args.workdir):
             print(path)
-    except SetupError as error:
+    except LauncherError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
     return EXIT_OK

@@ -16,7 +16,6 @@ Exit codes: 0 printed; 2 the directory holds no run.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -26,12 +25,15 @@ from typing import Any
 
 import yaml
 
-from resnet18.runtime.errors import EXIT_OK, EXIT_USAGE, SetupError
+from launcher.flags import FlagParser, run_directory
+from resnet18.runtime.errors import EXIT_OK, LauncherError, SetupError
 
 
 
 def collect(workdir: str, now: float | None = None) -> dict[str, Any]:
     """Everything the status says, as data."""
+    if "://" not in workdir and not os.path.exists(os.path.join(workdir, "config.yaml")):
+        raise SetupError(f"{workdir} holds no run (no config.yaml)")  # said before TensorFlow's start-up
     import tensorflow as tf
 
     from resnet18.runtime.checkpoint_files import EPOCHS_DIR, EPOCHS_KEPT_FOR_EVALUATOR, checkpoint_candidates
@@ -151,16 +153,16 @@ def render(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    parser = argparse.ArgumentParser(prog="python -m launcher.status", description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True)
+    parser = FlagParser(prog="python -m launcher.status", description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", required=True, type=run_directory, help="a run's or a sweep's work directory")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         sweep = os.path.exists(os.path.join(args.workdir, "sweep.json"))
         result = collect_sweep(args.workdir) if sweep else collect(args.workdir)
-    except SetupError as error:
+    except LauncherError as error:
         print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return error.exit_code
     print(json.dumps(result, indent=2) if args.json else (render_sweep(result) if sweep else render(result)))
     return EXIT_OK
 

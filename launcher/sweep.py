@@ -44,6 +44,7 @@ import time
 from typing import Any
 
 from launcher import sweep_results, sweep_space, sweep_trial
+from launcher.flags import FlagError, FlagParser, integer, nonempty
 from launcher.processes import gpu_slices, visible_gpu_ids
 from resnet18 import config as config_lib
 from resnet18 import tasks
@@ -109,48 +110,49 @@ class Sweep:
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     argv = sys.argv[1:] if argv is None else argv
     own, launcher_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    parser = argparse.ArgumentParser(prog="python -m launcher.sweep", description=__doc__.splitlines()[0],
+    parser = FlagParser(prog="python -m launcher.sweep", description=__doc__.splitlines()[0],
                                      epilog="Launcher flags for every trial go after --, e.g. -- --workers 2")
-    parser.add_argument("--job", required=True, help="the YAML job every trial runs (see jobs/)")
-    parser.add_argument("--space", required=True, help="SPACE.yaml: config keys -> distributions")
+    parser.add_argument("--job", required=True, type=nonempty, help="the YAML job every trial runs (see jobs/)")
+    parser.add_argument("--space", required=True, type=nonempty, help="SPACE.yaml: config keys -> distributions")
     parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config keys set for every trial, e.g. --set train.epochs=10 (before the space's)")
-    parser.add_argument("--trials", type=int, required=True, help="trials in the whole sweep (all machines)")
-    parser.add_argument("--workdir", required=True, help="the sweep's directory: trials/, sweep.json, report/")
-    parser.add_argument("--parallel", type=int, default=1, help="trials at once on this machine (default 1)")
-    parser.add_argument("--storage", help="the study's storage: sqlite:///..., postgresql://..., mysql://..., or "
-                                          "journal:PATH (default: an SQLite file in --workdir)")
-    parser.add_argument("--study_name", help="the study's name in --storage (default: the job's name)")
+    parser.add_argument("--trials", type=integer(1), required=True, help="trials in the whole sweep (all machines)")
+    parser.add_argument("--workdir", required=True, type=nonempty,
+                        help="the sweep's directory: trials/, sweep.json, report/")
+    parser.add_argument("--parallel", type=integer(1), default=1, help="trials at once on this machine (default 1)")
+    parser.add_argument("--storage", type=nonempty,
+                        help="the study's storage: sqlite:///..., postgresql://..., mysql://..., or journal:PATH "
+                             "(default: an SQLite file in --workdir)")
+    parser.add_argument("--study_name", type=nonempty, help="the study's name in --storage (default: the job's name)")
     parser.add_argument("--metric", default="test_accuracy", help="what each trial is scored by (default "
                                                                   "test_accuracy; test_loss)")
     parser.add_argument("--direction", choices=("maximize", "minimize"), default=None,
                         help="default: maximize for accuracies, minimize for losses")
     parser.add_argument("--pruner", choices=PRUNERS, default="asha", help="stops poor trials early (default asha)")
-    parser.add_argument("--seed", type=int, default=0, help="the sampler's seed (default 0)")
-    parser.add_argument("--trial_restarts", type=int, default=2,
+    parser.add_argument("--seed", type=integer(0), default=0, help="the sampler's seed (default 0)")
+    parser.add_argument("--trial_restarts", type=integer(0), default=2,
                         help="restarts of a trial that exits 138 or is killed (default 2)")
-    parser.add_argument("--machine_id", help="who owns this process's trials, to resume them after a kill: "
-                                             "default the Slurm array task or job, else the host name")
+    parser.add_argument("--machine_id", type=nonempty,
+                        help="who owns this process's trials, to resume them after a kill: default the Slurm "
+                             "array task or job, else the host name")
     parser.add_argument("--dry_run", action="store_true", help="check everything, print the plan, start nothing")
     return parser.parse_args(own), launcher_args
 
 
 def checked(args: argparse.Namespace, launcher_args: list[str]) -> Sweep:
     """Everything checked before anything starts (ConfigError naming what is wrong: exit 2)."""
-    for name, value, least in (("--trials", args.trials, 1), ("--parallel", args.parallel, 1),
-                               ("--trial_restarts", args.trial_restarts, 0)):
-        if value < least:
-            raise ConfigError(f"{name} must be >= {least}, got {value}")
     given = [flag for flag in FORBIDDEN_FLAGS if any(arg.split("=")[0] == flag for arg in launcher_args)]
     if given:
         raise ConfigError(f"{', '.join(given)} after --: the sweep gives every trial its own --job, --workdir and "
                           "--set (the sweep's own --set applies to every trial)")
+    from launcher.__main__ import check_flag_combinations
     from launcher.__main__ import parse_args as launcher_parse_args
 
-    try:
+    try:  # what every trial's launcher would refuse, refused once here
         launcher = launcher_parse_args(["--job", args.job, *launcher_args])
-    except SystemExit:
-        raise ConfigError(f"the launcher flags after -- are not valid: {' '.join(launcher_args)}") from None
+        check_flag_combinations(launcher)
+    except FlagError as error:
+        raise FlagError(f"after --: {error}") from None
     job = tasks.check(config_lib.build_config(args.job, args.overrides))
     task = tasks.task_of(job)
     if args.metric not in task.metrics:

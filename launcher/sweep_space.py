@@ -52,7 +52,7 @@ def load_space(path: str, job: Config) -> list[Dimension]:
       ConfigError: a bad file, key, distribution or value, naming it (exit 2).
     """
     source = f"sweep space {path!r}"
-    raw = config_lib.load_yaml_file(path)
+    raw = config_lib.load_yaml_file(path, "--space file")
     if not raw:
         raise ConfigError(f"{source} names no key to search")
     dimensions = [_dimension(key, spec, source) for key, spec in raw.items()]

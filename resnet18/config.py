@@ -190,22 +190,22 @@ class Config:
     simclr: SimCLRConfig = SimCLRConfig()
 
 
-def load_yaml_file(path: str) -> dict[str, Any]:
+def load_yaml_file(path: str, what: str = "job file") -> dict[str, Any]:
     """Reads a job file with `yaml.safe_load` (no Python tags) into a mapping."""
     try:
         with open(path, encoding="utf-8") as stream:
             content = yaml.safe_load(stream)
     except FileNotFoundError:
-        raise ConfigError(f"job file {path!r} does not exist") from None
+        raise ConfigError(f"{what} {path!r} does not exist") from None
     except IsADirectoryError:
-        raise ConfigError(f"job file {path!r} is a directory") from None
+        raise ConfigError(f"{what} {path!r} is a directory") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"job file {path!r} is not valid YAML: {error}") from None
+        raise ConfigError(f"{what} {path!r} is not valid YAML: {error}") from None
     if content is None:
         return {}
     if not isinstance(content, dict):
         raise ConfigError(
-            f"job file {path!r} must hold a mapping of sections "
+            f"{what} {path!r} must hold a mapping of sections "
             f"(runtime, data, model, train), not {type(content).__name__}"
         )
     return content
@@ -381,19 +381,21 @@ def validate(config: Config) -> None:
     if config.model.freeze_encoder and not config.train.init_from:
         raise ConfigError("model.freeze_encoder trains only the classifier: set train.init_from to the work "
                           "directory of a trained encoder (e.g. a SimCLR pre-training)")
-    if config.runtime.cpu_replicas and config.runtime.gpus:
-        raise ConfigError("runtime.cpu_replicas and runtime.gpus cannot be used together")
-    if config.runtime.strategy == "one_device" and config.runtime.cpu_replicas > 1:
-        raise ConfigError(
-            "runtime.strategy one_device cannot use runtime.cpu_replicas > 1; "
-            "use --strategy mirrored (or auto) to train on several CPU replicas"
-        )
-    if config.runtime.strategy == "one_device" and (config.runtime.gpus or 0) > 1:
-        raise ConfigError(
-            "runtime.strategy one_device cannot use runtime.gpus > 1; use --strategy mirrored (or auto)"
-        )
-    if config.runtime.strategy == "tpu" and not config.runtime.tpu:
-        raise ConfigError("runtime.strategy tpu needs runtime.tpu (a TPU name, address or 'local')")
+    runtime = config.runtime
+    for conflict, message in (  # devices that cannot go together, in the order a user would fix them
+            (runtime.cpu_replicas and runtime.gpus, "runtime.cpu_replicas and runtime.gpus cannot be used together"),
+            (runtime.strategy == "one_device" and runtime.cpu_replicas > 1, "runtime.strategy one_device cannot "
+             "use runtime.cpu_replicas > 1; use --strategy mirrored (or auto) to train on several CPU replicas"),
+            (runtime.strategy == "one_device" and (runtime.gpus or 0) > 1,
+             "runtime.strategy one_device cannot use runtime.gpus > 1; use --strategy mirrored (or auto)"),
+            (runtime.tpu and (runtime.gpus or (runtime.cpu_replicas or 0) > 1), "runtime.tpu cannot be used with "
+             "runtime.gpus or runtime.cpu_replicas: a TPU run trains on the TPU's cores"),
+            (runtime.tpu and runtime.strategy not in ("auto", "tpu"),
+             f"runtime.tpu is set but runtime.strategy is {runtime.strategy}: use tpu (or auto)"),
+            (runtime.strategy == "tpu" and not runtime.tpu,
+             "runtime.strategy tpu needs runtime.tpu (a TPU name, address or 'local')")):
+        if conflict:
+            raise ConfigError(message)
     replicas = config.runtime.cpu_replicas or config.runtime.gpus or 1
     check_batch_divisible(config, replicas)
 
@@ -469,7 +471,7 @@ def build_config(
     """Layers defaults, the job file, `--set` overrides and dedicated flags; validates."""
     config = Config()
     if job_file:
-        config = merge(config, load_yaml_file(job_file), f"job file {job_file!r}")
+        config = merge(config, load_yaml_file(job_file, "--job file"), f"job file {job_file!r}")
     if overrides:
         parsed = [parse_override(text) for text in overrides]
         config = merge(config, nest_overrides(parsed), "--set")

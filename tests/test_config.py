@@ -83,7 +83,7 @@ def test_malicious_yaml_tag_is_refused_and_never_runs(tmp_path):
 
 @pytest.mark.parametrize("args, words", [
     (["--set", "train.epoch=3"], ["unknown key 'train.epoch'"]),
-    (["--gpus", "many"], ["invalid int value"]),
+    (["--gpus", "many"], ["--gpus: expected an integer"]),
     (["--strategy", "parameter_server"], ["invalid choice"]),
     (["--set", "train.global_batch_size=63", "--cpu_replicas", "2", "--strategy", "mirrored"],
      ["not divisible by the 2 replicas"]),
@@ -129,7 +129,9 @@ def test_allowed_values_come_from_the_type_for_checks_and_the_command_line():
     assert config_lib.choices(config_lib.RuntimeConfig, "strategy") == (
         "auto", "one_device", "mirrored", "multi_worker", "tpu")
     assert config_lib.choices(config_lib.TrainConfig, "best_checkpoint_metric") == ("test_accuracy", "test_loss")
-    with pytest.raises(SystemExit):
+    from launcher.flags import FlagError
+
+    with pytest.raises(FlagError, match="--strategy: invalid choice: 'horovod'"):
         parse_args(["--strategy", "horovod"])
     assert parse_args(["--strategy", "tpu"]).strategy == "tpu"
 
