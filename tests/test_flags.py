@@ -2,6 +2,7 @@
 combinations that cannot work, each exiting 2 with one `error:` line that names the flag, before
 anything starts (no work directory made, TensorFlow not imported) and, for the launcher, in the dry
 run too. This table is the documentation of what is refused (docs/running.md points here)."""
+import concurrent.futures
 import os
 import re
 import subprocess
@@ -132,9 +133,19 @@ def rows():
                                id=f"{module} {' '.join(args).replace(REPO + '/', '')} --dry_run")
 
 
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Every row's command, run 4 at a time (each is a short-lived process): {row id: (result, workdir)}."""
+    cases = list(rows())
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        done = pool.map(lambda case: run_command(case.values[0], case.values[1], tmp_path_factory.mktemp("flag")),
+                        cases)
+        return {case.id: outcome for case, outcome in zip(cases, done)}
+
+
 @pytest.mark.parametrize("module, args, named", rows())
-def test_a_bad_flag_exits_2_naming_it_before_anything_starts(module, args, named, tmp_path):
-    result, workdir = run_command(module, args, tmp_path)
+def test_a_bad_flag_exits_2_naming_it_before_anything_starts(module, args, named, results, request):
+    result, workdir = results[request.node.callspec.id]
     errors = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2, result.stdout + result.stderr
     assert len(errors) == 1 and errors[0].startswith("error: ") and named in errors[0], result.stderr
