@@ -30,6 +30,7 @@ from launcher.flags import FlagError, FlagParser, integer, nonempty, positive_se
 from launcher.cluster import ClusterSpec, cluster_address, read_tf_config
 from launcher.plan import STRATEGY_CLASSES, Plan, describe
 from launcher.slurm import tf_config_from_slurm
+from launcher.storage import mapped_storage_errors
 from resnet18 import config as config_lib
 from resnet18 import tasks
 from resnet18.runtime.preemption import preempted_before_training
@@ -155,7 +156,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     from launcher.sweep_trial import reporter_from_environment
     from resnet18.training.loop import train_and_evaluate
 
-    with mapped_tensorflow_errors(tf):
+    with mapped_tensorflow_errors(tf), mapped_storage_errors(workdir):
         train_and_evaluate(config, strategy, workdir, stop_after_epoch=reporter_from_environment())
     if chief and config.train.evaluation == "inline":  # with a sidecar, the evaluator writes it when done
         _write_report(workdir)
@@ -178,7 +179,7 @@ def run_evaluator_task(config: config_lib.Config, workdir: str, cluster: Cluster
     print(describe(plan), flush=True)
     one_device = dataclasses.replace(config.runtime, strategy="one_device", gpus=None,
                                      cpu_replicas=0)
-    with mapped_tensorflow_errors(tf):
+    with mapped_tensorflow_errors(tf), mapped_storage_errors(workdir):
         run_evaluator(config, make_strategy(one_device, None), workdir)
     _write_report(workdir)
     return EXIT_OK
