@@ -367,7 +367,14 @@ def main(argv: list[str] | None = None) -> int:
     if alive := os.environ.get(processes.ALIVE_FILE_VARIABLE):
         processes.keep_alive(alive)
     try:
-        return run(parse_args(argv), argv)
+        try:
+            return run(parse_args(argv), argv)
+        finally:
+            # The exit code is decided. A SIGTERM from now on (a second notice; srun ending the step once a peer
+            # exited 138) must not turn it into a traceback or, once Python resets its handlers to the default
+            # action as it finalizes, into death by the signal (143) while TensorFlow tears down. SIG_IGN is
+            # the one disposition finalization leaves alone; SIGKILL still ends a teardown that hangs.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
     except LauncherError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return error.exit_code

@@ -81,6 +81,19 @@ def test_preempted_one_device_run_resumes_bit_for_bit(tiny_data_dir, tmp_path, r
     assert fingerprints(again.stdout) == [reference_one_device]
 
 
+def test_notices_after_the_first_do_not_change_a_preempted_runs_exit_code(tiny_data_dir, tmp_path):
+    """More SIGTERMs may follow the first: a second notice, or srun ending the step (--kill-on-bad-exit) once
+    a peer exited 138. None may turn a saved preemption (138) into a death by signal (143: Python resets its
+    handlers to the default action while it finalizes) or a traceback (1) while TensorFlow tears down."""
+    run = Running(job_args(tiny_data_dir, tmp_path, "--strategy", "one_device"))
+    run.wait_for(r"^Checkpoint at step 4:")
+    while run.process.poll() is None:  # from the first notice to the process's very end
+        run.process.send_signal(signal.SIGTERM)
+        time.sleep(0.02)
+    assert run.finish() == 138, run.output[-3000:]
+    assert "preempted (SIGTERM): checkpoint saved at step" in run.output and "Traceback" not in run.output
+
+
 def test_killed_two_replica_run_resumes_bit_for_bit(tiny_data_dir, tmp_path):
     args = job_args(tiny_data_dir, tmp_path / "run", "--cpu_replicas", "2")
     reference = run_launcher(*job_args(tiny_data_dir, tmp_path / "reference", "--cpu_replicas", "2"))
