@@ -82,17 +82,34 @@ def write(sweep, study) -> dict[str, Any]:
 
 
 def finish(sweep, study) -> None:
-    """best.yaml, the HParams summaries and the report, once this machine's trials are done."""
+    """best.yaml, the HParams summaries and the report, once this machine's trials are done.
+
+    Other machines sharing the study may still run trials: what is written then is the best of the trials
+    complete now, and says so; the last machine to finish (or the same command run again) writes the final one."""
     content = write(sweep, study)
+    pending = running_elsewhere(content)
     if content["best"]:
-        write_best(sweep, content["best"])
-        print(f"Best: trial {content['best']['number']}, {sweep.args.metric} {content['best']['value']:.4f}: "
-              f"{content['best']['params']} -> {os.path.join(sweep.args.workdir, 'best.yaml')}", flush=True)
+        write_best(sweep, content["best"], pending)
+        print(f"Best{' so far' if pending else ''}: trial {content['best']['number']}, {sweep.args.metric} "
+              f"{content['best']['value']:.4f}: {content['best']['params']} -> "
+              f"{os.path.join(sweep.args.workdir, 'best.yaml')}", flush=True)
+    if pending:
+        print(f"Not final: {pending}; the last machine to finish writes the final results, or run this command "
+              "again once they end", flush=True)
     write_hparams(sweep, content)
     write_report(sweep, study, content)
 
 
-def write_best(sweep, best_trial: dict[str, Any]) -> str:
+def running_elsewhere(content: dict[str, Any]) -> str:
+    """The trials still running (on other machines: this one's have ended), as a phrase; "" when none."""
+    running = [trial for trial in content["trials"] if trial["state"] == "running"]
+    if not running:
+        return ""
+    return ", ".join(f"trial {trial['number']} ({trial['machine'] or 'unknown machine'})" for trial in running) \
+        + (" still runs" if len(running) == 1 else " still run")
+
+
+def write_best(sweep, best_trial: dict[str, Any], pending: str = "") -> str:
     """DIR/best.yaml: the job with the sweep's --set and the best trial's values, as that trial ran it.
 
     Built from the study, not copied from the trial's directory, which may be on another machine."""
@@ -103,7 +120,8 @@ def write_best(sweep, best_trial: dict[str, Any]) -> str:
     path = os.path.join(sweep.args.workdir, "best.yaml")
     with open(path, "w", encoding="utf-8") as stream:
         stream.write(f"# The best trial ({best_trial['number']}) of sweep {sweep.study_name}: "
-                     f"{sweep.args.metric} {best_trial['value']:.4f}\n" + config_lib.dump(config))
+                     f"{sweep.args.metric} {best_trial['value']:.4f}\n"
+                     + (f"# Not final when written: {pending}\n" if pending else "") + config_lib.dump(config))
     return path
 
 
@@ -233,6 +251,8 @@ def _markdown(sweep, content: dict[str, Any], pictures: list[str], notes: list[s
     lines = [f"# Sweep {content['study']}", "",
              f"{len(content['trials'])} trial(s) of {content['trials_planned']}; metric {content['metric']} "
              f"({content['direction']}); storage {content['storage']}.", ""]
+    if pending := running_elsewhere(content):
+        lines += [f"Not final when written: {pending}.", ""]
     if content["best"]:
         lines += [f"Best: trial {content['best']['number']}, {content['metric']} {content['best']['value']:.4f}, "
                   + ", ".join(f"{key}={_shown(value)}" for key, value in content["best"]["params"].items())

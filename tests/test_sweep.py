@@ -115,6 +115,35 @@ def test_a_machine_resumes_its_own_abandoned_trials_only(tmp_path):
     assert [trial.number for trial in own_unfinished(sweep, study)] == [0, 1]
 
 
+def test_results_written_while_another_machine_runs_a_trial_say_they_are_not_final(tmp_path, capsys):
+    """A machine whose trials ended while another's still runs writes the best of the trials complete now, and
+    says which trial it did not wait for; once that one ends, the same results name the true best."""
+    from launcher import sweep_results, sweep_space
+    from launcher.sweep import checked, open_study, parse_args
+
+    sweep = checked(*parse_args(["--job", TINY_JOB, "--space", write_space(tmp_path), "--trials", "2",
+                                 "--workdir", str(tmp_path / "a"), "--machine_id", "a"]))
+    study = open_study(sweep)
+    mine, theirs = study.ask(), study.ask()
+    for trial, machine in ((mine, "a"), (theirs, "b")):
+        sweep_space.suggest(trial, sweep.space)
+        trial.set_user_attr("machine", machine)
+    study.tell(mine, 0.25)
+    sweep_results.finish(sweep, study)
+    said = capsys.readouterr().out
+    assert "Best so far: trial 0" in said and "Not final: trial 1 (b) still runs" in said, said
+    best = (tmp_path / "a" / "best.yaml").read_text().splitlines()
+    assert best[:2] == [f"# The best trial (0) of sweep {sweep.study_name}: test_accuracy 0.2500",
+                        "# Not final when written: trial 1 (b) still runs"]
+    assert "Not final when written: trial 1 (b) still runs." in (tmp_path / "a" / "report" / "report.md").read_text()
+    study.tell(theirs, 0.5)
+    sweep_results.finish(sweep, study)
+    said = capsys.readouterr().out
+    assert "Best: trial 1" in said and "Not final" not in said, said
+    assert (tmp_path / "a" / "best.yaml").read_text().startswith(
+        f"# The best trial (1) of sweep {sweep.study_name}: test_accuracy 0.5000\nname: ")
+
+
 def free_pid() -> int:
     """A process id no process has (a child's, after it was reaped)."""
     child = subprocess.Popen(["true"])
@@ -316,5 +345,23 @@ def test_two_sweep_processes_share_one_postgresql_study_as_two_machines_would(ti
     assert ran[0] | ran[1] == {0, 1, 2, 3}  # one sweep of 4 trials, not two of 4
     for name in ("a", "b"):
         assert len(results(tmp_path / name)["trials"]) == 4  # each sees the whole study
-    # The best trial ran on one machine only; both write its config (from the study, not its directory).
-    assert (tmp_path / "a" / "best.yaml").read_text() == (tmp_path / "b" / "best.yaml").read_text()
+    # A machine whose trials ended while the other's still ran wrote the best of the trials complete then, and
+    # said so; the last one to finish did not need to.
+    for name, machine in zip(("a", "b"), machines):
+        assert ("Not final:" in machine.output) == ("# Not final when written:" in (tmp_path / name / "best.yaml")
+                                                    .read_text()), machine.output[-2000:]
+    assert not all("Not final:" in machine.output for machine in machines)
+    # The same command again, once every trial ended, runs nothing and writes the final results: both machines
+    # name the study's best trial, with its config built from the study (it ran on one machine only).
+    for name in ("a", "b"):
+        again = run_sweep(*sweep_command(tiny_data_dir, space, tmp_path / name, sets=("train.epochs=1",),
+                                         flags=("--storage", postgres, "--pruner", "none"), parallel=1))
+        assert again.returncode == 0 and "Not final" not in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
+        assert not re.search(r"^Trial \d+ (started|resumed)", again.stdout, re.M), again.stdout[-2000:]
+    best = (tmp_path / "a" / "best.yaml").read_text()
+    assert best == (tmp_path / "b" / "best.yaml").read_text()
+    import optuna
+
+    study = optuna.load_study(study_name="tiny", storage=postgres)
+    assert best.startswith(f"# The best trial ({study.best_trial.number}) of sweep tiny: "
+                           f"test_accuracy {study.best_value:.4f}\nname: tiny\n"), best[:300]
