@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -156,7 +157,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     from launcher.sweep_trial import reporter_from_environment
     from resnet18.training.loop import train_and_evaluate
 
-    with mapped_tensorflow_errors(tf), mapped_storage_errors(workdir):
+    batch = (config.train.global_batch_size, strategy.num_replicas_in_sync, config.train.grad_accum_steps)
+    with mapped_tensorflow_errors(tf, batch), mapped_storage_errors(workdir):
         train_and_evaluate(config, strategy, workdir, stop_after_epoch=reporter_from_environment())
     if chief and config.train.evaluation == "inline":  # with a sidecar, the evaluator writes it when done
         _write_report(workdir)
@@ -212,14 +214,15 @@ def _write_report(workdir: str) -> None:
 
 
 @contextlib.contextmanager
-def mapped_tensorflow_errors(tf):
+def mapped_tensorflow_errors(tf, batch: tuple[int, int, int] | None = None):
     """Maps TensorFlow's failures to the launcher's exit codes.
 
     A lost or frozen peer surfaces as Unavailable/DeadlineExceeded/Cancelled (collectives aborted,
     coordination-service heartbeat missed), or as Aborted naming a collective or a peer: retryable
     (138), so the cluster restarts every worker and they resume. An Aborted that names neither is an
     op that could not run here (oneDNN could not build a kernel, say): a restart would fail alike (1).
-    Out of memory is not retryable either.
+    Out of memory is not retryable either; it names where memory ran out and, given `batch` (global batch,
+    replicas, gradient accumulation steps), the batch each replica holds: what the user can lower.
     """
     try:
         yield
@@ -236,9 +239,24 @@ def mapped_tensorflow_errors(tf):
         raise PortInUseError(f"could not listen on {address} (this task's address in TF_CONFIG): the port is in use "
                              "by another process") from None
     except tf.errors.ResourceExhaustedError as error:
-        raise TrainingError(
-            f"out of memory ({first_line(error)}); lower train.global_batch_size or use more devices"
-        ) from None
+        raise TrainingError(out_of_memory(error, batch)) from None
+
+
+def out_of_memory(error: Exception, batch: tuple[int, int, int] | None) -> str:
+    """The out-of-memory message: where (device and allocator, as TensorFlow names them), each replica's batch."""
+    text = str(error)
+    device, allocator = re.search(r"device:(\w+:\d+)", text), re.search(r"by allocator (\S+)", text)
+    where = (f"on {device.group(1)}" + (f" (allocator {allocator.group(1)})" if allocator else "")
+             if device else "on a device it does not name")
+    holds = ""
+    if batch:
+        global_batch, replicas, accumulation = batch
+        holds = (f"; each replica holds a batch of {global_batch // replicas} (train.global_batch_size "
+                 f"{global_batch} over {replicas} replica{'s' if replicas > 1 else ''})")
+        if accumulation > 1:
+            holds += f", {global_batch // replicas // accumulation} at a time (train.grad_accum_steps {accumulation})"
+    return (f"out of memory {where} ({first_line(error)}){holds}; lower train.global_batch_size, raise "
+            "train.grad_accum_steps or use more devices")
 
 
 def _peer_lost(error: Exception) -> RetryableError:

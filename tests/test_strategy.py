@@ -237,6 +237,27 @@ def test_tensorflow_errors_map_to_exit_codes_by_what_they_mean(error, code):
     assert raised.value.exit_code == code
 
 
+@pytest.mark.parametrize("text, where", [
+    ("OOM when allocating tensor with shape[128,64,32,32] and type float on /job:worker/replica:0/task:1/"
+     "device:GPU:0 by allocator GPU_0_bfc", "on GPU:0 (allocator GPU_0_bfc)"),
+    ("OOM when allocating tensor with shape[128,64,32,32] and type float on /job:localhost/replica:0/task:0/"
+     "device:CPU:0 by allocator mklcpu", "on CPU:0 (allocator mklcpu)"),
+    ("failed to allocate memory [Op:Conv2D]", "on a device it does not name"),
+])
+def test_out_of_memory_names_the_device_and_each_replicas_batch(text, where):
+    """What a user lowers is the batch each replica holds: say it, and where memory ran out."""
+    from launcher.__main__ import mapped_tensorflow_errors
+    from resnet18.runtime.errors import LauncherError
+
+    with pytest.raises(LauncherError) as raised, mapped_tensorflow_errors(tf, batch=(256, 2, 2)):
+        raise tf.errors.ResourceExhaustedError(None, None, text)
+    message = str(raised.value)
+    assert raised.value.exit_code == 1 and message.startswith(f"out of memory {where}"), message
+    assert ("each replica holds a batch of 128 (train.global_batch_size 256 over 2 replicas), 64 at a time "
+            "(train.grad_accum_steps 2)") in message, message
+    assert "lower train.global_batch_size, raise train.grad_accum_steps or use more devices" in message
+
+
 @pytest.mark.parametrize("version, noted", [("2.18.1", False), ("2.16.1", False), ("2.19.0", True),
                                             ("2.21.0", True), ("3.0.0", True)])
 def test_a_tensorflow_newer_than_the_last_tpu_runtime_is_noted_not_refused(version, noted):
