@@ -38,10 +38,14 @@ says what that means here.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
+import json
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from typing import Callable
@@ -50,7 +54,7 @@ from launcher.processes import (EVALUATOR, POLL_SECONDS, STOP_GRACE_SECONDS, Fai
                                 free_ports, initial_slots, local_tf_configs, send_signal, start_task, stop_tasks,
                                 to_blame)
 from resnet18.runtime.errors import EXIT_FAILURE, EXIT_PORT_IN_USE, EXIT_RETRYABLE, LauncherError, SetupError
-from resnet18.runtime.status import append_event
+from resnet18.runtime.status import append_events
 
 DEFAULT_PREEMPTION_GRACE_SECONDS = 60  # a preempted worker's peers may still be writing their checkpoint
 FINISH_GRACE_SECONDS = 120  # after one worker succeeds, the other workers must end within this
@@ -247,7 +251,8 @@ def launch(spec: GroupSpec) -> int:
             return _finished(spec, group, workers)
         _event(spec, {"event": "group_failed", "task": failure.task, "exit_code": failure.exit_code,
                       "cause": f"{failure.task} {failure.cause}" + (f" ({failure.note})" if failure.note else ""),
-                      "log": failure.log_path, "forwarded_signal": forwarded[0] if forwarded else None,
+                      "error": failure.error, "log": failure.log_path,
+                      "forwarded_signal": forwarded[0] if forwarded else None,
                       "seconds_since_sign_of_life": dict(failure.silent)})
         if forwarded:
             print(f"error: stopped by {signal.Signals(forwarded[0]).name}; {failure.describe()}",
@@ -323,5 +328,35 @@ def _maybe_shrink(spec: GroupSpec, attempts: _Attempts) -> None:
 
 
 def _event(spec: GroupSpec, event: dict) -> None:
-    if spec.workdir:
-        append_event(spec.workdir, event)
+    """Adds the event to WORKDIR/events.jsonl, after any an earlier start could not record.
+
+    A work directory that cannot take it (its disk full, say: the very failure to record) never stops the
+    group: the event waits in this machine's temporary directory (a local group runs on one machine) for the
+    next start of the same work directory, which records it in its place."""
+    if not spec.workdir:
+        return
+    waiting = _unrecorded_file(spec.workdir)
+    events = [*_read_unrecorded(waiting), {"time": time.time(), **event}]
+    try:
+        append_events(spec.workdir, events)
+    except OSError as error:
+        print(f"warning: could not record {event['event']} in {spec.workdir}/events.jsonl ({error.strerror}); "
+              f"kept in {waiting} for the next start to record", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError), open(waiting, "w", encoding="utf-8") as stream:
+            stream.write("".join(json.dumps(item) + "\n" for item in events))
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(waiting)
+
+
+def _unrecorded_file(workdir: str) -> str:
+    name = hashlib.sha256(os.path.abspath(workdir).encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"launcher-unrecorded-events-{name}.jsonl")
+
+
+def _read_unrecorded(path: str) -> list[dict]:
+    try:
+        with open(path, encoding="utf-8") as stream:
+            return [json.loads(line) for line in stream if line.strip()]
+    except (OSError, json.JSONDecodeError):
+        return []

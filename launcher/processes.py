@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import dataclasses
 import datetime
@@ -112,6 +113,12 @@ class Failure:
         log = f" (full output: {self.log_path})" if self.log_path else ""
         note = f" ({self.note})" if self.note else ""
         return f"{self.task} {how}: {self.cause}{note}{log}; its last lines:\n{lines}"
+
+    @property
+    def error(self) -> str | None:
+        """The task's own last `error: ...` line (what it said of its failure), if it said one."""
+        said = [line.strip() for line in self.last_lines if line.strip().startswith("error:")]
+        return said[-1].removeprefix("error:").strip() if said else None
 
     @property
     def retryable(self) -> bool:
@@ -237,6 +244,14 @@ def keep_alive(path: str) -> None:
 
 # --- Starting, stopping, blaming ---------------------------------------------------------
 
+def _stop_logging(log: IO[str], task: Task, error: OSError, lock: threading.Lock) -> None:
+    with contextlib.suppress(OSError):
+        log.close()
+    with lock:
+        print(f"warning: {task.name}'s log {task.log_path} cannot be written ({error.strerror}); its output goes "
+              "to the console only", file=sys.stderr, flush=True)
+
+
 def _pump(task: Task, stream: IO[str], show: bool, lock: threading.Lock) -> None:
     """Copies a task's output to its log file and, if `show`, to the console with its name."""
     log = open(task.log_path, "a", encoding="utf-8") if task.log_path else None
@@ -244,8 +259,12 @@ def _pump(task: Task, stream: IO[str], show: bool, lock: threading.Lock) -> None
         for line in iter(stream.readline, ""):
             task.last_output = time.monotonic()
             if log:
-                log.write(line)
-                log.flush()
+                try:
+                    log.write(line)
+                    log.flush()
+                except OSError as error:  # a full or vanished disk: the output still reaches the console
+                    _stop_logging(log, task, error, lock)
+                    log = None
             line = line.rstrip("\n")
             task.tail.append(line)
             if show:
@@ -255,7 +274,8 @@ def _pump(task: Task, stream: IO[str], show: bool, lock: threading.Lock) -> None
     finally:
         stream.close()
         if log:
-            log.close()
+            with contextlib.suppress(OSError):  # a full disk: what could be written was flushed line by line
+                log.close()
 
 
 def start_task(command: tuple[str, ...], name: str, tf_config: str, gpus: str | None, attempt: int,

@@ -111,6 +111,10 @@ def _restarts(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 if previous_end:
                     cause = (previous_end.get("cause")
                              or f"{previous_end.get('state')}: {previous_end.get('detail', '')}")
+                    if previous_end.get("error"):  # what the blamed task said
+                        cause = f"{cause}: {previous_end['error']}"
+                if event.get("skipped_checkpoints"):  # the newest checkpoint(s) could not be read
+                    cause = f"{cause.strip(': ')}; then skipped {'; '.join(event['skipped_checkpoints'])}"
                 found.append({"time": event["time"], "step": event.get("step"), "cause": cause.strip(": ")})
             previous_end = None
     return found

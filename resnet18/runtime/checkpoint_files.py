@@ -45,10 +45,12 @@ def checkpoint_candidates(directory: str) -> list[str]:
     return [prefix for _, prefix in sorted(found, reverse=True)]
 
 
-def restore_latest_good(checkpoint: tf.train.Checkpoint, directory: str) -> str | None:
+def restore_latest_good(checkpoint: tf.train.Checkpoint, directory: str,
+                        skipped: list[str] | None = None) -> str | None:
     """Restores the newest checkpoint of `directory` that reads completely.
 
-    Returns its prefix, or None when the directory holds no checkpoint.
+    Returns its prefix, or None when the directory holds no checkpoint. Each newer one it could not
+    restore is added to `skipped` as "ckpt-N: why" (for the run's story in events.jsonl).
 
     Raises:
       RuntimeError: checkpoints exist but none can be read (never start over silently).
@@ -67,6 +69,8 @@ def restore_latest_good(checkpoint: tf.train.Checkpoint, directory: str) -> str 
             logging.warning("checkpoint %s %s (%s); trying the previous one", prefix, what, reason)
             print(f"warning: checkpoint {prefix} {what} ({reason}); trying the previous one", flush=True)
             failures.append(f"{os.path.basename(prefix)}: {reason}")
+            if skipped is not None:
+                skipped.append(f"{os.path.basename(prefix)} {what}: {reason}")
             continue
         return prefix
     if candidates and mismatched == len(candidates):

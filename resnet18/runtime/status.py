@@ -18,6 +18,7 @@ directories included), readable by anyone who sees the work directory.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import socket
@@ -64,9 +65,14 @@ class _Files:
             gfile.rename(path + ".tmp", path, overwrite=True)
             return
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path + ".tmp", "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(path + ".tmp", path)
+        try:
+            with open(path + ".tmp", "w", encoding="utf-8") as stream:
+                stream.write(text)
+            os.replace(path + ".tmp", path)
+        except OSError:  # a full disk: the half-written copy would only hold space; `path` is as it was
+            with contextlib.suppress(OSError):
+                os.remove(path + ".tmp")
+            raise
 
 
 FILES = _Files()
@@ -87,8 +93,14 @@ def read_json(path: str) -> dict[str, Any] | None:
 
 def append_event(workdir: str, event: dict[str, Any]) -> None:
     """Adds one line to WORKDIR/events.jsonl (rewritten whole: object stores cannot append)."""
+    append_events(workdir, [event])
+
+
+def append_events(workdir: str, events: list[dict[str, Any]]) -> None:
+    """Adds the events in one rewrite, each with its own "time" if it has one (else now)."""
     path = os.path.join(workdir, EVENTS_FILE)
-    FILES.replace(path, (FILES.read(path) or "") + json.dumps({"time": time.time(), **event}) + "\n")
+    lines = "".join(json.dumps({"time": time.time(), **event}) + "\n" for event in events)
+    FILES.replace(path, (FILES.read(path) or "") + lines)
 
 
 def read_events(workdir: str) -> list[dict[str, Any]]:

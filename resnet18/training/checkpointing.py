@@ -37,6 +37,8 @@ class Checkpointer:
         self.chief_dir = os.path.join(workdir, "checkpoints")
         self.directory = self.chief_dir if is_chief else tempfile.mkdtemp(prefix="ckpt_worker_")
         self.last_saved: str | None = None
+        self.skipped: list[str] = []  # by restore(): newer checkpoints it could not read, and why
+        self.removed: list[str] = []  # by restore(): leftovers of interrupted saves it deleted
         self._statistics = statistics
         self._weights_are_finite = weights_are_finite
         self._manager = tf.train.CheckpointManager(self._checkpoint(), self.directory, max_to_keep=max_to_keep)
@@ -56,7 +58,8 @@ class Checkpointer:
           SetupError: checkpoints exist but none can be restored into this state.
         """
         if self.is_chief:
-            for path in remove_stale_temporaries(self.chief_dir):
+            self.removed = remove_stale_temporaries(self.chief_dir)
+            for path in self.removed:
                 print(f"Removed {path}, left by an interrupted save", flush=True)
         average = self.state.average
         # A weight average turned on for a run whose checkpoints have none starts from the restored weights;
@@ -69,7 +72,7 @@ class Checkpointer:
         try:
             self.last_saved = restore_latest_good(self._checkpoint(
                 with_average=not average_is_new, with_loss_scale=not loss_scale_is_new,
-                with_replica_statistics=own_statistics), self.chief_dir)
+                with_replica_statistics=own_statistics), self.chief_dir, self.skipped)
         except RuntimeError as error:
             raise SetupError(str(error)) from None
         if own_statistics and self.last_saved:
@@ -106,7 +109,12 @@ class Checkpointer:
             raise TrainingError(f"weights became NaN/Inf by step {step}; stopping without saving "
                                 f"(the last good checkpoint, {self.last_saved}, is kept)")
         self.state.step.assign(step)
-        self.last_saved = self._manager.save(checkpoint_number=step)
+        try:
+            self.last_saved = self._manager.save(checkpoint_number=step)
+        except Exception:
+            if self.is_chief:  # a failed save's half-written files (a full disk: the space they hold) go now,
+                remove_stale_temporaries(self.chief_dir)  # not at the next start
+            raise
         if self.is_chief:
             print(f"Checkpoint at step {step}: {self.last_saved}", flush=True)
 

@@ -154,7 +154,8 @@ def _recorded(loop: Loop, start_step: int):
     chief = loop.topology.is_chief
     if chief:
         append_event(loop.workdir, {"event": "train_start", "step": start_step, "task": loop.topology.task,
-                                    "pid": os.getpid(),
+                                    "pid": os.getpid(), "skipped_checkpoints": loop.checkpointer.skipped,
+                                    "removed_temporaries": loop.checkpointer.removed,
                                     "processes": loop.topology.num_processes, "replicas": loop.topology.num_replicas})
     outcome = {"step": start_step, "state": "failed", "exit_code": 0, "detail": ""}
     try:
