@@ -51,7 +51,7 @@ import time
 from typing import Callable
 
 from launcher.processes import (EVALUATOR, POLL_SECONDS, STOP_GRACE_SECONDS, Failure, Slot, Task, first_failure,
-                                free_ports, initial_slots, local_tf_configs, send_signal, start_task, stop_tasks,
+                                free_ports, frozen_task, initial_slots, local_tf_configs, send_signal, start_task, stop_tasks,
                                 to_blame)
 from resnet18.runtime.errors import EXIT_FAILURE, EXIT_PORT_IN_USE, EXIT_RETRYABLE, LauncherError, SetupError
 from resnet18.runtime.status import append_events
@@ -146,6 +146,10 @@ def wait_for_group(spec: GroupSpec, group: Group, forwarded: list[int], attempt:
             failed = first_failure(group.workers)
             if failed is not None:
                 return _stop_failed_group(spec, group, failed, forwarded)
+            if (frozen := frozen_task(group.workers)) is not None:
+                task, age = frozen
+                stop_tasks(group.tasks)  # SIGKILL after the grace ends a stopped process too
+                return dataclasses.replace(Failure.of(task), note=f"no sign of life for {age:.0f} s: frozen")
             if group.evaluator is not None and group.evaluator.code is not None:
                 _after_evaluator_ended(spec, group, attempt, forwarded)
             codes = [task.code for task in group.workers]

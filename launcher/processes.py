@@ -43,6 +43,9 @@ POLL_SECONDS = 0.2
 TAIL_LINES = 20
 ALIVE_SECONDS = 1.0  # how often each task touches its liveness file
 ALIVE_STALE_SECONDS = 10.0  # a liveness file older than this: the process is frozen
+# A running task silent this long is stopped and blamed, whatever its peers do: TensorFlow notices a frozen
+# peer in training, but one frozen before the group forms is waited for (registration) for up to an hour.
+FROZEN_SECONDS = 60.0
 RETRYABLE_EXIT_CODES = (EXIT_RETRYABLE, 130, 137, 143)  # Kubeflow's retryable set
 PARENT_PID_VARIABLE = "LAUNCHER_PARENT_PID"  # tells a task to die with this launcher
 ALIVE_FILE_VARIABLE = "LAUNCHER_ALIVE_FILE"  # tells a task which file to keep touching
@@ -289,9 +292,11 @@ def start_task(command: tuple[str, ...], name: str, tf_config: str, gpus: str | 
         os.makedirs(log_dir, exist_ok=True)
         log_path = os.path.join(log_dir, name.replace(" ", "-") + ".log")
         alive_path = env[ALIVE_FILE_VARIABLE] = os.path.join(log_dir, name.replace(" ", "-") + ".alive")
-        with open(log_path, "a", encoding="utf-8") as log:
+        with contextlib.suppress(OSError), open(log_path, "a", encoding="utf-8") as log:  # a full disk: no header
             log.write(f"===== attempt {attempt}, {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}"
                       f", TF_CONFIG {tf_config} =====\n")
+        with contextlib.suppress(OSError), open(alive_path, "a", encoding="utf-8"):  # ages from now: a task frozen
+            os.utime(alive_path)  # before its own touching starts is seen too
     process = subprocess.Popen(
         list(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         text=True, bufsize=1, start_new_session=True)  # signals reach the tasks only through the launcher, once
@@ -305,6 +310,14 @@ def start_task(command: tuple[str, ...], name: str, tf_config: str, gpus: str | 
 
     threading.Thread(target=wait, daemon=True).start()
     return task
+
+
+def frozen_task(tasks: list[Task], now: float | None = None) -> tuple[Task, float] | None:
+    """A running task whose liveness file is older than FROZEN_SECONDS, and its age; None if none is."""
+    now = time.time() if now is None else now
+    ages = [(task.frozen_for(now), task) for task in tasks if task.process.poll() is None]
+    age, task = max(ages, key=lambda pair: pair[0], default=(0.0, None))
+    return (task, age) if task is not None and age > FROZEN_SECONDS else None
 
 
 def stop_tasks(tasks: list[Task], grace: float = STOP_GRACE_SECONDS, signal_first: bool = True) -> None:

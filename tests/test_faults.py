@@ -8,6 +8,7 @@ killed and resumed must end with exactly the weights of one that never stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import pytest
 
 from launcher.processes import free_ports
 from launcher.status import collect
+from resnet18.runtime.status import read_events
 from tests.conftest import TINY_JOB, run_launcher
 from tests.processes import Running
 
@@ -178,6 +180,25 @@ def test_frozen_peer_is_detected_within_60_seconds(tiny_data_dir, tmp_path):
     assert code == 138, group[0].output[-2000:]
     assert detected_after < 60, f"{detected_after:.0f} s"
     assert "lost contact with another worker" in group[0].output
+
+
+def test_a_worker_frozen_before_the_group_forms_is_killed_and_the_group_restarts(tiny_data_dir, tmp_path,
+                                                                                   reference_two_workers):
+    """Frozen (SIGSTOP) as it starts, before it joins its peer: nothing in TensorFlow notices (the other worker
+    waits for it to register, for up to an hour); the launcher sees its liveness file go stale."""
+    run = Running(["--workers", "2", "--max_restarts", "1", *job_args(tiny_data_dir, tmp_path)])
+    victim = int(run.wait_for(r"Started worker 1 \(pid (\d+)").group(1))
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        assert run.finish(timeout=240) == 0, run.output[-4000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)
+    assert re.search(r"worker 1 was killed by SIGKILL: killed \(retryable\) \(no sign of life for \d+ s: frozen\)",
+                     run.output), run.output[-3000:]
+    failed = [event for event in read_events(str(tmp_path)) if event["event"] == "group_failed"]
+    assert [event["task"] for event in failed] == ["worker 1"], failed
+    assert set(fingerprints(run.output)) == {reference_two_workers}
 
 
 def test_crash_loop_exhausts_max_restarts_and_reports(tiny_data_dir, tmp_path):
