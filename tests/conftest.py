@@ -6,6 +6,8 @@ multi-replica code (MirroredStrategy over 2 replicas) runs on any machine.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import subprocess
 import sys
@@ -85,3 +87,28 @@ def server_missing(what: str) -> None:
     if os.environ.get("LAUNCHER_REQUIRE_SERVERS") == "1":
         pytest.fail(message)
     pytest.skip(message)
+
+
+@contextlib.contextmanager
+def small_tmpfs(mount_point, megabytes: int):
+    """A tmpfs of `megabytes` MB mounted at `mount_point` (created) for a test that fills a disk, unmounted
+    after it; skips without root."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    os.makedirs(mount_point, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(mount_point)], check=True)
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def fill_up(path) -> None:
+    """Writes `path` until its file system has no byte left."""
+    with open(path, "wb") as stream:
+        try:
+            while True:
+                stream.write(b"\0" * 65536)
+                stream.flush()
+        except OSError as error:
+            assert error.errno == errno.ENOSPC, error

@@ -3,38 +3,24 @@ nothing saved is lost, and once space is freed the same command resumes. A real,
 import errno
 import os
 import signal
-import subprocess
 
 import pytest
 
 from launcher.storage import storage_error
-from tests.conftest import TINY_JOB
+from tests.conftest import TINY_JOB, fill_up, small_tmpfs
 from tests.processes import Running
 
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 16 MB tmpfs mounted at tmp_path/disk for the test, unmounted after it."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount_point = tmp_path / "disk"
-    mount_point.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount_point)], check=True)
-    try:
+    """A 16 MB tmpfs mounted at tmp_path/disk for the test."""
+    with small_tmpfs(tmp_path / "disk", 16) as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 def fill(path) -> None:
-    """Writes `path` until the file system has no byte left."""
-    with open(path, "wb") as stream:
-        try:
-            while True:
-                stream.write(b"\0" * 65536)
-                stream.flush()
-        except OSError as error:
-            assert error.errno == errno.ENOSPC, error
+    """Writes `path` until the file system has no byte left (the run is stopped meanwhile: nothing frees any)."""
+    fill_up(path)
     assert os.statvfs(os.path.dirname(path)).f_bavail == 0
 
 
