@@ -51,8 +51,8 @@ import time
 from typing import Callable
 
 from launcher.processes import (EVALUATOR, POLL_SECONDS, STOP_GRACE_SECONDS, Failure, Slot, Task, first_failure,
-                                free_ports, frozen_task, initial_slots, local_tf_configs, send_signal, start_task, stop_tasks,
-                                to_blame)
+                                free_ports, frozen_task, initial_slots, local_tf_configs, send_signal, start_task,
+                                stop_tasks, to_blame)
 from resnet18.runtime.errors import EXIT_FAILURE, EXIT_PORT_IN_USE, EXIT_RETRYABLE, LauncherError, SetupError
 from resnet18.runtime.status import append_events
 
