@@ -50,7 +50,7 @@ def restore_latest_good(checkpoint: tf.train.Checkpoint, directory: str,
     """Restores the newest checkpoint of `directory` that reads completely.
 
     Returns its prefix, or None when the directory holds no checkpoint. Each newer one it could not
-    restore is added to `skipped` as "ckpt-N: why" (for the run's story in events.jsonl).
+    restore is added to `skipped` as "ckpt-N is unreadable: why" (or "does not fit ...": the run's story).
 
     Raises:
       RuntimeError: checkpoints exist but none can be read (never start over silently).
