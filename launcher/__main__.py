@@ -35,14 +35,11 @@ from launcher.storage import mapped_storage_errors
 from resnet18 import config as config_lib
 from resnet18 import tasks
 from resnet18.runtime.preemption import preempted_before_training
-from resnet18.runtime.errors import (EXIT_FAILURE, EXIT_OK, ConfigError, LauncherError, PortInUseError, RetryableError,
-                                     SetupError, TrainingError, first_line)
+from resnet18.runtime.errors import (EXIT_FAILURE, EXIT_OK, PEER_LOSS_WORDS, ConfigError, LauncherError, PortInUseError,
+                                     PreemptedBeforeTraining, RetryableError, SetupError, TrainingError, first_line,
+                                     lost_a_peer)
 
 DEFAULT_RUNS_DIR = "runs"
-PEER_LOSS_WORDS = ("aborted by", "unhealthy")  # the line of a peer-loss error that names the cause
-# An AbortedError with one of these is a collective or a peer giving up (retryable); without, an op that failed.
-PEER_WORDS = ("ollective", "aborted by", "unhealthy", "heartbeat", "oordination", "peer", "Socket closed",
-              "Connection reset", "onnect")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -226,11 +223,10 @@ def mapped_tensorflow_errors(tf, batch: tuple[int, int, int] | None = None):
     """
     try:
         yield
-    except tf.errors.AbortedError as error:
-        if not any(word in str(error) for word in PEER_WORDS):
+    except (tf.errors.AbortedError, tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+            tf.errors.CancelledError) as error:
+        if not lost_a_peer(error):
             raise TrainingError(f"TensorFlow aborted an op ({first_line(error)}); a restart would not help") from None
-        raise _peer_lost(error) from None
-    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError) as error:
         raise _peer_lost(error) from None
     except tf.errors.UnknownError as error:
         if "Could not start gRPC server" not in str(error):
@@ -393,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
             # action as it finalizes, into death by the signal (143) while TensorFlow tears down. SIG_IGN is
             # the one disposition finalization leaves alone; SIGKILL still ends a teardown that hangs.
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    except LauncherError as error:
+    except (LauncherError, PreemptedBeforeTraining) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return error.exit_code
     except KeyboardInterrupt:

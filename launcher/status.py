@@ -86,6 +86,8 @@ def _state(status: dict[str, Any], summary: dict[str, Any] | None, events: list[
             else "finished"
     if state in ("preempted", "failed"):
         return state
+    if state == "lost_peer":
+        return "lost a peer"
     if state in ("training", "starting"):
         age = now - status.get("updated", now)
         allowance = heartbeat_allowance(step_timeout, started=state == "training")

@@ -45,3 +45,36 @@ def test_a_run_without_a_test_loss_is_shown(tmp_path):
          "knn_accuracy": 0.3}) + "\n")
     text = render(collect(workdir))
     assert "last evaluation: epoch 1: test_accuracy 0.3000\n" in text
+
+
+@pytest.mark.parametrize("error, state, exit_code", [
+    # The survivor of a killed peer: TensorFlow says Unavailable; the launcher exits 138 (this said failed, 1).
+    (lambda tf: tf.errors.UnavailableError(None, None, "Graph execution error:\n\nCollective ops is aborted by: "
+                                                       "task /job:worker/replica:0/task:1 heartbeat timeout"),
+     "lost_peer", 138),
+    (lambda tf: tf.errors.AbortedError(None, None, "oneDNN could not create a primitive"), "failed", 1),
+    (lambda tf: tf.errors.InvalidArgumentError(None, None, "a bug"), "failed", 1),
+])
+def test_the_end_of_training_is_told_with_the_exit_code_the_launcher_gives(tmp_path, error, state, exit_code):
+    import types
+
+    import tensorflow as tf
+
+    from resnet18.runtime.status import Heartbeat
+    from resnet18.training.loop import _recorded
+
+    heartbeat = Heartbeat(str(tmp_path), True, 100, 10)
+    loop = types.SimpleNamespace(topology=types.SimpleNamespace(is_chief=True, task="worker 0", num_processes=2,
+                                                                num_replicas=2),
+                                 workdir=str(tmp_path), checkpointer=types.SimpleNamespace(skipped=[], removed=[]),
+                                 heartbeat=heartbeat, heartbeat_step=lambda: 40)
+    raised = error(tf)
+    with pytest.raises(type(raised)):
+        with _recorded(loop, 20):
+            raise raised
+    end = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()][-1]
+    assert (end["event"], end["state"], end["exit_code"], end["step"]) == ("train_end", state, exit_code, 40)
+    if state == "lost_peer":
+        assert end["detail"].startswith("Collective ops is aborted by")  # the cause, not "Graph execution error:"
+        (tmp_path / "config.yaml").write_text(dump(Config()))
+        assert collect(str(tmp_path))["state"] == "lost a peer"

@@ -41,10 +41,34 @@ class RetryableError(LauncherError):
     exit_code = EXIT_RETRYABLE
 
 
+class PreemptedBeforeTraining(BaseException):
+    """SIGTERM before the first training step, raised by the signal handler: exit 138, nothing to save.
+
+    A BaseException, as KeyboardInterrupt is for SIGINT: the handler raises wherever the process happens to be,
+    and libraries' `except Exception` (TFDS's lazy builder imports log one and go on) must not swallow the notice.
+    """
+
+    exit_code = EXIT_RETRYABLE
+
+
 class PortInUseError(LauncherError):
     """TensorFlow could not listen on this task's port: another process has it."""
 
     exit_code = EXIT_PORT_IN_USE
+
+
+PEER_LOSS_WORDS = ("aborted by", "unhealthy")  # the line of a peer-loss error that names the cause
+# An AbortedError with one of these is a collective or a peer giving up (retryable); without, an op that failed.
+PEER_WORDS = ("ollective", "aborted by", "unhealthy", "heartbeat", "oordination", "peer", "Socket closed",
+              "Connection reset", "onnect")
+# TensorFlow's errors for a lost or frozen peer: collectives aborted, the coordination service's heartbeat missed.
+PEER_LOSS_ERRORS = ("UnavailableError", "DeadlineExceededError", "CancelledError")
+
+
+def lost_a_peer(error: BaseException) -> bool:
+    """Whether a TensorFlow error is a peer lost or frozen (retryable: 138), not an op that cannot run here (1)."""
+    name = type(error).__name__
+    return name in PEER_LOSS_ERRORS or (name == "AbortedError" and any(word in str(error) for word in PEER_WORDS))
 
 
 def first_line(error: BaseException, prefer: tuple[str, ...] = ()) -> str:

@@ -4,8 +4,10 @@ Kubernetes, Slurm (`--signal=TERM@...`) and our own `--workers` launcher send
 SIGTERM before they kill a process. Two phases:
 
 - Before the first training step (imports, data preparation, restore, tracing)
-  there is nothing to save: SIGTERM raises `RetryableError` at once, so the
-  process exits 138 cleanly instead of dying by the signal's default action.
+  there is nothing to save: SIGTERM raises `PreemptedBeforeTraining` at once, so
+  the process exits 138 cleanly instead of dying by the signal's default action.
+  It is a BaseException, which no library's `except Exception` swallows; should
+  one catch it all the same, the notice is kept and the first loop call honours it.
 - Once training runs (`arm()`), the handler only sets a flag; the loop looks at
   it between tf.function calls and, when any worker has it set, every worker
   saves a checkpoint at the same step and exits 138 (the code Kubeflow's
@@ -23,18 +25,18 @@ from __future__ import annotations
 import signal
 import threading
 
-from resnet18.runtime.errors import RetryableError
+from resnet18.runtime.errors import PreemptedBeforeTraining
 
 
 def preempted_before_training(signum=None, frame=None) -> None:  # noqa: ARG001 - signal handler signature
     """SIGTERM handler for the time before training starts: nothing to save, exit 138."""
-    raise RetryableError("preempted (SIGTERM) before training started; nothing to save; run again to start")
+    raise PreemptedBeforeTraining("preempted (SIGTERM) before training started; nothing to save; run again to start")
 
 
 class PreemptionWatcher:
     """Watches for SIGTERM (the previous handler is restored on close).
 
-    Until `arm()` a SIGTERM raises RetryableError (nothing to save yet); afterwards it sets
+    Until `arm()` a SIGTERM raises PreemptedBeforeTraining (nothing to save yet); afterwards it sets
     `requested`, which the training loop turns into an agreed checkpoint and exit 138.
     """
 
@@ -50,9 +52,9 @@ class PreemptionWatcher:
         self.armed = True
 
     def _handle(self, signum, frame) -> None:
+        self.requested = True  # first: kept even if the exception below is caught on its way out
         if not self.armed:
             preempted_before_training(signum, frame)
-        self.requested = True
 
     def close(self) -> None:
         if self._previous is not None:

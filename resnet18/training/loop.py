@@ -28,7 +28,8 @@ from resnet18 import tasks
 from resnet18.config import Config
 from resnet18.data import pipeline, sources
 from resnet18.runtime import hardware
-from resnet18.runtime.errors import RetryableError, TrainingError, first_line
+from resnet18.runtime.errors import (EXIT_FAILURE, EXIT_RETRYABLE, PEER_LOSS_WORDS, PreemptedBeforeTraining,
+                                     RetryableError, TrainingError, first_line, lost_a_peer)
 from resnet18.runtime.history import read_history, write_history
 from resnet18.runtime.preemption import PreemptionWatcher
 from resnet18.runtime.status import Heartbeat, append_event
@@ -117,6 +118,9 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
         summary = summarize(loop, progress, source, strategy, precision)
         if topology.is_chief:
             write_summary(workdir, summary)
+        if watcher.requested:  # after the last step the workers agreed on: nothing is left to save or resume
+            print(f"SIGTERM after the last training step ({progress.step}): training is complete; exiting 0",
+                  flush=True)
         return summary
 
 
@@ -161,9 +165,12 @@ def _recorded(loop: Loop, start_step: int):
     try:
         yield outcome
     except BaseException as error:
-        outcome.update(state="preempted" if isinstance(error, RetryableError) else "failed",
-                       exit_code=getattr(error, "exit_code", 1), detail=first_line(error),
-                       step=loop.heartbeat_step())
+        # A lost peer is still a TensorFlow error here; the launcher maps it to 138 on the way out: say so now.
+        peer = lost_a_peer(error)
+        preempted = isinstance(error, (RetryableError, PreemptedBeforeTraining))
+        outcome.update(state="preempted" if preempted else "lost_peer" if peer else "failed",
+                       exit_code=getattr(error, "exit_code", EXIT_RETRYABLE if peer else EXIT_FAILURE),
+                       detail=first_line(error, PEER_LOSS_WORDS), step=loop.heartbeat_step())
         raise
     finally:
         if chief:
