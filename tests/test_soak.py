@@ -83,6 +83,7 @@ class Soak:
     plan: list[str]
     rng: random.Random
     applied: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (kind, what was done)
+    when: list[float] = dataclasses.field(default_factory=list)  # time.time() of each
     outputs: list[str] = dataclasses.field(default_factory=list)
     codes: list[int] = dataclasses.field(default_factory=list)
 
@@ -104,6 +105,7 @@ class Soak:
                     continue  # nothing to apply it to right now: at another moment
                 pending.pop(0)
                 self.applied.append((kind, what))
+                self.when.append(time.time())
                 print(f"soak {self.seed}: {kind}: {what}", flush=True)
                 if kind in ENDS_THE_LAUNCHER:
                     break
@@ -271,8 +273,13 @@ def check_story(soak: Soak, workdir) -> None:
     """events.jsonl names every fault, in order; no permanent failure was followed by a restart."""
     story = events(workdir)
     position = 0
-    for kind, what in soak.applied:
+    for (kind, what), when in zip(soak.applied, soak.when):
         found = next((index for index in range(position, len(story)) if tells(kind, what, story[index])), None)
+        if found is None and kind == "term_worker" and (any(
+                event["event"] == "train_end" and event["state"] == "done" and event["time"] <= when
+                for event in story[position:]) or re.search(r"worker \d\] SIGTERM after the last training step",
+                                                             "\n".join(soak.outputs))):
+            continue  # it landed after the last training step: the worker finishes and exits 0, as it should
         assert found is not None, (f"seed {soak.seed}: {kind} ({what}) is not in events.jsonl after event "
                                    f"{position}:\n" + "\n".join(json.dumps(event) for event in story))
         position = found + 1
@@ -291,7 +298,11 @@ def soak_once(seed: int, faults: int, kinds: tuple[str, ...], data_dir: str, dis
     workdir = disk / "run"
     soak = Soak(seed, job_args(data_dir, workdir), disk, plan, rng)
     output = soak.run()
-    assert FINGERPRINT.findall(output) == [reference, reference], f"seed {seed}: {soak.applied}\n" + output[-3000:]
+    # Both workers' fingerprints, the uninterrupted run's; more than two when a worker was killed after it said
+    # its own (the group restarts and finds training complete).
+    fingerprints = FINGERPRINT.findall(output)
+    assert len(fingerprints) >= 2 and set(fingerprints) == {reference}, \
+        f"seed {seed}: {soak.applied}\n" + output[-3000:]
     history = [json.loads(line)["epoch"] for line in (workdir / "history.jsonl").read_text().splitlines()]
     assert history == [1, 2, 3], f"seed {seed}: history epochs {history}"
     check_story(soak, workdir)
@@ -318,6 +329,7 @@ def test_a_short_soak_of_three_kinds_of_fault_ends_with_the_uninterrupted_weight
 
 @pytest.mark.skipif(not os.environ.get("LAUNCHER_SOAK_RUNS"), reason="the long soak is for release checks: "
                     "LAUNCHER_SOAK_RUNS=N (and LAUNCHER_SOAK_FAULTS=F) runs it")
+@pytest.mark.timeout(0)  # N runs of minutes each; every wait inside a run has its own deadline
 def test_a_long_soak(tiny_data_dir, small_disk, uninterrupted):
     faults = int(os.environ.get("LAUNCHER_SOAK_FAULTS", "8"))
     counts: dict[str, int] = {}
