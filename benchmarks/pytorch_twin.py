@@ -1,7 +1,9 @@
-"""The same CIFAR ResNet18 in PyTorch (eager), for comparing the model step across frameworks.
+"""The same CIFAR ResNet18 in PyTorch (eager or compiled, float32 or bfloat16), for comparing frameworks.
 
     pip install torch --index-url https://download.pytorch.org/whl/cpu   # not a dependency of the launcher
     python -m benchmarks.pytorch_twin --width 64 --batch 128 --channels_last 1
+    python -m benchmarks.pytorch_twin --precision bfloat16 --compile 1   # torch.autocast + torch.compile
+    python -m benchmarks.best_vs_best --rounds 3     # both frameworks' best paths alternated, medians
     python -m benchmarks.throughput --batch 128 --precisions float32 --end_to_end_precision float32 --xla false \
         --batch_norm fused,keras --skip keras_fit,workers,startup         # the TensorFlow side, same batch
 
@@ -11,6 +13,11 @@ stage, 1x1 projection shortcuts, global average pool, dense head) and the step i
 launcher's (SGD with Nesterov momentum, cross-entropy; no weight decay, which is a few
 element-wise ops) on one synthetic batch in memory, so both sides time the model step
 alone. Prints one JSON line.
+
+--precision bfloat16 is PyTorch's recommended mixed precision on CPUs: the forward pass under
+torch.autocast("cpu", torch.bfloat16), float32 weights and optimizer (as Keras' mixed_bfloat16
+policy keeps them). --compile 1 wraps the model in torch.compile (Inductor, which needs a C++
+compiler); its compilation happens in the warm-up steps, outside the timed ones.
 """
 
 from __future__ import annotations
@@ -29,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--channels_last", type=int, choices=(0, 1), default=1,
                         help="NHWC memory format (oneDNN's preferred layout on CPUs)")
+    parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                        help="bfloat16: the forward pass under torch.autocast (mixed precision)")
+    parser.add_argument("--compile", type=int, choices=(0, 1), default=0, help="torch.compile the model")
     return parser.parse_args(argv)
 
 
@@ -78,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(os.cpu_count() or 1)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = build_resnet18(args.width).to(memory_format=memory_format)
+    forward = torch.compile(model) if args.compile else model
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bfloat16")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch, 3, 32, 32, generator=generator).to(memory_format=memory_format)
@@ -85,19 +97,21 @@ def main(argv: list[str] | None = None) -> int:
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(images), labels)
+        with autocast:
+            loss = F.cross_entropy(forward(images), labels)
         loss.backward()
         optimizer.step()
         return loss.item()  # blocks until the step is done
 
-    for _ in range(args.warmup):
+    for _ in range(max(args.warmup, 3 if args.compile else 0)):  # compiling takes the first steps
         step()
     started = time.perf_counter()
     for _ in range(args.steps):
         step()
     seconds = time.perf_counter() - started
     print(json.dumps({"framework": f"pytorch {torch.__version__}", "width": args.width, "batch": args.batch,
-                      "channels_last": bool(args.channels_last), "threads": torch.get_num_threads(),
+                      "channels_last": bool(args.channels_last), "precision": args.precision,
+                      "compile": bool(args.compile), "threads": torch.get_num_threads(),
                       "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "native"),
                       "images_per_sec": round(args.steps * args.batch / seconds, 1)}))
     return 0
