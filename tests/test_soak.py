@@ -282,6 +282,10 @@ def check_story(soak: Soak, workdir) -> None:
             continue  # it landed after the last training step: the worker finishes and exits 0, as it should
         assert found is not None, (f"seed {soak.seed}: {kind} ({what}) is not in events.jsonl after event "
                                    f"{position}:\n" + "\n".join(json.dumps(event) for event in story))
+        if kind == "lost_machine":
+            # Told by the first start that reads the checkpoints, which a later fault (a disk full before the
+            # restore) can precede: the next fault's account is looked for from the run it hit on.
+            found = next(index for index in range(position, len(story)) if story[index]["event"] == "group_start")
         position = found + 1
     for index, event in enumerate(story):  # exit 1 or 2 is permanent: the launcher's next start is a new run's
         if event["event"] == "group_failed" and event["exit_code"] in (1, 2):
