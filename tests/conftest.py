@@ -105,10 +105,10 @@ def small_tmpfs(mount_point, megabytes: int):
 
 def fill_up(path) -> None:
     """Writes `path` until its file system has no byte left."""
-    with open(path, "wb") as stream:
+    # Unbuffered: a buffered writer keeps the bytes of a write that did not fit and fails again on close.
+    with open(path, "wb", buffering=0) as stream:
         try:
             while True:
-                stream.write(b"\0" * 65536)
-                stream.flush()
+                stream.write(b"\0" * 65536)  # a partial write returns short; the next one raises ENOSPC
         except OSError as error:
             assert error.errno == errno.ENOSPC, error
