@@ -86,6 +86,7 @@ class Soak:
     when: list[float] = dataclasses.field(default_factory=list)  # time.time() of each
     outputs: list[str] = dataclasses.field(default_factory=list)
     codes: list[int] = dataclasses.field(default_factory=list)
+    outlived: list[str] = dataclasses.field(default_factory=list)  # planned faults still due when training ended
 
     @property
     def filler(self):
@@ -119,7 +120,8 @@ class Soak:
                                  + run.output + "\n")
             if self.filler.exists():
                 self.filler.unlink()  # the operator frees the space
-            if code == 0 and not pending:
+            if code == 0:  # training has ended: the soak ends with it, as the faults the run outlived
+                self.outlived = pending
                 return run.output
             assert code in (0, 2, 138, -signal.SIGKILL), f"seed {self.seed}: exit {code}\n" + run.output[-4000:]
         raise AssertionError(f"seed {self.seed}: not done after {max_runs} runs (exits {self.codes})")
@@ -337,9 +339,11 @@ def test_a_short_soak_of_three_kinds_of_fault_ends_with_the_uninterrupted_weight
 def test_a_long_soak(tiny_data_dir, small_disk, uninterrupted):
     faults = int(os.environ.get("LAUNCHER_SOAK_FAULTS", "8"))
     counts: dict[str, int] = {}
+    outlived = 0
     for seed in seeds(int(os.environ["LAUNCHER_SOAK_RUNS"])):
         shutil.rmtree(small_disk / "run", ignore_errors=True)  # each seed's run from scratch
         soak = soak_once(seed, faults, LONG_KINDS, tiny_data_dir, small_disk, uninterrupted)
         for kind, _ in soak.applied:
             counts[kind] = counts.get(kind, 0) + 1
-    print(f"long soak: {counts}", flush=True)
+        outlived += len(soak.outlived)
+    print(f"long soak: {counts}; {outlived} planned faults outlived by the end of training", flush=True)
