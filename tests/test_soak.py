@@ -19,7 +19,9 @@ line, landing in or near a save):
 
 It passes when the last run ends with the uninterrupted run's weights bit for bit, history.jsonl holds
 every epoch exactly once, events.jsonl and `launcher.status` name every fault, and nothing permanent
-was retried. The seed is printed; replay one with LAUNCHER_SOAK_SEED=S. The suite runs one short soak
+was retried. It ends when training ends: faults still due then are counted as outlived. The seed is
+printed; replay one with LAUNCHER_SOAK_SEED=S (the moments depend on timing, so a replay draws the same
+faults, not always the same moments). The suite runs one short soak
 (3 faults of 3 kinds); the long one is for release checks:
 
     LAUNCHER_SOAK_RUNS=10 LAUNCHER_SOAK_FAULTS=8 python -m pytest tests/test_soak.py -k long -s
