@@ -27,7 +27,7 @@ import tempfile
 import time
 from typing import Any
 
-from benchmarks.throughput import REPO
+from benchmarks.throughput import REPO, publish
 from launcher.cluster import environment_without_cluster
 
 TARGETS = {"end_to_end_vs_pytorch_best": 1.0, "end_to_end_vs_model": 0.95}
@@ -133,10 +133,7 @@ def table(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     results = run(args)
-    print(table(results))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as stream:
-            json.dump(results, stream, indent=2)
+    publish(results, table(results), args.json)
     return 0
 
 

@@ -352,15 +352,20 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def publish(results: dict[str, Any], text: str, path: str | None) -> None:
+    """Prints a benchmark's table and writes its results to `path` (--json), if given."""
+    print(text)
+    if path:
+        with open(path, "w", encoding="utf-8") as stream:
+            json.dump(results, stream, indent=2)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     cpu_environment.apply()  # the launcher's own settings (TF_CPU_ALLOCATOR_USE_BFC=0 in the environment overrides)
     args = parse_args(argv)
     results = run(args)
-    print(table(results))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as stream:
-            json.dump(results, stream, indent=2)
+    publish(results, table(results), args.json)
     return 0
 
 
