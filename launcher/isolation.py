@@ -22,6 +22,7 @@ the network throughout and cannot be isolated. `--worker_network`:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -32,7 +33,7 @@ import subprocess
 import sys
 
 from resnet18.config import Config
-from resnet18.runtime.errors import ConfigError
+from resnet18.runtime.errors import EXIT_RETRYABLE, ConfigError
 
 MODES = ("auto", "private", "host")
 INSIDE_VARIABLE = "LAUNCHER_PRIVATE_NETWORK"  # set for the supervisor that runs inside the namespace
@@ -107,20 +108,32 @@ def run_inside(decision: Decision, argv: list[str]) -> int:
     SIGINT and SIGTERM are passed on; the supervisor inside dies with this process.
     """
     env = dict(os.environ, **{INSIDE_VARIABLE: str(os.getpid())})
-    child = subprocess.Popen([*decision.command, "--", sys.executable, "-m", "launcher", *argv], env=env)
+    children: list[subprocess.Popen] = []
+    received: list[int] = []
 
     def forward(signum, frame):  # noqa: ARG001 - signal handler signature
-        try:
-            child.send_signal(signum)
-        except ProcessLookupError:
-            pass
+        received.append(signum)
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signum)
 
+    # Installed before the start: a signal that arrives meanwhile is passed on once the child exists.
     previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return child.wait()
+        children.append(subprocess.Popen([*decision.command, "--", sys.executable, "-m", "launcher", *argv],
+                                         env=env))
+        for signum in received:
+            with contextlib.suppress(ProcessLookupError):
+                children[0].send_signal(signum)
+        code = children[0].wait()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    if code >= 0:
+        return code
+    # Killed by a signal (sys.exit of a negative code would turn it into 241): the forwarded SIGTERM kills a
+    # launcher still starting, with nothing to save, which is a preemption like any other.
+    return EXIT_RETRYABLE if received and -code == signal.SIGTERM else 128 - code
 
 
 def bring_up_loopback() -> None:

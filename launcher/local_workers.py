@@ -140,6 +140,10 @@ def wait_for_group(spec: GroupSpec, group: Group, forwarded: list[int], attempt:
                 send_signal(task, signum)
 
     previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
+    for signum in forwarded:  # received while the group started
+        for task in group.tasks:
+            if task.process.poll() is None:
+                send_signal(task, signum)
     try:
         finish_deadline = None
         while True:
@@ -249,8 +253,16 @@ def launch(spec: GroupSpec) -> int:
         forwarded: list[int] = []
         _event(spec, {"event": "group_start", "attempt": attempt, "workers": workers, "evaluator": spec.evaluator,
                       "slots": [slot.name for slot in attempts.slots]})
-        group = start_group(spec, attempts.slots, attempt)
-        failure = wait_for_group(spec, group, forwarded, attempt)
+        # A signal while the group starts is kept and passed on once it has started (not the default action,
+        # which would leave the workers without their supervisor).
+        previous = {signum: signal.signal(signum, lambda signum, frame, kept=forwarded: kept.append(signum))
+                    for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            group = start_group(spec, attempts.slots, attempt)
+            failure = wait_for_group(spec, group, forwarded, attempt)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         if failure is None:
             return _finished(spec, group, workers)
         _event(spec, {"event": "group_failed", "task": failure.task, "exit_code": failure.exit_code,
@@ -261,7 +273,10 @@ def launch(spec: GroupSpec) -> int:
         if forwarded:
             print(f"error: stopped by {signal.Signals(forwarded[0]).name}; {failure.describe()}",
                   file=sys.stderr, flush=True)
-            return EXIT_RETRYABLE if failure.exit_code == EXIT_RETRYABLE else 128 + forwarded[0]
+            # A worker the forwarded SIGTERM killed by its default action had no handler yet: it was starting
+            # and had nothing to save, so that is a preemption too.
+            preempted = failure.exit_code == EXIT_RETRYABLE or failure.exit_code == -forwarded[0] == -signal.SIGTERM
+            return EXIT_RETRYABLE if preempted else 128 + forwarded[0]
         outcome = _after_failure(spec, attempts, failure)
         if outcome is not None:
             return outcome

@@ -287,6 +287,16 @@ def test_sigterm_to_the_launcher_is_forwarded_and_never_retried(tiny_data_dir, t
     assert run.output.count("Starting 2 local worker(s)") == 1
 
 
+def test_sigterm_to_the_launcher_as_its_workers_start_is_a_preemption(tiny_data_dir, tmp_path):
+    # Forwarded before a worker's interpreter has installed its handler, the signal's default action kills it:
+    # it was starting and had nothing to save, so the launcher's own exit is still 138 (found by the soak).
+    run = Running(["--workers", "2", "--max_restarts", "3", *job_args(tiny_data_dir, tmp_path)])
+    run.wait_for(r"Started worker 1 ")
+    run.process.send_signal(signal.SIGTERM)
+    assert run.finish(timeout=120) == 138, run.output[-3000:]
+    assert "stopped by SIGTERM" in run.output and "Restarting" not in run.output
+
+
 @pytest.mark.parametrize("layout", ["--cpu_replicas", "--workers"])
 def test_a_preemption_at_an_unscheduled_step_resumes_bit_for_bit(tiny_data_dir, tmp_path, layout):
     # Checkpoints at epoch ends only, one step per call and 40 steps per epoch: a SIGTERM sent as epoch 2
