@@ -14,6 +14,7 @@ requires it) and passed explicitly to everything that needs it.
 
 from __future__ import annotations
 
+import signal
 import sys
 import threading
 from typing import Callable, TypeVar
@@ -141,7 +142,21 @@ def _multi_worker_strategy(gpus: list) -> tf.distribute.Strategy:
         else tf.distribute.experimental.CommunicationImplementation.RING
     )
     options = tf.distribute.experimental.CommunicationOptions(implementation=implementation)
-    return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    _take_back_sigterm()
+    return strategy
+
+
+def _take_back_sigterm() -> None:
+    """Puts Python's SIGTERM handler back in place of the one TensorFlow installed while connecting.
+
+    The coordination service's preemption notifier (tsl SigtermNotifier) calls std::signal(SIGTERM) as the
+    group forms; its handler only logs "SIGTERM caught at" and records a key, so our preemption handling
+    would never hear of a notice and the worker would train on to the end. A notice that lands in between
+    is read back from that key when training starts (resnet18/runtime/preemption.py).
+    """
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is not None:
+        signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGTERM))
 
 
 def tpu_support_note(tensorflow_version: str) -> str | None:

@@ -156,6 +156,47 @@ def test_kill_9_of_one_worker_ends_the_group_within_30_seconds(tiny_data_dir, tm
     assert not list(tmp_path.glob("launch_*.yaml"))
 
 
+SIGTERM_AFTER_CONNECTING = """
+import json, os, signal, sys, time
+heard = []
+signal.signal(signal.SIGTERM, lambda *_: heard.append(1))
+import tensorflow as tf
+from launcher.cluster import read_tf_config
+from launcher.strategy import make_strategy
+from resnet18.config import RuntimeConfig
+from resnet18.runtime.preemption import notice_taken_by_tensorflow
+if sys.argv[1] == "launcher":
+    make_strategy(RuntimeConfig(strategy="multi_worker"), read_tf_config())
+else:
+    tf.distribute.MultiWorkerMirroredStrategy()
+before = notice_taken_by_tensorflow()
+if read_tf_config().task_index == 1:
+    os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(3)  # TensorFlow's notifier looks for its flag once a second, then records the key
+print(json.dumps({"heard": len(heard), "before": before, "after": notice_taken_by_tensorflow()}), flush=True)
+"""
+
+
+@pytest.mark.parametrize("made_by", ["launcher", "tensorflow"])
+def test_a_sigterm_after_the_group_forms_reaches_the_python_handler(made_by):
+    # The coordination service installs a SIGTERM handler of its own as MultiWorkerMirroredStrategy connects;
+    # it swallowed every notice a worker got before training (the soak found such a worker training to the
+    # end). The launcher's strategy takes the signal back; a notice TensorFlow took is read from its key.
+    ports = free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    processes = [subprocess.Popen(
+        [sys.executable, "-c", SIGTERM_AFTER_CONNECTING, made_by], cwd=REPO, stdout=subprocess.PIPE, text=True,
+        env=environment_without_cluster(TF_CONFIG=json.dumps({"cluster": cluster,
+                                                               "task": {"type": "worker", "index": rank}})))
+        for rank in range(2)]
+    said = [json.loads(process.communicate(timeout=120)[0].strip().splitlines()[-1]) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0]
+    if made_by == "launcher":
+        assert said == [{"heard": 0, "before": False, "after": False}, {"heard": 1, "before": False, "after": False}]
+    else:  # TensorFlow's handler in place: Python never hears of it, the key tells every worker
+        assert said == [{"heard": 0, "before": False, "after": True}, {"heard": 0, "before": False, "after": True}]
+
+
 @pytest.mark.parametrize("tf_config, words", [
     ("{oops", ["TF_CONFIG is not valid JSON"]),
     (json.dumps({"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker", "index": 5}}),

@@ -33,6 +33,24 @@ def preempted_before_training(signum=None, frame=None) -> None:  # noqa: ARG001 
     raise PreemptedBeforeTraining("preempted (SIGTERM) before training started; nothing to save; run again to start")
 
 
+# Where TensorFlow's own SIGTERM handler (the coordination service's preemption notifier, installed as a
+# MultiWorkerMirroredStrategy group forms, until launcher/strategy.py takes the signal back) records a notice.
+TENSORFLOW_NOTICE_KEY = "TF_DEFAULT_PREEMPTION_NOTICE_KEY"
+
+
+def notice_taken_by_tensorflow() -> bool:
+    """Whether a task of this group got a SIGTERM while TensorFlow's handler was installed instead of ours."""
+    from tensorflow.python.eager import context
+
+    if not context.context().coordination_service:
+        return False  # no coordination service (one process): TensorFlow installed no handler
+    try:
+        # Absent, the lookup waits out its deadline: one second, once per start, enough for the leader's answer.
+        return bool(context.context().get_config_key_value(TENSORFLOW_NOTICE_KEY, timeout_in_ms=1000))
+    except Exception:  # noqa: BLE001 - absent: DeadlineExceeded or NotFound, whichever this version raises
+        return False
+
+
 class PreemptionWatcher:
     """Watches for SIGTERM (the previous handler is restored on close).
 
@@ -50,6 +68,8 @@ class PreemptionWatcher:
     def arm(self) -> None:
         """From now on SIGTERM only asks for an agreed checkpoint (training has started)."""
         self.armed = True
+        if notice_taken_by_tensorflow():
+            self.requested = True
 
     def _handle(self, signum, frame) -> None:
         self.requested = True  # first: kept even if the exception below is caught on its way out
