@@ -138,7 +138,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     from resnet18.runtime.topology import describe as describe_strategy
     from resnet18.runtime.topology import topology_of
 
-    with mapped_tensorflow_errors(tf):
+    with mapped_tensorflow_errors(tf), processes.waiting_for_group():
         strategy = make_strategy(config.runtime, cluster)
     config_lib.check_batch_divisible(config, strategy.num_replicas_in_sync)
     info = describe_strategy(strategy)

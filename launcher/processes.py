@@ -12,7 +12,9 @@
   ALIVE_SECONDS from a thread of its own, so a frozen process (stopped, swapped out,
   deadlocked holding the interpreter) shows a stale file while the healthy ones,
   blocked in a collective that waits for it, keep theirs fresh: the launcher blames a
-  hang on the stale one, not on the first whose watchdog fired.
+  hang on the stale one, not on the first whose watchdog fired. While the group forms,
+  TensorFlow holds a waiting task's interpreter: the task says so in its file first, and
+  is blamed only when every task waits.
 - Failures are ordered by the time each process ended (a waiter thread records it).
 
     python -m launcher --workers 3 --job tests/jobs/tiny.yaml
@@ -34,7 +36,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import IO
+from typing import IO, Iterator
 
 from resnet18.runtime.errors import EXIT_FAILURE, EXIT_PORT_IN_USE, EXIT_RETRYABLE, EXIT_USAGE, SetupError
 
@@ -49,6 +51,7 @@ FROZEN_SECONDS = 60.0
 RETRYABLE_EXIT_CODES = (EXIT_RETRYABLE, 130, 137, 143)  # Kubeflow's retryable set
 PARENT_PID_VARIABLE = "LAUNCHER_PARENT_PID"  # tells a task to die with this launcher
 ALIVE_FILE_VARIABLE = "LAUNCHER_ALIVE_FILE"  # tells a task which file to keep touching
+WAITING_FOR_GROUP = "waiting for the group\n"  # what a task writes in that file while its group forms
 EVALUATOR = "evaluator"
 
 
@@ -82,6 +85,14 @@ class Task:
     @property
     def code(self) -> int | None:
         return self.process.returncode if self.ended is not None else None
+
+    def waiting_for_group(self) -> bool:
+        """Whether the task said it is waiting for its group to form (see `waiting_for_group` below)."""
+        try:
+            with open(self.alive_path or "", encoding="utf-8") as stream:
+                return stream.read(len(WAITING_FOR_GROUP)) == WAITING_FOR_GROUP
+        except OSError:
+            return False
 
     def frozen_for(self, now: float | None = None) -> float:
         """Seconds since the task last touched its liveness file (0 while it is fresh or unknown)."""
@@ -230,6 +241,26 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(EXIT_RETRYABLE)
 
 
+@contextlib.contextmanager
+def waiting_for_group() -> Iterator[None]:
+    """In a task: says, in its liveness file, that it waits for its group to form.
+
+    TensorFlow holds the GIL while MultiWorkerMirroredStrategy waits for every task to register, so the
+    touching thread stops and the file of a task that only waits for a frozen peer goes stale as well:
+    the launcher blames a stale task that does not say this first.
+    """
+    path = os.environ.get(ALIVE_FILE_VARIABLE)
+    if path:
+        with contextlib.suppress(OSError), open(path, "w", encoding="utf-8") as stream:
+            stream.write(WAITING_FOR_GROUP)
+    try:
+        yield
+    finally:
+        if path:
+            with contextlib.suppress(OSError), open(path, "w", encoding="utf-8"):
+                pass
+
+
 def keep_alive(path: str) -> None:
     """In a task: touch `path` every ALIVE_SECONDS from a daemon thread, for as long as the process runs."""
 
@@ -295,8 +326,8 @@ def start_task(command: tuple[str, ...], name: str, tf_config: str, gpus: str | 
         with contextlib.suppress(OSError), open(log_path, "a", encoding="utf-8") as log:  # a full disk: no header
             log.write(f"===== attempt {attempt}, {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}"
                       f", TF_CONFIG {tf_config} =====\n")
-        with contextlib.suppress(OSError), open(alive_path, "a", encoding="utf-8"):  # ages from now: a task frozen
-            os.utime(alive_path)  # before its own touching starts is seen too
+        with contextlib.suppress(OSError), open(alive_path, "w", encoding="utf-8"):  # ages from now: a task frozen
+            os.utime(alive_path)  # before its own touching starts is seen too (and says nothing of a group)
     process = subprocess.Popen(
         list(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         text=True, bufsize=1, start_new_session=True)  # signals reach the tasks only through the launcher, once
@@ -315,8 +346,12 @@ def start_task(command: tuple[str, ...], name: str, tf_config: str, gpus: str | 
 def frozen_task(tasks: list[Task], now: float | None = None) -> tuple[Task, float] | None:
     """A running task whose liveness file is older than FROZEN_SECONDS, and its age; None if none is."""
     now = time.time() if now is None else now
-    ages = [(task.frozen_for(now), task) for task in tasks if task.process.poll() is None]
-    age, task = max(ages, key=lambda pair: pair[0], default=(0.0, None))
+    running = [task for task in tasks if task.process.poll() is None]
+    # One that only waits for its group (TensorFlow holds its GIL meanwhile) goes stale because of another,
+    # which goes stale in turn if it is the frozen one; when every task waits, the group cannot form.
+    suspects = [task for task in running if not task.waiting_for_group()] or running
+    age, task = max(((task.frozen_for(now), task) for task in suspects), key=lambda pair: pair[0],
+                    default=(0.0, None))
     return (task, age) if task is not None and age > FROZEN_SECONDS else None
 
 

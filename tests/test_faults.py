@@ -201,6 +201,32 @@ def test_a_worker_frozen_before_the_group_forms_is_killed_and_the_group_restarts
     assert set(fingerprints(run.output)) == {reference_two_workers}
 
 
+def test_the_frozen_leader_is_blamed_not_the_worker_waiting_for_it(tiny_data_dir, tmp_path, reference_two_workers):
+    """Worker 1 waits for worker 0 (the coordination service's leader) to form the group; TensorFlow holds
+    worker 1's GIL meanwhile, so its liveness file goes stale too, and before worker 0's when worker 0 froze
+    later. Found by the long soak (seed 798727), which saw the waiting worker 1 blamed and killed."""
+    run = Running(["--workers", "2", "--max_restarts", "1", *job_args(tiny_data_dir, tmp_path)])
+    leader = int(run.wait_for(r"Started worker 0 \(pid (\d+)").group(1))
+    os.kill(leader, signal.SIGSTOP)
+    try:
+        alive = tmp_path / "logs" / "worker-1.alive"
+        deadline = time.monotonic() + 120
+        while not alive.exists() or not alive.read_text().startswith("waiting for the group"):
+            assert time.monotonic() < deadline, run.output[-3000:]
+            time.sleep(0.1)
+        time.sleep(2)  # worker 1's file is now older than any touch of worker 0's below
+        os.kill(leader, signal.SIGCONT)
+        time.sleep(1.5)  # worker 0 touches its file, still importing
+        os.kill(leader, signal.SIGSTOP)
+        assert run.finish(timeout=240) == 0, run.output[-4000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(leader, signal.SIGKILL)
+    failed = [event for event in read_events(str(tmp_path)) if event["event"] == "group_failed"]
+    assert [event["task"] for event in failed] == ["worker 0"], failed
+    assert set(fingerprints(run.output)) == {reference_two_workers}
+
+
 def test_crash_loop_exhausts_max_restarts_and_reports(tiny_data_dir, tmp_path):
     run = Running(["--workers", "2", "--max_restarts", "2", *job_args(tiny_data_dir, tmp_path)])
     killed = 0
