@@ -403,7 +403,9 @@ def to_blame(tasks: list[Task], failed: Task, settle: bool = True) -> Failure:
     while True:
         now = time.time()
         running = [task for task in tasks if task.ended is None and task is not failed]
-        frozen = [(age, task) for task in running if (age := task.frozen_for(now)) > ALIVE_STALE_SECONDS]
+        # A task still waiting for its group to form is stale because TensorFlow holds its GIL, not frozen.
+        frozen = [(age, task) for task in running
+                  if (age := task.frozen_for(now)) > ALIVE_STALE_SECONDS and not task.waiting_for_group()]
         if frozen or not running or now >= deadline:
             break
         time.sleep(ALIVE_SECONDS / 4)
