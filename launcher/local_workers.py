@@ -11,7 +11,8 @@ supervises them (the processes themselves: launcher/processes.py):
 - Failures: the task to blame is the first to fail *by time*, or a frozen one (its
   liveness file stale) that made the others give up. The others are stopped (SIGTERM,
   then SIGKILL after 5 s; after the grace period when the first exited 138, since then
-  its peers are saving or leaving too), and the report names the task, its exit code,
+  its peers are saving or leaving too; a peer still waiting for the group to form has
+  nothing to save and is killed at once), and the report names the task, its exit code,
   its last lines and its log file.
 - Restarts: after a retryable failure the whole group restarts from the latest
   checkpoint, up to `--max_restarts` times. A worker slot blamed on two starts in a row
@@ -180,6 +181,8 @@ def _stop_failed_group(spec: GroupSpec, group: Group, failed: Task, forwarded: l
     blamed = to_blame(group.workers, failed, settle=not forwarded)
     # Preempted (forwarded signal or 138): the others are saving; otherwise the group is broken.
     patient = bool(forwarded) or failed.code == EXIT_RETRYABLE
+    if patient:
+        _kill_those_waiting_for_the_group(group)
     stop_tasks(group.tasks, spec.preemption_grace if patient else STOP_GRACE_SECONDS, signal_first=not patient)
     if blamed.task == failed.name:  # a task that ended meanwhile may have failed earlier
         blamed = dataclasses.replace(Failure.of(first_failure(group.workers)), silent=blamed.silent)
@@ -187,6 +190,15 @@ def _stop_failed_group(spec: GroupSpec, group: Group, failed: Task, forwarded: l
         blamed = dataclasses.replace(blamed, exit_code=next(
             task.process.returncode for task in group.workers if task.name == blamed.task))
     return blamed
+
+
+def _kill_those_waiting_for_the_group(group: Group) -> None:
+    """SIGKILL now to each task still waiting for its group to form: the group cannot form without the
+    task that ended, the waiting one has nothing to save, and TensorFlow holds its GIL in that wait, so
+    its SIGTERM handler would not run before the preemption grace ran out."""
+    for task in group.tasks:
+        if task.process.poll() is None and task.waiting_for_group():
+            send_signal(task, signal.SIGKILL)
 
 
 def _after_evaluator_ended(spec: GroupSpec, group: Group, attempt: int, forwarded: list[int]) -> None:

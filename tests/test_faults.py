@@ -227,6 +227,48 @@ def test_the_frozen_leader_is_blamed_not_the_worker_waiting_for_it(tiny_data_dir
     assert set(fingerprints(run.output)) == {reference_two_workers}
 
 
+def catches_sigterm(pid: int) -> bool:
+    """Whether the process has a handler for SIGTERM (the SigCgt mask of /proc/PID/status)."""
+    with open(f"/proc/{pid}/status", encoding="utf-8") as stream:
+        caught = next(int(line.split()[1], 16) for line in stream if line.startswith("SigCgt:"))
+    return bool(caught & (1 << (signal.SIGTERM - 1)))
+
+
+def test_a_worker_waiting_for_a_preempted_peer_is_not_given_the_grace(tiny_data_dir, tmp_path,
+                                                                       reference_two_workers):
+    """Worker 0 is preempted (138) before the group formed while worker 1 waits for it in the strategy,
+    where TensorFlow holds worker 1's GIL: its SIGTERM handler cannot run, and it has nothing to save.
+    Found by the long soak (seed 643753): the restart came only when the preemption grace ran out."""
+    grace = 120
+    run = Running(["--workers", "2", "--max_restarts", "1", "--preemption_grace", str(grace),
+                   *job_args(tiny_data_dir, tmp_path)])
+    leader = int(run.wait_for(r"Started worker 0 \(pid (\d+)").group(1))
+    os.kill(leader, signal.SIGSTOP)
+    try:
+        alive = tmp_path / "logs" / "worker-1.alive"
+        deadline = time.monotonic() + 120
+        while not alive.exists() or not alive.read_text().startswith("waiting for the group"):
+            assert time.monotonic() < deadline, run.output[-3000:]
+            time.sleep(0.1)
+        os.kill(leader, signal.SIGCONT)
+        while not catches_sigterm(leader):  # its "nothing to save yet" handler, set long before the strategy
+            assert time.monotonic() < deadline, run.output[-3000:]
+            time.sleep(0.005)
+        os.kill(leader, signal.SIGTERM)
+        preempted = time.monotonic()
+        run.wait_for(r"Restarting the group")
+        waited = time.monotonic() - preempted
+        assert run.finish(timeout=240) == 0, run.output[-4000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(leader, signal.SIGKILL)
+    failed = [event for event in read_events(str(tmp_path)) if event["event"] == "group_failed"]
+    assert [(event["task"], event["exit_code"]) for event in failed] == [("worker 0", 138)], failed
+    # Without the immediate kill the restart waits the whole grace; with it, a poll and a process exit.
+    assert waited < 30, (waited, run.output[-3000:])
+    assert set(fingerprints(run.output)) == {reference_two_workers}
+
+
 def test_crash_loop_exhausts_max_restarts_and_reports(tiny_data_dir, tmp_path):
     run = Running(["--workers", "2", "--max_restarts", "2", *job_args(tiny_data_dir, tmp_path)])
     killed = 0
