@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -201,27 +202,35 @@ def test_a_worker_frozen_before_the_group_forms_is_killed_and_the_group_restarts
     assert set(fingerprints(run.output)) == {reference_two_workers}
 
 
+@contextlib.contextmanager
+def leader_stopped_while_worker_1_waits(run: Running, workdir) -> Iterator[int]:
+    """Stops worker 0 (the group's leader) as it starts, until worker 1 says it waits for the group; yields
+    worker 0's pid, and kills worker 0 on the way out whatever the test did."""
+    leader = int(run.wait_for(r"Started worker 0 \(pid (\d+)").group(1))
+    os.kill(leader, signal.SIGSTOP)
+    try:
+        alive = workdir / "logs" / "worker-1.alive"
+        deadline = time.monotonic() + 120
+        while not alive.exists() or not alive.read_text().startswith("waiting for the group"):
+            assert time.monotonic() < deadline, run.output[-3000:]
+            time.sleep(0.1)
+        yield leader
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(leader, signal.SIGKILL)
+
+
 def test_the_frozen_leader_is_blamed_not_the_worker_waiting_for_it(tiny_data_dir, tmp_path, reference_two_workers):
     """Worker 1 waits for worker 0 (the coordination service's leader) to form the group; TensorFlow holds
     worker 1's GIL meanwhile, so its liveness file goes stale too, and before worker 0's when worker 0 froze
     later. Found by the long soak (seed 798727), which saw the waiting worker 1 blamed and killed."""
     run = Running(["--workers", "2", "--max_restarts", "1", *job_args(tiny_data_dir, tmp_path)])
-    leader = int(run.wait_for(r"Started worker 0 \(pid (\d+)").group(1))
-    os.kill(leader, signal.SIGSTOP)
-    try:
-        alive = tmp_path / "logs" / "worker-1.alive"
-        deadline = time.monotonic() + 120
-        while not alive.exists() or not alive.read_text().startswith("waiting for the group"):
-            assert time.monotonic() < deadline, run.output[-3000:]
-            time.sleep(0.1)
+    with leader_stopped_while_worker_1_waits(run, tmp_path) as leader:
         time.sleep(2)  # worker 1's file is now older than any touch of worker 0's below
         os.kill(leader, signal.SIGCONT)
         time.sleep(1.5)  # worker 0 touches its file, still importing
         os.kill(leader, signal.SIGSTOP)
         assert run.finish(timeout=240) == 0, run.output[-4000:]
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(leader, signal.SIGKILL)
     failed = [event for event in read_events(str(tmp_path)) if event["event"] == "group_failed"]
     assert [event["task"] for event in failed] == ["worker 0"], failed
     assert set(fingerprints(run.output)) == {reference_two_workers}
@@ -242,15 +251,9 @@ def test_a_worker_waiting_for_a_preempted_peer_is_not_given_the_grace(tiny_data_
     grace = 120
     run = Running(["--workers", "2", "--max_restarts", "1", "--preemption_grace", str(grace),
                    *job_args(tiny_data_dir, tmp_path)])
-    leader = int(run.wait_for(r"Started worker 0 \(pid (\d+)").group(1))
-    os.kill(leader, signal.SIGSTOP)
-    try:
-        alive = tmp_path / "logs" / "worker-1.alive"
-        deadline = time.monotonic() + 120
-        while not alive.exists() or not alive.read_text().startswith("waiting for the group"):
-            assert time.monotonic() < deadline, run.output[-3000:]
-            time.sleep(0.1)
+    with leader_stopped_while_worker_1_waits(run, tmp_path) as leader:
         os.kill(leader, signal.SIGCONT)
+        deadline = time.monotonic() + 120
         while not catches_sigterm(leader):  # its "nothing to save yet" handler, set long before the strategy
             assert time.monotonic() < deadline, run.output[-3000:]
             time.sleep(0.005)
@@ -259,9 +262,6 @@ def test_a_worker_waiting_for_a_preempted_peer_is_not_given_the_grace(tiny_data_
         run.wait_for(r"Restarting the group")
         waited = time.monotonic() - preempted
         assert run.finish(timeout=240) == 0, run.output[-4000:]
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(leader, signal.SIGKILL)
     failed = [event for event in read_events(str(tmp_path)) if event["event"] == "group_failed"]
     assert [(event["task"], event["exit_code"]) for event in failed] == [("worker 0", 138)], failed
     # Without the immediate kill the restart waits the whole grace; with it, a poll and a process exit.
