@@ -228,7 +228,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     data_dir = os.path.join(scratch, "tfds")
     train_examples = args.batch * (args.warmup + args.steps) * 2
     overrides = [f"model.width={args.width}", f"train.global_batch_size={args.batch}", "train.epochs=1",
-                 f"data.data_dir={data_dir}", f"data.generated.train_examples={max(train_examples, 1024)}",
+                 f"data.data_dir={data_dir}", "data.source=generated",
+                 f"data.generated.train_examples={max(train_examples, 1024)}",
                  f"data.generated.test_examples={args.batch}", f"train.steps_per_loop={args.steps}",
                  "train.checkpoint_every_steps=0"]
     config = build_config(None, overrides)
