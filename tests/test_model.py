@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from resnet18.runtime import hardware
 from resnet18.models import ARCHITECTURES, decayed_kernels
-from resnet18.models.layers import SE_REDUCTION, Subsample
+from resnet18.models.layers import SE_REDUCTION, GroupedConv2D, Subsample
 from resnet18.models.resnet import BLOCKS_PER_STAGE, STAGE_MULTIPLIERS, build_resnet18
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -388,3 +388,47 @@ def test_resnext_blocks_are_grouped_convolutions_of_cardinality_groups():
         tf.split(inputs, 8, axis=-1), tf.split(grouped.kernel, 8, axis=-1))], axis=-1)
     # Each output channel is the same 36-term dot product of its own group: round-off at most.
     np.testing.assert_allclose(outputs, per_group, rtol=1e-5, atol=1e-5)
+
+
+def _xla_compiled_functions(function: tf.types.experimental.ConcreteFunction) -> list[str]:
+    library = function.graph.as_graph_def().library.function
+    return [f.signature.name for f in library if f.attr["_XlaMustCompile"].b]
+
+
+def test_grouped_convolutions_are_tensorflows_conv2d_not_an_xla_function():
+    """Keras 3 runs each grouped convolution as an XLA function, whose CPU convolution is thousands of
+    small matrix products (ResNeXt-29 2x64d trained at 27 images/s against 351-372 with TensorFlow's
+    Conv2D, width 16, AMD EPYC Zen 5 with AVX512-BF16). Ours is TensorFlow's Conv2D on the same variables;
+    without oneDNN it keeps Keras' path (the AVX2-kernel gradient test's "eigen" case runs that one)."""
+    model = ARCHITECTURES["resnext29_2x64d"](width=4, image_size=16)
+    images = tf.random.stateless_uniform([2, 16, 16, 3], [1, 2], maxval=255.0)
+
+    @tf.function
+    def gradients(images):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(model(images, training=True))
+        return tape.gradient(loss, model.trainable_variables)
+
+    assert _xla_compiled_functions(gradients.get_concrete_function(images)) == []
+
+
+@pytest.mark.parametrize("strides", [1, 2])
+def test_grouped_conv2d_computes_what_keras_grouped_conv2d_computes(strides):
+    images = tf.random.stateless_normal([8, 16, 16, 32], [3, 4])
+    ours = GroupedConv2D(32, 3, strides=strides, padding="same", groups=8, use_bias=False)
+    keras_own = keras.layers.Conv2D(32, 3, strides=strides, padding="same", groups=8, use_bias=False)
+    ours.build(images.shape)
+    keras_own.build(images.shape)
+    keras_own.kernel.assign(ours.kernel)
+    results = []
+    for layer in (ours, keras_own):
+        with tf.GradientTape() as tape:
+            tape.watch(images)
+            outputs = layer(images)
+            loss = tf.reduce_sum(outputs * outputs)
+        results.append([outputs, *tape.gradient(loss, [images, layer.kernel])])
+    # float32 sums in another order: the kernel's gradient sums 8 x 16 x 16 = 2,048 products, ~sqrt(2048) x
+    # 6e-8 = 2.7e-6 of its largest entry (7e-7 measured); outputs and input gradients sum 36 and 36 x 4.
+    for mine, theirs, name in zip(*results, ("outputs", "input gradient", "kernel gradient")):
+        np.testing.assert_allclose(mine, theirs, rtol=0, atol=1e-5 * float(tf.reduce_max(tf.abs(theirs))),
+                                   err_msg=name)

@@ -84,7 +84,7 @@ def conv_bn(x, filters: int, kernel_size: int, strides: int, name: str, dtype_po
     if kernel_size == 1 and strides > 1 and x.shape[-1] < STRIDED_1X1_MIN_CHANNELS:
         x = Subsample(strides, name=f"{name}_subsample", dtype=dtype_policy)(x)
         strides = 1
-    x = keras.layers.Conv2D(
+    x = (GroupedConv2D if groups > 1 else keras.layers.Conv2D)(
         filters,
         kernel_size,
         strides=strides,
@@ -142,6 +142,27 @@ class Subsample(keras.layers.Layer):
 
     def get_config(self) -> dict:
         return {**super().get_config(), "stride": self.stride}
+
+
+class GroupedConv2D(keras.layers.Conv2D):
+    """Keras' Conv2D with `groups` > 1, computed by TensorFlow's own grouped Conv2D.
+
+    Keras 3's TensorFlow backend runs every grouped convolution as an XLA function
+    (keras/src/backend/tensorflow/nn.py, `conv`), whose CPU convolution is thousands of
+    small matrix products per step; TensorFlow's Conv2D takes groups itself (oneDNN's
+    kernels on CPUs, cuDNN's on GPUs, XLA's feature groups on TPUs). Without oneDNN
+    (TF_ENABLE_ONEDNN_OPTS=0) TensorFlow has no grouped gradient on CPUs: Keras' path then.
+    The variables and their names are Keras', so checkpoints are interchangeable.
+    """
+
+    def convolution_op(self, inputs, kernel):
+        import tensorflow as tf
+        from tensorflow.python.util import _pywrap_util_port
+
+        if self.data_format != "channels_last" or not _pywrap_util_port.IsMklEnabled():
+            return super().convolution_op(inputs, kernel)
+        return tf.nn.conv2d(inputs, kernel, strides=self.strides, padding=self.padding.upper(),
+                            dilations=self.dilation_rate, data_format="NHWC")
 
 
 class FusedBatchNormalization(keras.layers.BatchNormalization):
