@@ -395,12 +395,14 @@ def _xla_compiled_functions(function: tf.types.experimental.ConcreteFunction) ->
     return [f.signature.name for f in library if f.attr["_XlaMustCompile"].b]
 
 
-def test_grouped_convolutions_are_tensorflows_conv2d_not_an_xla_function():
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_no_architecture_trains_through_an_xla_function(arch):
     """Keras 3 runs each grouped convolution as an XLA function, whose CPU convolution is thousands of
     small matrix products (ResNeXt-29 2x64d trained at 27 images/s against 351-372 with TensorFlow's
     Conv2D, width 16, AMD EPYC Zen 5 with AVX512-BF16). Ours is TensorFlow's Conv2D on the same variables;
-    without oneDNN it keeps Keras' path (the AVX2-kernel gradient test's "eigen" case runs that one)."""
-    model = ARCHITECTURES["resnext29_2x64d"](width=4, image_size=16)
+    without oneDNN it keeps Keras' path (the AVX2-kernel gradient test's "eigen" case runs that one).
+    Every architecture, with its SE gates, is checked: a new one's layers could meet the same wrapper."""
+    model = ARCHITECTURES[arch](width=4, image_size=16, se=True)
     images = tf.random.stateless_uniform([2, 16, 16, 3], [1, 2], maxval=255.0)
 
     @tf.function
