@@ -342,7 +342,8 @@ def test_narrow_model_gradients_are_right_on_avx2_kernels_too(tmp_path, arch):
     Guards the strided-1x1 workaround (resnet18/models/layers.py, oneDNN issue 6035): with a plain strided
     conv, ONEDNN_MAX_CPU_ISA=AVX2 gave stage2_block1_proj_conv a gradient 2.3x its size off, different
     call to call. The cap makes this machine run the kernels of a CPU without AVX-512. ResNeXt's
-    grouped convolutions (8 groups of 4 to 16 channels at width 4) go through the same three paths.
+    grouped convolutions (8 groups of 4 to 16 channels at width 4): oneDNN's, native and capped, against
+    Keras' XLA path, which GroupedConv2D keeps where oneDNN is off ("eigen").
     """
     results = {}
     cases = {"eigen": {"TF_ENABLE_ONEDNN_OPTS": "0"}, "native": {}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2"}}
@@ -395,6 +396,8 @@ def _xla_compiled_functions(function: tf.types.experimental.ConcreteFunction) ->
     return [f.signature.name for f in library if f.attr["_XlaMustCompile"].b]
 
 
+@pytest.mark.skipif(not hardware.onednn_enabled(), reason="TensorFlow runs this CPU on Eigen (oneDNN off: its "
+                    "default on AVX2-only CPUs), which has no grouped gradient: Keras' XLA path is kept there")
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_no_architecture_trains_through_an_xla_function(arch):
     """Keras 3 runs each grouped convolution as an XLA function, whose CPU convolution is thousands of
@@ -414,11 +417,14 @@ def test_no_architecture_trains_through_an_xla_function(arch):
     assert _xla_compiled_functions(gradients.get_concrete_function(images)) == []
 
 
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
 @pytest.mark.parametrize("strides", [1, 2])
-def test_grouped_conv2d_computes_what_keras_grouped_conv2d_computes(strides):
+def test_grouped_conv2d_computes_what_keras_grouped_conv2d_computes(strides, policy):
+    if policy == "mixed_bfloat16" and not hardware.has_native_bfloat16(hardware.cpu_flags()):
+        pytest.skip("bfloat16 is emulated on this CPU (hardware.py): the launcher refuses it there")
     images = tf.random.stateless_normal([8, 16, 16, 32], [3, 4])
-    ours = GroupedConv2D(32, 3, strides=strides, padding="same", groups=8, use_bias=False)
-    keras_own = keras.layers.Conv2D(32, 3, strides=strides, padding="same", groups=8, use_bias=False)
+    ours = GroupedConv2D(32, 3, strides=strides, padding="same", groups=8, use_bias=False, dtype=policy)
+    keras_own = keras.layers.Conv2D(32, 3, strides=strides, padding="same", groups=8, use_bias=False, dtype=policy)
     ours.build(images.shape)
     keras_own.build(images.shape)
     keras_own.kernel.assign(ours.kernel)
@@ -426,11 +432,31 @@ def test_grouped_conv2d_computes_what_keras_grouped_conv2d_computes(strides):
     for layer in (ours, keras_own):
         with tf.GradientTape() as tape:
             tape.watch(images)
-            outputs = layer(images)
+            outputs = tf.cast(layer(images), tf.float32)
             loss = tf.reduce_sum(outputs * outputs)
         results.append([outputs, *tape.gradient(loss, [images, layer.kernel])])
     # float32 sums in another order: the kernel's gradient sums 8 x 16 x 16 = 2,048 products, ~sqrt(2048) x
     # 6e-8 = 2.7e-6 of its largest entry (7e-7 measured); outputs and input gradients sum 36 and 36 x 4.
+    # bfloat16: each path rounds its results to 8 significant bits, so two can differ by one unit in the
+    # last place, 2^-7 of the largest entry (3.3e-3 measured, the kernel's gradient).
+    relative = 2.0**-7 if policy == "mixed_bfloat16" else 1e-5
     for mine, theirs, name in zip(*results, ("outputs", "input gradient", "kernel gradient")):
-        np.testing.assert_allclose(mine, theirs, rtol=0, atol=1e-5 * float(tf.reduce_max(tf.abs(theirs))),
+        np.testing.assert_allclose(mine, theirs, rtol=0, atol=relative * float(tf.reduce_max(tf.abs(theirs))),
                                    err_msg=name)
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16", "mixed_float16"])
+def test_resnext_computes_its_gradients_in_every_policy_on_this_cpu(policy):
+    """TensorFlow's CPU Conv2D has a grouped gradient only in oneDNN, which computes float16 only where the
+    CPU does natively (AVX512-FP16, AMX-FP16) and runs nothing where it is off; elsewhere Eigen refuses
+    ("Gradients for grouped convolutions are not supported on CPU") and Keras' path must be kept."""
+    model = ARCHITECTURES["resnext29_2x64d"](width=4, image_size=16, dtype_policy=policy)
+    images = tf.random.stateless_uniform([2, 16, 16, 3], [1, 2], maxval=255.0)
+
+    @tf.function
+    def gradients(images):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.cast(model(images, training=True), tf.float32))
+        return tape.gradient(loss, model.trainable_variables)
+
+    assert all(bool(tf.reduce_all(tf.math.is_finite(tf.cast(g, tf.float32)))) for g in gradients(images))

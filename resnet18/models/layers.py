@@ -10,6 +10,8 @@
   the batch moments over every replica.
 - Squeeze-and-excitation (Hu et al. 2018): channel gates from pooled features, on a
   block's residual branch.
+- Grouped convolutions (ResNeXt): TensorFlow's own Conv2D where it has a grouped
+  gradient (`GroupedConv2D`), not the XLA function Keras 3 wraps each of them in.
 
 Every conv and dense layer draws its initialiser's seed from one iterator, so a seed
 gives the same weights without touching global random state.
@@ -145,24 +147,37 @@ class Subsample(keras.layers.Layer):
 
 
 class GroupedConv2D(keras.layers.Conv2D):
-    """Keras' Conv2D with `groups` > 1, computed by TensorFlow's own grouped Conv2D.
+    """Keras' Conv2D with `groups` > 1, computed by TensorFlow's own grouped Conv2D where it can.
 
     Keras 3's TensorFlow backend runs every grouped convolution as an XLA function
     (keras/src/backend/tensorflow/nn.py, `conv`), whose CPU convolution is thousands of
-    small matrix products per step; TensorFlow's Conv2D takes groups itself (oneDNN's
-    kernels on CPUs, cuDNN's on GPUs, XLA's feature groups on TPUs). Without oneDNN
-    (TF_ENABLE_ONEDNN_OPTS=0) TensorFlow has no grouped gradient on CPUs: Keras' path then.
-    The variables and their names are Keras', so checkpoints are interchangeable.
+    small matrix products per step (ResNeXt trained 13 x slower). TensorFlow's Conv2D
+    takes groups itself on GPUs (cuDNN) and TPUs (XLA's feature groups), and on CPUs
+    through oneDNN only: Eigen, which TensorFlow uses where oneDNN is off (by default on
+    AVX2-only CPUs) or does not compute the type natively, has no grouped gradient, so
+    Keras' path stays there. The variables and their names are Keras', so checkpoints
+    are interchangeable.
     """
 
     def convolution_op(self, inputs, kernel):
         import tensorflow as tf
-        from tensorflow.python.util import _pywrap_util_port
 
-        if self.data_format != "channels_last" or not _pywrap_util_port.IsMklEnabled():
+        if self.data_format != "channels_last" or not _tensorflow_has_grouped_gradient(inputs):
             return super().convolution_op(inputs, kernel)
         return tf.nn.conv2d(inputs, kernel, strides=self.strides, padding=self.padding.upper(),
                             dilations=self.dilation_rate, data_format="NHWC")
+
+
+def _tensorflow_has_grouped_gradient(inputs) -> bool:
+    """Whether TensorFlow's Conv2D computes a grouped convolution and its gradients for `inputs` where
+    they are placed (unplaced: a GPU if there is one, as TensorFlow places them)."""
+    import tensorflow as tf
+
+    from resnet18.runtime import hardware
+
+    placed = tf.DeviceSpec.from_string(inputs.device or "").device_type
+    kind = placed or ("GPU" if tf.config.list_logical_devices("GPU") else "CPU")
+    return kind != "CPU" or hardware.onednn_computes(inputs.dtype.name)
 
 
 class FusedBatchNormalization(keras.layers.BatchNormalization):

@@ -93,6 +93,24 @@ def cpu_summary() -> str:
     return f"{cpu_model()}, {os.cpu_count()} logical CPUs, {kind} ({' '.join(present) or 'flags unknown'})"
 
 
+def onednn_enabled() -> bool:
+    """Whether TensorFlow runs its CPU kernels through oneDNN: TF_ENABLE_ONEDNN_OPTS, else TensorFlow's
+    default, which on Linux is on only for CPUs with AVX512_VNNI, AVX512_BF16, AVX_VNNI or AMX
+    (tensorflow/core/util/port.cc, DefaultOneDnnPolicy): off on AVX2-only CPUs, Eigen's kernels there."""
+    from tensorflow.python.util import _pywrap_util_port
+
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
+def onednn_computes(dtype: str, flags: frozenset[str] | set[str] | None = None) -> bool:
+    """Whether TensorFlow's CPU convolutions in `dtype` run in oneDNN here (float32 always when it is on;
+    bfloat16 and float16 only where the CPU computes them natively)."""
+    flags = cpu_flags() if flags is None else flags
+    native = {"float32": True, "bfloat16": has_native_bfloat16(flags),
+              "float16": bool(set(NATIVE_FLOAT16_CPU_FLAGS) & set(flags))}
+    return native.get(dtype, False) and onednn_enabled()
+
+
 def has_native_bfloat16(flags: frozenset[str] | set[str]) -> bool:
     """Whether a CPU with these flags computes bfloat16 convolutions natively (oneDNN)."""
     return bool(set(NATIVE_BFLOAT16_CPU_FLAGS) & set(flags))
