@@ -72,6 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preemption_grace", type=positive_seconds, default=None,
                         help="with --workers: seconds every worker gets to finish its checkpoint after a "
                              "preemption before it is killed (default 60)")
+    parser.add_argument("--frozen_after", type=positive_seconds, default=None,
+                        help="with --workers: a task that shows no sign of life this many seconds (a stopped or "
+                             "deadlocked process) is killed and blamed, and the group restarts (default 60; more "
+                             f"than {processes.ALIVE_STALE_SECONDS:g})")
     parser.add_argument("--log_workers", type=console_selection, default="all",
                         help="with --workers: tasks whose output the console shows: all (default), or a list "
                              "such as 0 or 0,2 or evaluator; every task's output goes to WORKDIR/logs/ anyway")
@@ -300,6 +304,7 @@ def run_local_workers(config: config_lib.Config, workdir: str, args: argparse.Na
             console=args.log_workers, max_restarts=args.max_restarts,
             preemption_grace=local_workers.DEFAULT_PREEMPTION_GRACE_SECONDS if args.preemption_grace is None
             else args.preemption_grace, check_workers=check_workers,
+            frozen_after=processes.FROZEN_SECONDS if args.frozen_after is None else args.frozen_after,
             evaluator_silence=_evaluator_silence(config.train.step_timeout_seconds),
             global_batch=config.train.global_batch_size, replicas_per_worker=replicas_per_worker))
     finally:
@@ -351,6 +356,7 @@ def check_flag_combinations(args: argparse.Namespace) -> None:
         only_with_workers = {"--gpus_per_worker": args.gpus_per_worker is not None,
                              "--max_restarts": args.max_restarts, "--min_workers": args.min_workers is not None,
                              "--evaluator": args.evaluator, "--preemption_grace": args.preemption_grace is not None,
+                             "--frozen_after": args.frozen_after is not None,
                              "--log_workers": args.log_workers is not None,
                              "--worker_network": args.worker_network != "auto"}
         given = [flag for flag, used in only_with_workers.items() if used]
@@ -363,6 +369,10 @@ def check_flag_combinations(args: argparse.Namespace) -> None:
     if given:
         raise FlagError(f"{', '.join(given)} cannot go with --workers {args.workers}, which runs "
                         "MultiWorkerMirroredStrategy with one replica per worker (or --gpus_per_worker GPUs each)")
+    if args.frozen_after is not None and args.frozen_after <= processes.ALIVE_STALE_SECONDS:
+        raise FlagError(f"--frozen_after must be more than {processes.ALIVE_STALE_SECONDS:g} seconds: a healthy "
+                        "task's liveness file can be that old while TensorFlow keeps it busy; "
+                        f"got {args.frozen_after:g}")
     if args.min_workers is not None and args.min_workers > args.workers:
         raise FlagError(f"--min_workers must be between 1 and --workers {args.workers}, got {args.min_workers}")
     for name in sorted(args.log_workers or ()):

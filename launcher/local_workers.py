@@ -51,9 +51,9 @@ import threading
 import time
 from typing import Callable
 
-from launcher.processes import (EVALUATOR, POLL_SECONDS, STOP_GRACE_SECONDS, Failure, Slot, Task, first_failure,
-                                free_ports, frozen_task, initial_slots, local_tf_configs, send_signal, start_task,
-                                stop_tasks, to_blame)
+from launcher.processes import (EVALUATOR, FROZEN_SECONDS, POLL_SECONDS, STOP_GRACE_SECONDS, Failure, Slot, Task,
+                                first_failure, free_ports, frozen_task, initial_slots, local_tf_configs, send_signal,
+                                start_task, stop_tasks, to_blame)
 from resnet18.runtime.errors import EXIT_FAILURE, EXIT_PORT_IN_USE, EXIT_RETRYABLE, LauncherError, SetupError
 from resnet18.runtime.status import append_events
 
@@ -81,6 +81,7 @@ class GroupSpec:
     console: frozenset[str] | None = None  # task names shown on the console; None: all
     max_restarts: int = 0
     preemption_grace: float = DEFAULT_PREEMPTION_GRACE_SECONDS
+    frozen_after: float = FROZEN_SECONDS  # a task whose liveness file is this old is stopped and blamed
     evaluator_silence: float | None = None  # once training is done: the evaluator's longest silence; None: any
     global_batch: int | None = None  # train.global_batch_size, to say what a shrink does to each replica's batch
     replicas_per_worker: int = 1
@@ -151,7 +152,7 @@ def wait_for_group(spec: GroupSpec, group: Group, forwarded: list[int], attempt:
             failed = first_failure(group.workers)
             if failed is not None:
                 return _stop_failed_group(spec, group, failed, forwarded)
-            if (frozen := frozen_task(group.workers)) is not None:
+            if (frozen := frozen_task(group.workers, limit=spec.frozen_after)) is not None:
                 task, age = frozen
                 stop_tasks(group.tasks)  # SIGKILL after the grace ends a stopped process too
                 return dataclasses.replace(Failure.of(task), note=f"no sign of life for {age:.0f} s: frozen")

@@ -343,8 +343,9 @@ def start_task(command: tuple[str, ...], name: str, tf_config: str, gpus: str | 
     return task
 
 
-def frozen_task(tasks: list[Task], now: float | None = None) -> tuple[Task, float] | None:
-    """A running task whose liveness file is older than FROZEN_SECONDS, and its age; None if none is."""
+def frozen_task(tasks: list[Task], now: float | None = None,
+                limit: float = FROZEN_SECONDS) -> tuple[Task, float] | None:
+    """A running task whose liveness file is older than `limit` seconds, and its age; None if none is."""
     now = time.time() if now is None else now
     running = [task for task in tasks if task.process.poll() is None]
     # One that only waits for its group (TensorFlow holds its GIL meanwhile) goes stale because of another,
@@ -352,7 +353,7 @@ def frozen_task(tasks: list[Task], now: float | None = None) -> tuple[Task, floa
     suspects = [task for task in running if not task.waiting_for_group()] or running
     age, task = max(((task.frozen_for(now), task) for task in suspects), key=lambda pair: pair[0],
                     default=(0.0, None))
-    return (task, age) if task is not None and age > FROZEN_SECONDS else None
+    return (task, age) if task is not None and age > limit else None
 
 
 def stop_tasks(tasks: list[Task], grace: float = STOP_GRACE_SECONDS, signal_first: bool = True) -> None:

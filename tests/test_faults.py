@@ -183,11 +183,17 @@ def test_frozen_peer_is_detected_within_60_seconds(tiny_data_dir, tmp_path):
     assert "lost contact with another worker" in group[0].output
 
 
+# What the frozen-task tests give --frozen_after: half the default, still well above a healthy file's age.
+FROZEN_AFTER = 30
+
+
 def test_a_worker_frozen_before_the_group_forms_is_killed_and_the_group_restarts(tiny_data_dir, tmp_path,
                                                                                    reference_two_workers):
     """Frozen (SIGSTOP) as it starts, before it joins its peer: nothing in TensorFlow notices (the other worker
-    waits for it to register, for up to an hour); the launcher sees its liveness file go stale."""
-    run = Running(["--workers", "2", "--max_restarts", "1", *job_args(tiny_data_dir, tmp_path)])
+    waits for it to register, for up to an hour); the launcher sees its liveness file go stale, here after
+    --frozen_after 30 s rather than the default 60."""
+    run = Running(["--workers", "2", "--max_restarts", "1", "--frozen_after", str(FROZEN_AFTER),
+                   *job_args(tiny_data_dir, tmp_path)])
     victim = int(run.wait_for(r"Started worker 1 \(pid (\d+)").group(1))
     os.kill(victim, signal.SIGSTOP)
     try:
@@ -195,8 +201,9 @@ def test_a_worker_frozen_before_the_group_forms_is_killed_and_the_group_restarts
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(victim, signal.SIGKILL)
-    assert re.search(r"worker 1 was killed by SIGKILL: killed \(retryable\) \(no sign of life for \d+ s: frozen\)",
-                     run.output), run.output[-3000:]
+    silent = re.search(r"worker 1 was killed by SIGKILL: killed \(retryable\) \(no sign of life for (\d+) s: frozen\)",
+                       run.output)
+    assert silent and FROZEN_AFTER <= int(silent.group(1)) < FROZEN_AFTER + 5, run.output[-3000:]
     failed = [event for event in read_events(str(tmp_path)) if event["event"] == "group_failed"]
     assert [event["task"] for event in failed] == ["worker 1"], failed
     assert set(fingerprints(run.output)) == {reference_two_workers}
@@ -224,7 +231,8 @@ def test_the_frozen_leader_is_blamed_not_the_worker_waiting_for_it(tiny_data_dir
     """Worker 1 waits for worker 0 (the coordination service's leader) to form the group; TensorFlow holds
     worker 1's GIL meanwhile, so its liveness file goes stale too, and before worker 0's when worker 0 froze
     later. Found by the long soak (seed 798727), which saw the waiting worker 1 blamed and killed."""
-    run = Running(["--workers", "2", "--max_restarts", "1", *job_args(tiny_data_dir, tmp_path)])
+    run = Running(["--workers", "2", "--max_restarts", "1", "--frozen_after", str(FROZEN_AFTER),
+                   *job_args(tiny_data_dir, tmp_path)])
     with leader_stopped_while_worker_1_waits(run, tmp_path) as leader:
         time.sleep(2)  # worker 1's file is now older than any touch of worker 0's below
         os.kill(leader, signal.SIGCONT)
