@@ -74,8 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "preemption before it is killed (default 60)")
     parser.add_argument("--frozen_after", type=positive_seconds, default=None,
                         help="with --workers: a task that shows no sign of life this many seconds (a stopped or "
-                             "deadlocked process) is killed and blamed, and the group restarts (default 60; more "
-                             f"than {processes.ALIVE_STALE_SECONDS:g})")
+                             "deadlocked process) is killed and blamed, and the group restarts (default "
+                             f"{processes.FROZEN_SECONDS:g}; more than {processes.ALIVE_STALE_SECONDS:g})")
     parser.add_argument("--log_workers", type=console_selection, default="all",
                         help="with --workers: tasks whose output the console shows: all (default), or a list "
                              "such as 0 or 0,2 or evaluator; every task's output goes to WORKDIR/logs/ anyway")
