@@ -112,3 +112,47 @@ def fill_up(path) -> None:
                 stream.write(b"\0" * 65536)  # a partial write returns short; the next one raises ENOSPC
         except OSError as error:
             assert error.errno == errno.ENOSPC, error
+
+
+# --- Two tests at a time (pytest-xdist) ---------------------------------------------------------
+# The suite runs `-n auto --dist loadgroup` (setup.cfg): half of its time is one-core work (importing
+# TensorFlow, tracing) or waiting on a stopped process, so a second test fills the other core. Tests
+# that share a costly fixture (a module's reference run, the smoke job, a Slurm cluster) go to one
+# worker, which computes it once; `-n 0` runs everything in this process, one test at a time.
+
+SHARED_SESSION_FIXTURES = frozenset({"smoke_run"})  # session fixtures worth computing once, not per worker
+MOST_WORKERS = 4  # each test may run a few TensorFlow processes of its own
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    return max(1, min(len(os.sched_getaffinity(0)), MOST_WORKERS))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Puts the tests that share a costly fixture into one xdist group (a union of overlapping sets) and,
+    with workers, hands out the slow tests first, so that the last minutes are quick tests on both."""
+    if hasattr(config, "workerinput"):  # an xdist worker: its collection order is the order handed out
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise
+    parent: dict[str, str] = {}
+
+    def root(key: str) -> str:
+        while parent.setdefault(key, key) != key:
+            key = parent[key]
+        return key
+
+    shared_by_item = {}
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        shared = []
+        for name, definitions in (info.name2fixturedefs.items() if info else ()):
+            scope = definitions[-1].scope
+            if scope in ("module", "class", "package"):
+                shared.append(f"{item.module.__name__}::{name}")
+            elif scope == "session" and name in SHARED_SESSION_FIXTURES:
+                shared.append(name)
+        for key in shared[1:]:
+            parent[root(key)] = root(shared[0])
+        shared_by_item[item] = shared
+    for item, shared in shared_by_item.items():
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(root(shared[0])))
