@@ -114,11 +114,11 @@ def fill_up(path) -> None:
             assert error.errno == errno.ENOSPC, error
 
 
-# --- Two tests at a time (pytest-xdist) ---------------------------------------------------------
-# The suite runs `-n auto --dist loadgroup` (setup.cfg): half of its time is one-core work (importing
-# TensorFlow, tracing) or waiting on a stopped process, so a second test fills the other core. Tests
-# that share a costly fixture (a module's reference run, the smoke job, a Slurm cluster) go to one
-# worker, which computes it once; `-n 0` runs everything in this process, one test at a time.
+# --- One test per core, on request (pytest-xdist: `python -m pytest -n auto`) -------------------
+# Serial, the suite keeps 2 cores about half busy (importing TensorFlow and tracing use one; the fault
+# tests wait on stopped processes). Tests that share a costly fixture (a module's reference run, the
+# smoke job, a Slurm cluster) go to one worker, which computes it once. Not the default yet: a test
+# with a tight timing (the evaluator's 5 s step time-out) failed once under the doubled load.
 
 SHARED_SESSION_FIXTURES = frozenset({"smoke_run"})  # session fixtures worth computing once, not per worker
 MOST_WORKERS = 4  # each test may run a few TensorFlow processes of its own
@@ -129,10 +129,7 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Puts the tests that share a costly fixture into one xdist group (a union of overlapping sets) and,
-    with workers, hands out the slow tests first, so that the last minutes are quick tests on both."""
-    if hasattr(config, "workerinput"):  # an xdist worker: its collection order is the order handed out
-        items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise
+    """Puts the tests that share a costly fixture into one xdist group (a union of overlapping sets)."""
     parent: dict[str, str] = {}
 
     def root(key: str) -> str:
