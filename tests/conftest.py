@@ -124,12 +124,21 @@ SHARED_SESSION_FIXTURES = frozenset({"smoke_run"})  # session fixtures worth com
 MOST_WORKERS = 4  # each test may run a few TensorFlow processes of its own
 
 
+@pytest.hookimpl(optionalhook=True)  # xdist's hook: unknown without it
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return max(1, min(len(os.sched_getaffinity(0)), MOST_WORKERS))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's, which would pick --dist load
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    if getattr(config.option, "numprocesses", None) and config.option.dist == "no":
+        config.option.dist = "loadgroup"  # -n alone honours the groups below
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Puts the tests that share a costly fixture into one xdist group (a union of overlapping sets)."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
     parent: dict[str, str] = {}
 
     def root(key: str) -> str:
