@@ -88,7 +88,7 @@ def _state(status: dict[str, Any], summary: dict[str, Any] | None, events: list[
         return state
     if state == "lost_peer":
         return "lost a peer"
-    if state in ("training", "starting"):
+    if state in ("training", "starting", "compiling"):
         age = now - status.get("updated", now)
         allowance = heartbeat_allowance(step_timeout, started=state == "training")
         if allowance is None or age <= allowance:

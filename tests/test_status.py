@@ -31,6 +31,8 @@ def run_dir(tmp_path, step_timeout: float, state: str, age: float):
     (60, "training", 300, True),
     (60, "starting", 300, False),  # compiling its first step: the watchdog does not time that
     (60, "starting", 60 + STARTUP_SECONDS + 1, True),
+    (60, "compiling", 300, False),  # its first save or evaluation: untimed by the watchdog too
+    (60, "compiling", 60 + STARTUP_SECONDS + 1, True),
     (0, "training", 10_000, False),  # no watchdog, no stall declared
 ])
 def test_a_chief_is_stalled_only_past_what_its_own_watchdog_allows(tmp_path, step_timeout, state, age, stalled):
@@ -78,3 +80,22 @@ def test_the_end_of_training_is_told_with_the_exit_code_the_launcher_gives(tmp_p
         assert end["detail"].startswith("Collective ops is aborted by")  # the cause, not "Graph execution error:"
         (tmp_path / "config.yaml").write_text(dump(Config()))
         assert collect(str(tmp_path))["state"] == "lost a peer"
+
+
+def test_the_chief_says_when_it_traces_a_call_its_watchdog_does_not_time(tmp_path):
+    import types
+
+    from resnet18.runtime.status import Heartbeat, read_status
+    from resnet18.runtime.watchdog import Watchdog
+    from resnet18.training.loop import Loop
+
+    heartbeat = Heartbeat(str(tmp_path), True, 100, 10)
+    heartbeat.beat(10, images=64, seconds=1.0)
+    loop = types.SimpleNamespace(traced={"train"}, watchdog=Watchdog(0), heartbeat=heartbeat)
+    with Loop.watching(loop, "save", "the checkpoint at step 10"):
+        assert read_status(str(tmp_path))["state"] == "compiling"  # the first save: traced, untimed
+    assert read_status(str(tmp_path))["state"] == "training"  # at once, not a heartbeat later
+    heartbeat.beat(20, images=64, seconds=1.0, force=True)
+    with Loop.watching(loop, "save", "the checkpoint at step 20"):
+        assert read_status(str(tmp_path))["state"] == "training"  # timed from now on
+    assert read_status(str(tmp_path))["step"] == 20

@@ -23,6 +23,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from typing import Any
 
 STATUS_FILE = "status.json"
@@ -161,6 +162,14 @@ class Heartbeat:
                             images_per_sec=images_sum / seconds_sum if seconds_sum else None)
         write_json(self.path, self._fields)
         self._written = now
+
+    @contextlib.contextmanager
+    def compiling(self) -> Iterator[None]:
+        """Says at once, for the block, that a call its watchdog does not time runs: the first of its kind
+        traces and compiles (minutes on a loaded machine), so the evaluator and `status` allow STARTUP_SECONDS."""
+        self.beat(self.last_step, state="compiling", force=True)
+        yield
+        self.beat(self.last_step, force=True)
 
     def end(self, step: int, state: str, detail: str = "") -> None:
         """The last word: done, stopped_early, preempted or failed."""

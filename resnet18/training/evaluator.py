@@ -156,8 +156,11 @@ def check_chief(workdir: str, timeout: float, started: float) -> None:
     if not timeout:
         return
     # A healthy chief writes status.json at most every HEARTBEAT_SECONDS, after a call its watchdog
-    # bounds by `timeout`; before its first heartbeat since we started, it may still be compiling.
-    if updated >= started:
+    # bounds by `timeout`; before its first heartbeat since we started, or in the first call of a kind
+    # (state "compiling"), it may be tracing and compiling, which its watchdog does not time.
+    if updated >= started and state == "compiling":
+        allowance = timeout + CHIEF_STARTUP_SECONDS
+    elif updated >= started:
         allowance = timeout + HEARTBEAT_SECONDS
     else:
         updated, allowance = started, timeout + CHIEF_STARTUP_SECONDS

@@ -211,7 +211,8 @@ class Loop:
             with self.watchdog.watching(what):
                 yield
         else:
-            yield
+            with self.heartbeat.compiling():
+                yield
             self.traced.add(kind)
 
     @property
