@@ -93,8 +93,9 @@ def _state(status: dict[str, Any], summary: dict[str, Any] | None, events: list[
         allowance = heartbeat_allowance(step_timeout, started=state == "training")
         if allowance is None or age <= allowance:
             return "running"
+        plus = "the heartbeat interval" if state == "training" else "the start-up allowance (it was compiling)"
         return (f"stalled or gone (no heartbeat for {age:.0f} s; its watchdog allows {allowance:.0f} s: "
-                "train.step_timeout_seconds and the heartbeat interval)")
+                f"train.step_timeout_seconds and {plus})")
     last = events[-1] if events else {}
     return {"group_failed": "failed", "group_start": "starting"}.get(last.get("event"), "unknown (no heartbeat yet)")
 

@@ -99,3 +99,17 @@ def test_the_chief_says_when_it_traces_a_call_its_watchdog_does_not_time(tmp_pat
     with Loop.watching(loop, "save", "the checkpoint at step 20"):
         assert read_status(str(tmp_path))["state"] == "training"  # timed from now on
     assert read_status(str(tmp_path))["step"] == 20
+
+
+def test_a_resumed_chief_compiling_its_first_call_reports_the_step_it_resumed_at(tmp_path):
+    import types
+
+    from resnet18.runtime.status import Heartbeat, read_status
+    from resnet18.runtime.watchdog import Watchdog
+    from resnet18.training.loop import Loop
+
+    heartbeat = Heartbeat(str(tmp_path), True, 100, 10, start_step=40)
+    loop = types.SimpleNamespace(traced=set(), watchdog=Watchdog(0), heartbeat=heartbeat)
+    with Loop.watching(loop, "train", "training steps 41-45"):
+        status = read_status(str(tmp_path))
+        assert (status["state"], status["step"], status["epoch"]) == ("compiling", 40, 4)

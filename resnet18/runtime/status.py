@@ -1,8 +1,9 @@
 """What a run is doing, on disk: WORKDIR/status.json (the chief's heartbeat) and WORKDIR/events.jsonl.
 
 - status.json is rewritten by the chief at most every HEARTBEAT_SECONDS while it
-  trains (step, epoch, images/s over the last calls, time), and once more when it
-  ends (done, stopped early, preempted, failed). The sidecar evaluator reads it to
+  trains (step, epoch, images/s over the last calls, time), at once around each call
+  its watchdog does not time (state "compiling": the first of each kind traces and
+  compiles), and once more when it ends (done, stopped early, preempted, failed). The sidecar evaluator reads it to
   tell a slow chief from a lost one; `python -m launcher.status` reads it to say
   how the run is going.
 - events.jsonl gets one line per start and end of a task that can say so (the
@@ -123,8 +124,9 @@ def heartbeat_allowance(step_timeout: float, started: bool) -> float | None:
     """How old a healthy chief's heartbeat may get (None: train.step_timeout_seconds is 0, no limit).
 
     The watchdog bounds every training call, evaluation and save by train.step_timeout_seconds, and the
-    heartbeat is written at most every HEARTBEAT_SECONDS after a call; before its first step a chief
-    gets STARTUP_SECONDS more.
+    heartbeat is written at most every HEARTBEAT_SECONDS after a call; before its first step, and in the
+    first call of each kind (state "compiling": tracing, untimed by the watchdog), a chief gets
+    STARTUP_SECONDS instead of HEARTBEAT_SECONDS.
     """
     if not step_timeout:
         return None
@@ -134,13 +136,13 @@ def heartbeat_allowance(step_timeout: float, started: bool) -> float | None:
 class Heartbeat:
     """The chief's status.json: written at most every HEARTBEAT_SECONDS, and at the end (no-op elsewhere)."""
 
-    def __init__(self, workdir: str, is_chief: bool, total_steps: int, steps_per_epoch: int):
+    def __init__(self, workdir: str, is_chief: bool, total_steps: int, steps_per_epoch: int, start_step: int = 0):
         self.path = os.path.join(workdir, STATUS_FILE)
         self.enabled = is_chief
         self.total_steps = total_steps
         self.steps_per_epoch = steps_per_epoch
         self._written = 0.0
-        self.last_step = 0
+        self.last_step = start_step  # a resumed run's first write (compiling its first call) says where it stands
         self._calls: collections.deque = collections.deque(maxlen=SPEED_WINDOW)  # (images, seconds)
         self._fields: dict[str, Any] = {"state": "starting", "pid": os.getpid(), "host": socket.gethostname(),
                                         "started": time.time()}

@@ -21,7 +21,8 @@ collective, and on one device:
   reports a preemption or a failure: a restart of the job fixes that. Until the chief's
   first heartbeat since the evaluator started, the chief is starting (data, tracing,
   compilation: what its own watchdog leaves untimed too), and it gets
-  CHIEF_STARTUP_SECONDS more.
+  CHIEF_STARTUP_SECONDS instead of the heartbeat interval; so does a chief whose
+  status.json says "compiling" (the first call of a kind: its first save or epoch end).
 
 Rules that need each epoch's test metrics during training (plateau, early stopping,
 best checkpoint) are refused with sidecar evaluation (config.validate): they would

@@ -105,7 +105,8 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
             any_replica=replicas.make_any_replica(strategy) if topology.num_processes > 1 else lambda flag: flag,
             wall_start=wall_start, watchdog=cleanup.enter_context(contextlib.closing(
                 Watchdog(config.train.step_timeout_seconds))),
-            heartbeat=Heartbeat(workdir, topology.is_chief, config.train.epochs * steps_per_epoch, steps_per_epoch),
+            heartbeat=Heartbeat(workdir, topology.is_chief, config.train.epochs * steps_per_epoch, steps_per_epoch,
+                                start_step),
             stop_after_epoch=stop_after_epoch)
 
         # --- Loop ---------------------------------------------------------------------------
