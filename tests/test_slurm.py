@@ -76,6 +76,11 @@ def slurm():
         shutil.rmtree(root, ignore_errors=True)
 
 
+# A job's final states. sbatch --wait returns when the job's tasks have ended, which on a loaded machine
+# can be while the job is still COMPLETING (seen: a bad-config job read COMPLETING, not FAILED).
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
+
+
 def submit(slurm: Slurm, tmp_path, data_dir: str, *sets: str, wait: bool = False) -> tuple[str, str]:
     """sbatch jobs/slurm_multiworker.sbatch for the tiny job; (job id, its output file)."""
     output = str(tmp_path / "job.out")
@@ -118,7 +123,7 @@ def resume_requeued(slurm: Slurm, job_id: str, output: str) -> dict[str, str]:
         assert time.monotonic() < deadline and job["JobState"] not in ("COMPLETED", "FAILED", "CANCELLED"), \
             f"job {job_id} did not start again; states {seen}:\n{read(output)[-2000:]}"
         time.sleep(0.5)
-    return slurm.wait(job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), timeout=300)
+    return slurm.wait(job_id, ENDED, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +131,7 @@ def uninterrupted(slurm, tiny_data_dir, tmp_path_factory):
     """The job run to its end without interruption: (its job record, its output)."""
     tmp_path = tmp_path_factory.mktemp("slurm_uninterrupted")
     job_id, output = submit(slurm, tmp_path, tiny_data_dir, wait=True)
-    return slurm.job(job_id), read(output), tmp_path
+    return slurm.wait(job_id, ENDED), read(output), tmp_path
 
 
 @pytest.mark.slow
@@ -189,7 +194,7 @@ def task_pid(job_id: str, rank: int) -> int:
 @pytest.mark.slow
 def test_a_bad_config_exits_2_and_is_not_requeued(slurm, tiny_data_dir, tmp_path):
     job_id, output = submit(slurm, tmp_path, tiny_data_dir, "train.epochs=-1", wait=True)
-    job = slurm.job(job_id)
+    job = slurm.wait(job_id, ENDED)
     text = read(output)
     assert job["JobState"] == "FAILED" and job["ExitCode"] == "2:0" and job["Restarts"] == "0", text[-3000:]
     assert "error: " in text and "train.epochs" in text and "Traceback" not in text
