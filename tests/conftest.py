@@ -117,8 +117,9 @@ def fill_up(path) -> None:
 # --- One test per core, on request (pytest-xdist: `python -m pytest -n auto`) -------------------
 # Serial, the suite keeps 2 cores about half busy (importing TensorFlow and tracing use one; the fault
 # tests wait on stopped processes). Tests that share a costly fixture (a module's reference run, the
-# smoke job, a Slurm cluster) go to one worker, which computes it once. Not the default yet: a test
-# with a tight timing (the evaluator's 5 s step time-out) failed once under the doubled load.
+# smoke job, a Slurm cluster) go to one worker, which computes it once. Not the default yet: the doubled
+# load found two races (an evaluator giving up on a compiling chief, a Slurm job read while COMPLETING),
+# both fixed; CI switches after several clean parallel runs.
 
 SHARED_SESSION_FIXTURES = frozenset({"smoke_run"})  # session fixtures worth computing once, not per worker
 MOST_WORKERS = 4  # each test may run a few TensorFlow processes of its own
