@@ -90,7 +90,7 @@ def _state(status: dict[str, Any], summary: dict[str, Any] | None, events: list[
         return "lost a peer"
     if state in ("training", "starting", "compiling"):
         age = now - status.get("updated", now)
-        allowance = heartbeat_allowance(step_timeout, started=state == "training")
+        allowance = heartbeat_allowance(step_timeout, state)
         if allowance is None or age <= allowance:
             return "running"
         plus = "the heartbeat interval" if state == "training" else "the start-up allowance (it was compiling)"

@@ -3,8 +3,8 @@
 - status.json is rewritten by the chief at most every HEARTBEAT_SECONDS while it
   trains (step, epoch, images/s over the last calls, time), at once around each call
   its watchdog does not time (state "compiling": the first of each kind traces and
-  compiles), and once more when it ends (done, stopped early, preempted, failed). The sidecar evaluator reads it to
-  tell a slow chief from a lost one; `python -m launcher.status` reads it to say
+  compiles), and once more when it ends (done, stopped early, preempted, failed). The
+  sidecar evaluator reads it to tell a slow chief from a lost one; `python -m launcher.status` reads it to say
   how the run is going.
 - events.jsonl gets one line per start and end of a task that can say so (the
   chief's training, the sidecar evaluator, the --workers launcher's group starts,
@@ -120,8 +120,11 @@ def read_status(workdir: str) -> dict[str, Any] | None:
     return read_json(os.path.join(workdir, STATUS_FILE))
 
 
-def heartbeat_allowance(step_timeout: float, started: bool) -> float | None:
-    """How old a healthy chief's heartbeat may get (None: train.step_timeout_seconds is 0, no limit).
+UNTIMED_STATES = ("starting", "compiling")  # the chief traces and compiles; its watchdog does not time that
+
+
+def heartbeat_allowance(step_timeout: float, state: str | None) -> float | None:
+    """How old a healthy chief's heartbeat may get in `state` (None: train.step_timeout_seconds is 0, no limit).
 
     The watchdog bounds every training call, evaluation and save by train.step_timeout_seconds, and the
     heartbeat is written at most every HEARTBEAT_SECONDS after a call; before its first step, and in the
@@ -130,7 +133,7 @@ def heartbeat_allowance(step_timeout: float, started: bool) -> float | None:
     """
     if not step_timeout:
         return None
-    return step_timeout + (HEARTBEAT_SECONDS if started else STARTUP_SECONDS)
+    return step_timeout + (STARTUP_SECONDS if state in UNTIMED_STATES else HEARTBEAT_SECONDS)
 
 
 class Heartbeat:

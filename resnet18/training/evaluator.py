@@ -47,7 +47,7 @@ from resnet18.runtime import hardware
 from resnet18.runtime.checkpoint_files import EPOCHS_DIR, checkpoint_candidates
 from resnet18.runtime.errors import RetryableError, TrainingError, first_line
 from resnet18.runtime.history import EVALUATIONS_FILE, read_evaluations
-from resnet18.runtime.status import (HEARTBEAT_SECONDS, STARTUP_SECONDS, append_event, read_json, read_status,
+from resnet18.runtime.status import (STARTUP_SECONDS, append_event, heartbeat_allowance, read_json, read_status,
                                      write_json)
 from resnet18.runtime.summaries import Summaries
 from resnet18.runtime.watchdog import Watchdog
@@ -156,15 +156,11 @@ def check_chief(workdir: str, timeout: float, started: float) -> None:
                              "epoch; restart the job to resume, and the evaluator with it")
     if not timeout:
         return
-    # A healthy chief writes status.json at most every HEARTBEAT_SECONDS, after a call its watchdog
-    # bounds by `timeout`; before its first heartbeat since we started, or in the first call of a kind
-    # (state "compiling"), it may be tracing and compiling, which its watchdog does not time.
-    if updated >= started and state == "compiling":
-        allowance = timeout + CHIEF_STARTUP_SECONDS
-    elif updated >= started:
-        allowance = timeout + HEARTBEAT_SECONDS
-    else:
-        updated, allowance = started, timeout + CHIEF_STARTUP_SECONDS
+    # A healthy chief's heartbeat is no older than its own watchdog allows; before its first heartbeat
+    # since we started, it is starting (tracing and compiling), counted from our start.
+    if updated < started:
+        updated, state = started, "starting"
+    allowance = heartbeat_allowance(timeout, state)
     if time.time() - updated > allowance:
         raise RetryableError(f"lost the chief: no progress in {workdir}/status.json for {allowance:g} s "
                              "(train.step_timeout_seconds, plus the heartbeat interval or the chief's start-up); "
