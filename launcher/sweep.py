@@ -51,7 +51,6 @@ from resnet18 import tasks
 from resnet18.config import Config
 from resnet18.runtime.errors import EXIT_OK, EXIT_RETRYABLE, ConfigError, LauncherError
 
-PRUNERS = ("asha", "hyperband", "median", "none")
 POLL_SECONDS = 0.2  # how soon a slot whose trial ended gets the next
 WRITE_SECONDS = 10.0  # sweep.json: at once when a trial starts or ends, else this often
 RETRYABLE = (EXIT_RETRYABLE, 130, 137, 143)
@@ -106,6 +105,12 @@ class Sweep:
     def trial_dir(self, number: int) -> str:
         return os.path.join(self.args.workdir, "trials", str(number))
 
+    def trial_environment(self, trial_id: int) -> dict[str, str]:
+        """What tells a trial's run it is one (launcher/sweep_trial.py reads it)."""
+        return {sweep_trial.VARIABLE: json.dumps({"storage": self.storage, "study": self.study_name,
+                                                  "trial_id": trial_id, "metric": self.args.metric,
+                                                  "pruner": self.args.pruner})}
+
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     argv = sys.argv[1:] if argv is None else argv
@@ -128,7 +133,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
                                                                   "test_accuracy; test_loss)")
     parser.add_argument("--direction", choices=("maximize", "minimize"), default=None,
                         help="default: maximize for accuracies, minimize for losses")
-    parser.add_argument("--pruner", choices=PRUNERS, default="asha", help="stops poor trials early (default asha)")
+    parser.add_argument("--pruner", choices=sweep_trial.PRUNERS, default="asha",
+                        help="stops poor trials early (default asha)")
     parser.add_argument("--seed", type=integer(0), default=0, help="the sampler's seed (default 0)")
     parser.add_argument("--trial_restarts", type=integer(0), default=2,
                         help="restarts of a trial that exits 138 or is killed (default 2)")
@@ -186,19 +192,11 @@ def open_study(sweep: Sweep):
         os.makedirs(sweep.args.workdir, exist_ok=True)
     try:
         return optuna.create_study(storage=sweep_trial.open_storage(sweep.storage), study_name=sweep.study_name,
-                                   direction=sweep.direction, load_if_exists=True, pruner=_pruner(sweep.args))
+                                   direction=sweep.direction, load_if_exists=True,
+                                   pruner=sweep_trial.make_pruner(sweep.args.pruner))
     except Exception as error:  # SQLAlchemy, psycopg2, a file system: any way a storage is out of reach
         raise ConfigError(f"--storage {sweep.storage}: cannot be reached ({type(error).__name__}: "
                           f"{str(error).splitlines()[0][:300]})") from None
-
-
-def _pruner(args: argparse.Namespace):
-    import optuna
-
-    return {"asha": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3),
-            "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3),
-            "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
-            "none": optuna.pruners.NopPruner}[args.pruner]()
 
 
 def _sampler(args: argparse.Namespace, trials_so_far: int):
@@ -219,8 +217,7 @@ def start_trial(sweep: Sweep, number: int, trial_id: int, params: dict[str, Any]
     os.makedirs(workdir, exist_ok=True)
     command = [sys.executable, "-m", "launcher", "--job", os.path.abspath(sweep.args.job), "--workdir", workdir,
                "--set", *sweep.args.overrides, *sweep_space.overrides(params), *sweep.launcher_args]
-    env = dict(os.environ, **slot.environment(), **{sweep_trial.VARIABLE: json.dumps(
-        {"storage": sweep.storage, "study": sweep.study_name, "trial_id": trial_id, "metric": sweep.args.metric})})
+    env = dict(os.environ, **slot.environment(), **sweep.trial_environment(trial_id))
     with open(os.path.join(workdir, "sweep.log"), "a", encoding="utf-8") as log:
         log.write(f"===== {time.strftime('%Y-%m-%dT%H:%M:%S')} trial {number}, start {restarts}: "
                   f"{' '.join(command)} =====\n")

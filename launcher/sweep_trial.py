@@ -1,13 +1,14 @@
 """Inside a sweep's trial: report each epoch's metric to the study, and stop where its pruner says.
 
 `python -m launcher.sweep` starts every trial as an ordinary launcher run with
-LAUNCHER_SWEEP_TRIAL set (JSON: storage, study, trial id, metric). The chief of that run
+LAUNCHER_SWEEP_TRIAL set (JSON: storage, study, trial id, metric, pruner). The chief of that run
 reports the metric of every evaluated epoch to the trial (the epoch is the step) and asks
 the study's pruner whether to go on; a pruned trial stops at that epoch's end, its
 checkpoint kept, like early stopping. Epochs reported before a restart are not reported
 again: a resumed trial goes on where it was.
 
-    LAUNCHER_SWEEP_TRIAL='{"storage": ..., "study": ..., "trial_id": 3, "metric": ...}' python -m launcher ...
+    LAUNCHER_SWEEP_TRIAL='{"storage": ..., "study": ..., "trial_id": 3, "metric": ..., "pruner": "asha"}' \
+        python -m launcher ...
 """
 
 from __future__ import annotations
@@ -20,6 +21,19 @@ from typing import Any, Callable
 
 VARIABLE = "LAUNCHER_SWEEP_TRIAL"
 CREATE_ATTEMPTS = 5
+PRUNERS = ("asha", "hyperband", "median", "none")
+
+
+def make_pruner(name: str):
+    """The Optuna pruner --pruner NAME means. Optuna keeps no pruner in its storage, so the sweep and every
+    trial's run build it here from the name (`load_study` would otherwise give Optuna's default, a median
+    pruner)."""
+    import optuna
+
+    return {"asha": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3),
+            "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3),
+            "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
+            "none": optuna.pruners.NopPruner}[name]()
 
 
 def open_storage(url: str):
@@ -52,7 +66,7 @@ def reporter_from_environment() -> Callable[[dict[str, Any]], bool] | None:
     if not text:
         return None
     spec = json.loads(text)
-    return Reporter(spec["storage"], spec["study"], int(spec["trial_id"]), spec["metric"])
+    return Reporter(spec["storage"], spec["study"], int(spec["trial_id"]), spec["metric"], spec["pruner"])
 
 
 class Reporter:
@@ -62,9 +76,10 @@ class Reporter:
     the chief calls it, so only the chief connects to the storage, on its first call.
     """
 
-    def __init__(self, storage: str, study: str, trial_id: int, metric: str):
+    def __init__(self, storage: str, study: str, trial_id: int, metric: str, pruner: str):
         self.where = (storage, study, trial_id)
         self.metric = metric
+        self.pruner = pruner
         self.trial = None
 
     def _connect(self) -> None:
@@ -72,7 +87,8 @@ class Reporter:
 
         storage, study, trial_id = self.where
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self.study = optuna.load_study(study_name=study, storage=open_storage(storage))
+        self.study = optuna.load_study(study_name=study, storage=open_storage(storage),
+                                       pruner=make_pruner(self.pruner))
         self.trial = optuna.trial.Trial(self.study, trial_id)
         # FrozenTrial keeps its id private; the sweep passes the id, which Trial() needs.
         frozen = next(trial for trial in self.study.get_trials(deepcopy=False) if trial._trial_id == trial_id)

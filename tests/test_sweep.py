@@ -144,6 +144,32 @@ def test_results_written_while_another_machine_runs_a_trial_say_they_are_not_fin
         f"# The best trial (1) of sweep {sweep.study_name}: test_accuracy 0.5000\nname: ")
 
 
+@pytest.mark.parametrize("pruner, pruned", [("none", False), ("median", True)])
+def test_a_trial_asks_the_pruner_the_sweep_was_given(tmp_path, pruner, pruned):
+    """Optuna keeps no pruner in its storage: the trial's process must build the sweep's own, not load_study's
+    default (a median pruner, which prunes from the 6th trial on even under --pruner none)."""
+    import optuna
+
+    from launcher import sweep_trial
+    from launcher.sweep import checked, open_study, parse_args
+
+    sweep = checked(*parse_args(["--job", TINY_JOB, "--space", write_space(tmp_path), "--trials", "8",
+                                 "--workdir", str(tmp_path / "a"), "--pruner", pruner]))
+    study = open_study(sweep)
+    for _ in range(5):  # enough finished trials for either median pruner to decide
+        trial = study.ask()
+        trial.report(0.9, 1)
+        study.tell(trial, 0.9)
+    poor = study.ask()
+    environment = sweep.trial_environment(poor._trial_id)  # FrozenTrial keeps its id private; Trial() needs it
+    spec = json.loads(environment[sweep_trial.VARIABLE])
+    reporter = sweep_trial.Reporter(**spec)
+    assert reporter({"epoch": 1, "test_accuracy": 0.1}) is pruned
+    assert study.trials[poor.number].intermediate_values == {1: 0.1}
+    assert isinstance(optuna.load_study(study_name=sweep.study_name, storage=sweep.storage).pruner,
+                      optuna.pruners.MedianPruner)  # what the trial asked before: Optuna's default
+
+
 def free_pid() -> int:
     """A process id no process has (a child's, after it was reaped)."""
     child = subprocess.Popen(["true"])
