@@ -169,7 +169,7 @@ def write_hparams(sweep, content: dict[str, Any]) -> None:
                 field = ("bool_value" if isinstance(value, bool) else
                          "number_value" if isinstance(value, (int, float)) else "string_value")
                 setattr(start.hparams[key], field, value)
-        end = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_FAILURE if trial["state"] == "failed"
+        end = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_FAILURE if trial["state"] == "fail"
                                              else api_pb2.STATUS_SUCCESS, end_time_secs=time.time())
         scalars = [(int(epoch), summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=sweep.args.metric,
                                                                                      simple_value=value)]))

@@ -170,6 +170,36 @@ def test_a_trial_asks_the_pruner_the_sweep_was_given(tmp_path, pruner, pruned):
                       optuna.pruners.MedianPruner)  # what the trial asked before: Optuna's default
 
 
+def test_tensorboard_is_told_which_trials_failed(tmp_path):
+    import optuna
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import api_pb2, metadata
+
+    from launcher import sweep_results, sweep_space
+    from launcher.sweep import checked, open_study, parse_args
+
+    sweep = checked(*parse_args(["--job", TINY_JOB, "--space", write_space(tmp_path), "--trials", "2",
+                                 "--workdir", str(tmp_path / "a")]))
+    study = open_study(sweep)
+    done, failed = study.ask(), study.ask()
+    for trial in (done, failed):
+        sweep_space.suggest(trial, sweep.space)
+    study.tell(done, 0.5)
+    study.tell(failed, state=optuna.trial.TrialState.FAIL)
+    sweep_results.finish(sweep, study)
+    statuses = {}
+    for number in (0, 1):
+        directory = tmp_path / "a" / "tensorboard" / f"trial-{number}"
+        (events,) = directory.iterdir()
+        for event in EventFileLoader(str(events)).Load():
+            for value in event.summary.value:
+                if value.tag == metadata.SESSION_END_INFO_TAG:
+                    data = metadata.parse_session_end_info_plugin_data(value.metadata.plugin_data.content)
+                    statuses[number] = api_pb2.Status.Name(data.status)
+    assert statuses == {0: "STATUS_SUCCESS", 1: "STATUS_FAILURE"}
+    assert [trial["state"] for trial in results(tmp_path / "a")["trials"]] == ["complete", "fail"]
+
+
 def free_pid() -> int:
     """A process id no process has (a child's, after it was reaped)."""
     child = subprocess.Popen(["true"])
