@@ -41,8 +41,12 @@ class Dimension:
     choices: tuple[Any, ...] = ()
 
     def extremes(self) -> tuple[Any, ...]:
-        """Every value that has to be valid for every draw to be: the ends of a range, or every choice."""
-        return self.choices if self.kind == "categorical" else (self.low, self.high)
+        """Every value that has to be valid for every draw to be: the ends of a range, or every choice.
+
+        A float range's ends are checked as the floats it draws, even when written as integers."""
+        if self.kind == "categorical":
+            return self.choices
+        return (float(self.low), float(self.high)) if self.kind == "float" else (self.low, self.high)
 
 
 def load_space(path: str, job: Config) -> list[Dimension]:

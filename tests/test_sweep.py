@@ -60,6 +60,8 @@ def results(workdir) -> dict:
                                                                    "non-empty list of choices"]),
     ("train.learning_rate: {type: float, low: 0.8, high: 0.1}\n", [], ["train.learning_rate: low 0.8 > high 0.1"]),
     ("train.label_smoothing: {type: float, low: 0.0, high: 1.5}\n", [], ["train.label_smoothing must be in [0, 1)"]),
+    # Every draw of a float range is a float, even between integer ends: an integer key refuses them all.
+    ("train.epochs: {type: float, low: 1, high: 3}\n", [], ["train.epochs must be int, got float 1.0"]),
     ("simclr.temperature: {type: float, low: 0.1, high: 0.5}\n", [], ["simclr.temperature: the job's task "
                                                                       "(classification) does not read simclr.*"]),
     (SPACE, ["--metric", "test_loss", "--set", "train.task=simclr"], ["--metric test_loss: train.task simclr "
