@@ -105,14 +105,19 @@ def dedicated_flags(args: argparse.Namespace) -> dict[str, object]:
     return flags
 
 
-def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
-    check_flag_combinations(args)
+def config_of(args: argparse.Namespace) -> config_lib.Config:
+    """The job with --set and the dedicated flags applied, checked (ConfigError naming the flag that set a key)."""
     try:
-        config = tasks.check(config_lib.build_config(args.job, args.overrides, dedicated_flags(args)))
+        return tasks.check(config_lib.build_config(args.job, args.overrides, dedicated_flags(args)))
     except ConfigError as error:  # a key a flag set is named with the flag, which is what the user typed
         named = [f"{key} is --{flag}" for flag, key in FLAG_KEYS.items()
                  if getattr(args, flag) is not None and key in str(error)]
         raise (type(error)(f"{error} ({', '.join(named)})") if named else error) from None
+
+
+def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    check_flag_combinations(args)
+    config = config_of(args)
     workdir = args.workdir or os.path.join(DEFAULT_RUNS_DIR, config.name)
     if args.workers is not None:
         return run_local_workers(config, workdir, args, sys.argv[1:] if argv is None else argv)
@@ -265,19 +270,26 @@ def _peer_lost(error: Exception) -> RetryableError:
         "restart every worker to resume from the last checkpoint")
 
 
-def run_local_workers(config: config_lib.Config, workdir: str, args: argparse.Namespace, argv: list[str]) -> int:
-    """`--workers N`: validate once here, then start N workers sharing one resolved config (in a private
-    network namespace where one can be made: this launcher runs again inside it, with the same `argv`)."""
-    min_workers = args.workers if args.min_workers is None else args.min_workers
+def local_worker_layout(config: config_lib.Config, args: argparse.Namespace) -> tuple[list[str | None], int]:
+    """`--workers N`: each worker's GPUs and its number of replicas, once N workers are known to be able to
+    split the batch (ConfigError naming the key)."""
     if config.runtime.cpu_replicas > 1:
         raise ConfigError("with --workers each worker has one CPU replica; drop --cpu_replicas (or set it to 1)")
     gpus = processes.gpu_slices(args.workers, args.gpus_per_worker, processes.visible_gpu_ids())
     replicas_per_worker = max(1, len((gpus[0] or "").split(","))) if gpus[0] else 1
+    config_lib.check_batch_divisible(config, args.workers * replicas_per_worker)
+    return gpus, replicas_per_worker
 
-    def check_workers(count: int) -> None:
+
+def run_local_workers(config: config_lib.Config, workdir: str, args: argparse.Namespace, argv: list[str]) -> int:
+    """`--workers N`: validate once here, then start N workers sharing one resolved config (in a private
+    network namespace where one can be made: this launcher runs again inside it, with the same `argv`)."""
+    min_workers = args.workers if args.min_workers is None else args.min_workers
+    gpus, replicas_per_worker = local_worker_layout(config, args)
+
+    def check_workers(count: int) -> None:  # fewer workers, after an elastic shrink
         config_lib.check_batch_divisible(config, count * replicas_per_worker)
 
-    check_workers(args.workers)
     inside = os.environ.get(isolation.INSIDE_VARIABLE)
     network = (isolation.Decision(True, "a network namespace of its own") if inside
                else isolation.decide(args.worker_network, config, workdir))

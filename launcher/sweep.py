@@ -46,7 +46,6 @@ from typing import Any
 from launcher import sweep_results, sweep_space, sweep_trial
 from launcher.flags import FlagError, FlagParser, integer, nonempty
 from launcher.processes import gpu_slices, visible_gpu_ids
-from resnet18 import config as config_lib
 from resnet18 import tasks
 from resnet18.config import Config
 from resnet18.runtime.errors import EXIT_OK, EXIT_RETRYABLE, ConfigError, LauncherError
@@ -151,7 +150,7 @@ def checked(args: argparse.Namespace, launcher_args: list[str]) -> Sweep:
     if given:
         raise ConfigError(f"{', '.join(given)} after --: the sweep gives every trial its own --job, --workdir and "
                           "--set (the sweep's own --set applies to every trial)")
-    from launcher.__main__ import check_flag_combinations
+    from launcher.__main__ import check_flag_combinations, config_of, local_worker_layout
     from launcher.__main__ import parse_args as launcher_parse_args
 
     try:  # what every trial's launcher would refuse, refused once here
@@ -159,11 +158,14 @@ def checked(args: argparse.Namespace, launcher_args: list[str]) -> Sweep:
         check_flag_combinations(launcher)
     except FlagError as error:
         raise FlagError(f"after --: {error}") from None
-    job = tasks.check(config_lib.build_config(args.job, args.overrides))
+    # The job as every trial's run sees it: the sweep's --set, then the flags after -- (--cpu_replicas, --evaluator).
+    job = config_of(argparse.Namespace(**dict(vars(launcher), overrides=args.overrides)))
+    if launcher.workers is not None:
+        local_worker_layout(job, launcher)
     task = tasks.task_of(job)
     if args.metric not in task.metrics:
         raise ConfigError(f"--metric {args.metric}: train.task {task.name} evaluates only {', '.join(task.metrics)}")
-    if args.pruner != "none" and (job.train.evaluation == "sidecar" or launcher.evaluator):
+    if args.pruner != "none" and job.train.evaluation == "sidecar":  # --evaluator included
         raise ConfigError(f"--pruner {args.pruner} decides after each epoch's evaluation, which a sidecar evaluator "
                           "makes later, in another task: use train.evaluation inline or --pruner none")
     space = sweep_space.load_space(args.space, job)

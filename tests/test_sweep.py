@@ -69,6 +69,11 @@ def results(workdir) -> dict:
     (SPACE, ["--storage", "postgresql://nobody@127.0.0.1:1/none"], ["--storage postgresql://nobody@127.0.0.1:1/none: "
                                                                     "cannot be reached"]),
     (SPACE, ["--", "--workdir", "x"], ["--workdir after --"]),
+    # The launcher flags after -- are part of every trial's config: what they make a run refuse, the sweep refuses.
+    (SPACE, ["--", "--cpu_replicas", "3"], ["train.global_batch_size 64 is not divisible by the 3 replicas"]),
+    (SPACE, ["--", "--workers", "3"], ["train.global_batch_size 64 is not divisible by the 3 replicas"]),
+    (SPACE, ["--pruner", "none", "--set", "train.early_stopping_patience=2", "--", "--workers", "2", "--evaluator"],
+     ["train.early_stopping_patience"]),
 ])
 def test_bad_input_exits_2_naming_it_and_starts_nothing(tmp_path, space, extra, words):
     result = run_sweep("--job", TINY_JOB, "--space", write_space(tmp_path, space), "--trials", "2",
