@@ -26,7 +26,7 @@ import sys
 import tempfile
 import traceback
 
-from launcher import cpu_environment, isolation, local_workers, processes
+from launcher import cpu_environment, isolation, local_workers, processes, sweep_trial
 from launcher.flags import FlagError, FlagParser, integer, nonempty, positive_seconds
 from launcher.cluster import ClusterSpec, cluster_address, read_tf_config
 from launcher.plan import STRATEGY_CLASSES, Plan, describe
@@ -160,12 +160,11 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     if chief:
         print(describe(plan), flush=True)
 
-    from launcher.sweep_trial import reporter_from_environment
     from resnet18.training.loop import train_and_evaluate
 
     batch = (config.train.global_batch_size, strategy.num_replicas_in_sync, config.train.grad_accum_steps)
     with mapped_tensorflow_errors(tf, batch), mapped_storage_errors(workdir):
-        train_and_evaluate(config, strategy, workdir, stop_after_epoch=reporter_from_environment())
+        train_and_evaluate(config, strategy, workdir, stop_after_epoch=sweep_trial.reporter_from_environment())
     if chief and config.train.evaluation == "inline":  # with a sidecar, the evaluator writes it when done
         _write_report(workdir)
     return EXIT_OK
@@ -400,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     cpu_environment.apply()  # read by TensorFlow at import: set before it is imported
     if parent := os.environ.get(processes.PARENT_PID_VARIABLE):  # a task of `--workers N`
         processes.die_with_parent(int(parent))
+    elif not os.environ.get(isolation.INSIDE_VARIABLE):  # a sweep's trial: its outermost launcher
+        sweep_trial.follow_the_sweep()
     if alive := os.environ.get(processes.ALIVE_FILE_VARIABLE):
         processes.keep_alive(alive)
     try:

@@ -228,15 +228,15 @@ def initial_slots(workers: int, gpus_per_worker: int | None = None) -> list[Slot
 
 # --- In a task: die with the launcher, keep the liveness file fresh ---------------------------
 
-def die_with_parent(parent_pid: int) -> None:
-    """In a task: get SIGKILL when the launcher dies, so no worker is orphaned (Linux).
+def die_with_parent(parent_pid: int, signum: int = signal.SIGKILL) -> None:
+    """In a task: get `signum` (SIGKILL) when the launcher dies, so no worker is orphaned (Linux).
 
     Called by the task itself at start-up rather than through Popen's preexec_fn, which
     is unsafe while the launcher runs threads (it may deadlock in the child).
     """
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        libc.prctl(1, signum)  # PR_SET_PDEATHSIG
     if os.getppid() != parent_pid:  # the launcher died before the line above: nothing to serve
         os._exit(EXIT_RETRYABLE)
 

@@ -18,7 +18,8 @@
   restarted and resumes from its checkpoints, up to --trial_restarts times; one that exits
   1 or 2 is recorded as failed with its error line and the sweep goes on. A sweep killed
   and started again with the same command resumes this machine's unfinished trials from
-  their checkpoints, never starts a finished one again and never runs more than --trials.
+  their checkpoints, never starts a finished one again and never runs more than --trials
+  (a killed sweep's trials get SIGTERM, save and exit; one still saving is stopped first).
   "This machine" is --machine_id: by default the Slurm array task (or job), which a requeued
   task keeps on whatever node it lands, else the host name.
 - Results: DIR/sweep.json (every trial: params, state, value, per-epoch values, wall
@@ -33,6 +34,7 @@ storage), nothing started; 138 stopped by SIGTERM/SIGINT (run the same command t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -53,6 +55,8 @@ from resnet18.runtime.errors import EXIT_OK, EXIT_RETRYABLE, ConfigError, Launch
 POLL_SECONDS = 0.2  # how soon a slot whose trial ended gets the next
 WRITE_SECONDS = 10.0  # sweep.json: at once when a trial starts or ends, else this often
 RETRYABLE = (EXIT_RETRYABLE, 130, 137, 143)
+# A trial's run told to stop saves its checkpoint within the launcher's preemption grace (its workers' too).
+LEFTOVER_GRACE_SECONDS = 90
 FORBIDDEN_FLAGS = ("--job", "--workdir", "--set", "--dry_run")  # the sweep gives each trial these
 
 
@@ -108,7 +112,7 @@ class Sweep:
         """What tells a trial's run it is one (launcher/sweep_trial.py reads it)."""
         return {sweep_trial.VARIABLE: json.dumps({"storage": self.storage, "study": self.study_name,
                                                   "trial_id": trial_id, "metric": self.args.metric,
-                                                  "pruner": self.args.pruner})}
+                                                  "pruner": self.args.pruner, "sweep_pid": os.getpid()})}
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -231,6 +235,60 @@ def start_trial(sweep: Sweep, number: int, trial_id: int, params: dict[str, Any]
     return Active(number, trial_id, params, slot, process, time.time(), restarts)
 
 
+def stop_leftover_runs(workdir: str, grace: float = LEFTOVER_GRACE_SECONDS) -> list[int]:
+    """Stops what still runs in a trial's work directory on this host before the trial is resumed there: two
+    runs in one directory would write the same checkpoints. Such a run is left by a sweep process that died
+    (it got SIGTERM then, see sweep_trial.follow_the_sweep, and may still be saving). SIGTERM, then SIGKILL
+    after `grace` s. Returns the pids found."""
+    target = os.path.realpath(workdir)
+    found = [pid for pid, argv, cwd in _launcher_processes() if _workdir_of(argv, cwd) == target]
+    for pid in found:
+        _kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while any(_running(pid) for pid in found) and time.monotonic() < deadline:
+        time.sleep(POLL_SECONDS)
+    for pid in found:
+        _kill(pid, signal.SIGKILL)
+    return found
+
+
+def _launcher_processes() -> list[tuple[int, list[str], str]]:
+    """(pid, argv, working directory) of every `python -m launcher` process of this host we may see."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as stream:
+                argv = stream.read().decode(errors="replace").split("\0")
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:  # gone meanwhile, or another user's
+            continue
+        if any(argv[index:index + 2] == ["-m", "launcher"] for index in range(len(argv))):
+            found.append((int(entry), argv, cwd))
+    return found
+
+
+def _workdir_of(argv: list[str], cwd: str) -> str | None:
+    if "--workdir" not in argv[:-1]:
+        return None
+    return os.path.realpath(os.path.join(cwd, argv[argv.index("--workdir") + 1]))
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, ended but not yet reaped by its parent, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as stream:
+            return stream.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _kill(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signum)
+
+
 def machine_id(given: str | None) -> str:
     """Who owns the trials this sweep process starts: --machine_id, else the Slurm array task or job (a
     requeued one keeps it, on whatever node it lands), else the host name."""
@@ -286,6 +344,9 @@ def run(sweep: Sweep) -> int:
                     break
                 if resumes:
                     trial = resumes.pop(0)
+                    if leftover := stop_leftover_runs(sweep.trial_dir(trial.number)):
+                        print(f"Trial {trial.number}: stopped its run left by an earlier sweep process (pid "
+                              f"{', '.join(map(str, leftover))}) before resuming it", flush=True)
                     _claim(study, trial._trial_id)  # FrozenTrial keeps its id private; Trial() needs it
                     active.append(start_trial(sweep, trial.number, trial._trial_id, dict(trial.params), slot, 1))
                     changed = True

@@ -1,7 +1,7 @@
 """Inside a sweep's trial: report each epoch's metric to the study, and stop where its pruner says.
 
 `python -m launcher.sweep` starts every trial as an ordinary launcher run with
-LAUNCHER_SWEEP_TRIAL set (JSON: storage, study, trial id, metric, pruner). The chief of that run
+LAUNCHER_SWEEP_TRIAL set (JSON: storage, study, trial id, metric, pruner, the sweep's pid). The chief of that run
 reports the metric of every evaluated epoch to the trial (the epoch is the step) and asks
 the study's pruner whether to go on; a pruned trial stops at that epoch's end, its
 checkpoint kept, like early stopping. Epochs reported before a restart are not reported
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import time
 from typing import Any, Callable
 
@@ -58,6 +59,17 @@ def open_storage(url: str):
             if attempt == CREATE_ATTEMPTS - 1:
                 raise
             time.sleep(random.uniform(0.2, 1.0))
+
+
+def follow_the_sweep() -> None:
+    """In a trial's run (its launcher, not its tasks): get SIGTERM when the sweep process dies (a kill -9, a
+    lost terminal), so the trial saves a checkpoint and exits 138 rather than train on unwatched, and the
+    sweep started again resumes it alone."""
+    text = os.environ.get(VARIABLE)
+    if text:
+        from launcher.processes import die_with_parent
+
+        die_with_parent(int(json.loads(text)["sweep_pid"]), signal.SIGTERM)
 
 
 def reporter_from_environment() -> Callable[[dict[str, Any]], bool] | None:

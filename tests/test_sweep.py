@@ -152,7 +152,7 @@ def test_results_written_while_another_machine_runs_a_trial_say_they_are_not_fin
 
 
 @pytest.mark.parametrize("pruner, pruned", [("none", False), ("median", True)])
-def test_a_trial_asks_the_pruner_the_sweep_was_given(tmp_path, pruner, pruned):
+def test_a_trial_asks_the_pruner_the_sweep_was_given(tmp_path, monkeypatch, pruner, pruned):
     """Optuna keeps no pruner in its storage: the trial's process must build the sweep's own, not load_study's
     default (a median pruner, which prunes from the 6th trial on even under --pruner none)."""
     import optuna
@@ -168,9 +168,9 @@ def test_a_trial_asks_the_pruner_the_sweep_was_given(tmp_path, pruner, pruned):
         trial.report(0.9, 1)
         study.tell(trial, 0.9)
     poor = study.ask()
-    environment = sweep.trial_environment(poor._trial_id)  # FrozenTrial keeps its id private; Trial() needs it
-    spec = json.loads(environment[sweep_trial.VARIABLE])
-    reporter = sweep_trial.Reporter(**spec)
+    for name, value in sweep.trial_environment(poor._trial_id).items():  # Trial() needs the id
+        monkeypatch.setenv(name, value)
+    reporter = sweep_trial.reporter_from_environment()
     assert reporter({"epoch": 1, "test_accuracy": 0.1}) is pruned
     assert study.trials[poor.number].intermediate_values == {1: 0.1}
     assert isinstance(optuna.load_study(study_name=sweep.study_name, storage=sweep.storage).pruner,
@@ -318,14 +318,19 @@ def test_a_killed_sweep_resumes_its_trials_exactly_and_runs_no_more(tiny_data_di
     deadline = time.monotonic() + 240
     while not all("Checkpoint at step" in (log.read_text() if log.exists() else "") for log in logs):
         assert time.monotonic() < deadline, "no checkpoints"
-        time.sleep(0.5)
-    run.process.kill()  # kill -9 of the sweep ...
-    for pid in pids:
-        try:
-            os.killpg(pid, signal.SIGKILL)  # ... and of its trials
-        except ProcessLookupError:
-            pass
+        time.sleep(0.1)
+    trained = ["Final weights sha256" in log.read_text() for log in logs]  # a trial's last steps are quick
+    run.process.kill()  # kill -9 of the sweep: its trials are told (SIGTERM), save a checkpoint and end
     run.finish(timeout=60)
+    from launcher.sweep import _running
+
+    deadline = time.monotonic() + 120
+    while any(_running(pid) for pid in pids):
+        assert time.monotonic() < deadline, "the trials of a killed sweep go on training"
+        time.sleep(0.5)
+    assert not all(trained)
+    for log, done in zip(logs, trained):
+        assert done or "preempted (SIGTERM): checkpoint saved at step" in log.read_text(), log
     again = Running(command, command=[sys.executable, "-m", "launcher.sweep"])
     assert again.finish(timeout=900) == 0, again.output[-4000:]
     assert "Trial 0 resumed" in again.output and "Trial 1 resumed" in again.output
@@ -344,6 +349,26 @@ def test_a_killed_sweep_resumes_its_trials_exactly_and_runs_no_more(tiny_data_di
             text=True, timeout=600, env={**os.environ, "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"})
         assert reference.returncode == 0, reference.stderr[-2000:]
         assert FINGERPRINT.findall(log)[-1] == FINGERPRINT.findall(reference.stdout)[-1], trial["number"]
+
+
+@pytest.mark.slow
+def test_a_resumed_trial_first_stops_a_run_still_going_in_its_directory(tiny_data_dir, tmp_path):
+    """A sweep process started again after a kill -9 resumes its trials: a run the dead one left (still saving
+    after its SIGTERM, or unaware of it) is stopped first, with the same SIGTERM, so it keeps its checkpoint."""
+    from launcher.sweep import stop_leftover_runs
+
+    workdir = tmp_path / "sweep" / "trials" / "0"
+    run = Running(["--job", TINY_JOB, "--workdir", str(workdir), "--set", f"data.data_dir={tiny_data_dir}",
+                   "train.epochs=50"])
+    try:
+        run.wait_for(r"^Checkpoint at step")
+        assert stop_leftover_runs(str(tmp_path / "sweep" / "trials" / "1")) == []
+        assert stop_leftover_runs(str(tmp_path / "sweep" / "trials" / ".." / "trials" / "0"), grace=120) == [
+            run.process.pid]
+        assert run.finish(timeout=10) == 138, run.output[-3000:]
+    finally:
+        run.process.kill()
+    assert "preempted (SIGTERM): checkpoint saved at step" in run.output
 
 
 # --- A trial that fails -----------------------------------------------------------------------
