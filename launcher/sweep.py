@@ -301,6 +301,24 @@ def machine_id(given: str | None) -> str:
     return socket.gethostname()
 
 
+def check_trial_directories(sweep: Sweep, study) -> None:
+    """Every trial directory in --workdir is one of this study's trials: a trial runs where its number says,
+    so a new study (another --study_name or --storage, a deleted sweep.db) in an old --workdir would resume
+    the old checkpoints as its own trials' and record their results under its new values.
+
+    Raises:
+      ConfigError: directories of trials the study does not have (exit 2), before anything starts.
+    """
+    root = os.path.join(sweep.args.workdir, "trials")
+    numbers = {trial.number for trial in study.get_trials(deepcopy=False)}
+    foreign = sorted(int(name) for name in (os.listdir(root) if os.path.isdir(root) else ())
+                     if name.isdigit() and int(name) not in numbers)
+    if foreign:
+        raise ConfigError(f"--workdir {sweep.args.workdir}: trials/{', trials/'.join(map(str, foreign[:5]))}"
+                          f"{' ...' if len(foreign) > 5 else ''} are not trials of study {sweep.study_name!r} in "
+                          f"{sweep.storage}; use a new --workdir, or the --study_name and --storage that ran them")
+
+
 def own_unfinished(sweep: Sweep, study) -> list:
     """This machine's trials left running by a sweep process that is gone (a kill -9, a reboot, a requeue)."""
     import optuna
@@ -325,6 +343,7 @@ def _alive(host: Any, pid: Any) -> bool:
 def run(sweep: Sweep) -> int:
     """Runs the sweep to its end on this machine; returns the exit code."""
     study = open_study(sweep)
+    check_trial_directories(sweep, study)
     resumes = own_unfinished(sweep, study)
     active: list[Active] = []
     stopping: list[int] = []

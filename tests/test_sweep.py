@@ -85,6 +85,19 @@ def test_bad_input_exits_2_naming_it_and_starts_nothing(tmp_path, space, extra, 
     assert not (tmp_path / "sweep" / "trials").exists()
 
 
+def test_a_new_study_refuses_a_workdir_holding_another_studys_trials(tmp_path):
+    old_trial = tmp_path / "sweep" / "trials" / "0"
+    old_trial.mkdir(parents=True)
+    (old_trial / "config.yaml").write_text("name: tiny\n")
+    result = run_sweep("--job", TINY_JOB, "--space", write_space(tmp_path), "--trials", "2", "--workdir",
+                       str(tmp_path / "sweep"), "--study_name", "another", timeout=120)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert (f"--workdir {tmp_path / 'sweep'}: trials/0 are not trials of study 'another' in sqlite:///"
+            in result.stderr), result.stderr
+    assert sorted(path.name for path in (tmp_path / "sweep" / "trials").iterdir()) == ["0"]
+    assert os.listdir(old_trial) == ["config.yaml"]
+
+
 # --- Which trials are this machine's to resume ---------------------------------------------
 
 def test_a_requeued_slurm_array_task_owns_its_trials_on_any_node(monkeypatch):
