@@ -269,12 +269,14 @@ def _peer_lost(error: Exception) -> RetryableError:
         "restart every worker to resume from the last checkpoint")
 
 
-def local_worker_layout(config: config_lib.Config, args: argparse.Namespace) -> tuple[list[str | None], int]:
-    """`--workers N`: each worker's GPUs and its number of replicas, once N workers are known to be able to
-    split the batch (ConfigError naming the key)."""
+def local_worker_layout(config: config_lib.Config, args: argparse.Namespace, visible: list[str] | None = None
+                        ) -> tuple[list[str | None], int]:
+    """`--workers N`: each worker's GPUs (of `visible`, default this host's) and its number of replicas, once N
+    workers are known to be able to split the batch (ConfigError naming the key)."""
     if config.runtime.cpu_replicas > 1:
         raise ConfigError("with --workers each worker has one CPU replica; drop --cpu_replicas (or set it to 1)")
-    gpus = processes.gpu_slices(args.workers, args.gpus_per_worker, processes.visible_gpu_ids())
+    gpus = processes.gpu_slices(args.workers, args.gpus_per_worker,
+                                processes.visible_gpu_ids() if visible is None else visible)
     replicas_per_worker = max(1, len((gpus[0] or "").split(","))) if gpus[0] else 1
     config_lib.check_batch_divisible(config, args.workers * replicas_per_worker)
     return gpus, replicas_per_worker

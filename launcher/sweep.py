@@ -47,6 +47,7 @@ from typing import Any
 
 from launcher import sweep_results, sweep_space, sweep_trial
 from launcher.flags import FlagError, FlagParser, integer, nonempty
+from launcher.local_workers import DEFAULT_PREEMPTION_GRACE_SECONDS
 from launcher.processes import gpu_slices, visible_gpu_ids
 from resnet18 import tasks
 from resnet18.config import Config
@@ -55,8 +56,6 @@ from resnet18.runtime.errors import EXIT_OK, EXIT_RETRYABLE, ConfigError, Launch
 POLL_SECONDS = 0.2  # how soon a slot whose trial ended gets the next
 WRITE_SECONDS = 10.0  # sweep.json: at once when a trial starts or ends, else this often
 RETRYABLE = (EXIT_RETRYABLE, 130, 137, 143)
-# A trial's run told to stop saves its checkpoint within the launcher's preemption grace (its workers' too).
-LEFTOVER_GRACE_SECONDS = 90
 FORBIDDEN_FLAGS = ("--job", "--workdir", "--set", "--dry_run")  # the sweep gives each trial these
 
 
@@ -99,6 +98,7 @@ class Sweep:
     study_name: str
     slots: tuple[Slot, ...]
     machine: str  # owns the trials this process starts (machine_id)
+    leftover_grace: float = DEFAULT_PREEMPTION_GRACE_SECONDS + 30  # a trial's run told to stop saves within it
 
     @property
     def direction(self) -> str:
@@ -164,8 +164,9 @@ def checked(args: argparse.Namespace, launcher_args: list[str]) -> Sweep:
         raise FlagError(f"after --: {error}") from None
     # The job as every trial's run sees it: the sweep's --set, then the flags after -- (--cpu_replicas, --evaluator).
     job = config_of(argparse.Namespace(**dict(vars(launcher), overrides=args.overrides)))
-    if launcher.workers is not None:
-        local_worker_layout(job, launcher)
+    slots = _slots(args.parallel, launcher.workers or 1)
+    if launcher.workers is not None:  # on the GPUs each trial sees: its slot's share
+        local_worker_layout(job, launcher, visible=slots[0].gpus.split(",") if slots[0].gpus else [])
     task = tasks.task_of(job)
     if args.metric not in task.metrics:
         raise ConfigError(f"--metric {args.metric}: train.task {task.name} evaluates only {', '.join(task.metrics)}")
@@ -174,8 +175,9 @@ def checked(args: argparse.Namespace, launcher_args: list[str]) -> Sweep:
                           "makes later, in another task: use train.evaluation inline or --pruner none")
     space = sweep_space.load_space(args.space, job)
     storage = args.storage or f"sqlite:///{os.path.abspath(os.path.join(args.workdir, 'sweep.db'))}"
-    return Sweep(args, tuple(launcher_args), job, space, storage, args.study_name or job.name,
-                 _slots(args.parallel, launcher.workers or 1), machine_id(args.machine_id))
+    grace = DEFAULT_PREEMPTION_GRACE_SECONDS if launcher.preemption_grace is None else launcher.preemption_grace
+    return Sweep(args, tuple(launcher_args), job, space, storage, args.study_name or job.name, slots,
+                 machine_id(args.machine_id), grace + 30)  # a --workers group's grace, then its exit
 
 
 def _slots(parallel: int, processes_per_trial: int) -> tuple[Slot, ...]:
@@ -235,20 +237,25 @@ def start_trial(sweep: Sweep, number: int, trial_id: int, params: dict[str, Any]
     return Active(number, trial_id, params, slot, process, time.time(), restarts)
 
 
-def stop_leftover_runs(workdir: str, grace: float = LEFTOVER_GRACE_SECONDS) -> list[int]:
-    """Stops what still runs in a trial's work directory on this host before the trial is resumed there: two
+def stop_leftover_runs(workdirs: list[str], grace: float) -> dict[str, list[int]]:
+    """Stops what still runs in trials' work directories on this host before the trials are resumed there: two
     runs in one directory would write the same checkpoints. Such a run is left by a sweep process that died
     (it got SIGTERM then, see sweep_trial.follow_the_sweep, and may still be saving). SIGTERM, then SIGKILL
-    after `grace` s. Returns the pids found."""
-    target = os.path.realpath(workdir)
-    found = [pid for pid, argv, cwd in _launcher_processes() if _workdir_of(argv, cwd) == target]
-    for pid in found:
+    to those still running after `grace` s. Returns the pids found in each directory that had any."""
+    targets = {os.path.realpath(workdir): workdir for workdir in workdirs}
+    found: dict[str, list[int]] = {}
+    for pid, argv, cwd in _launcher_processes():
+        if (workdir := targets.get(_workdir_of(argv, cwd))) is not None:
+            found.setdefault(workdir, []).append(pid)
+    pids = [pid for group in found.values() for pid in group]
+    for pid in pids:
         _kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while any(_running(pid) for pid in found) and time.monotonic() < deadline:
+    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(POLL_SECONDS)
-    for pid in found:
-        _kill(pid, signal.SIGKILL)
+    for pid in pids:
+        if _running(pid):  # not one reaped meanwhile, whose number may be another process's by now
+            _kill(pid, signal.SIGKILL)
     return found
 
 
@@ -310,9 +317,10 @@ def check_trial_directories(sweep: Sweep, study) -> None:
       ConfigError: directories of trials the study does not have (exit 2), before anything starts.
     """
     root = os.path.join(sweep.args.workdir, "trials")
+    # Listed before the study is read: another machine sharing both makes a trial's directory after the trial.
+    names = os.listdir(root) if os.path.isdir(root) else []
     numbers = {trial.number for trial in study.get_trials(deepcopy=False)}
-    foreign = sorted(int(name) for name in (os.listdir(root) if os.path.isdir(root) else ())
-                     if name.isdigit() and int(name) not in numbers)
+    foreign = sorted(int(name) for name in names if name.isdigit() and int(name) not in numbers)
     if foreign:
         raise ConfigError(f"--workdir {sweep.args.workdir}: trials/{', trials/'.join(map(str, foreign[:5]))}"
                           f"{' ...' if len(foreign) > 5 else ''} are not trials of study {sweep.study_name!r} in "
@@ -345,6 +353,10 @@ def run(sweep: Sweep) -> int:
     study = open_study(sweep)
     check_trial_directories(sweep, study)
     resumes = own_unfinished(sweep, study)
+    leftovers = stop_leftover_runs([sweep.trial_dir(trial.number) for trial in resumes], sweep.leftover_grace)
+    for workdir, pids in leftovers.items():
+        print(f"Stopped a run an earlier sweep process left in {workdir} (pid {', '.join(map(str, pids))}) before "
+              "resuming its trial", flush=True)
     active: list[Active] = []
     stopping: list[int] = []
 
@@ -363,9 +375,6 @@ def run(sweep: Sweep) -> int:
                     break
                 if resumes:
                     trial = resumes.pop(0)
-                    if leftover := stop_leftover_runs(sweep.trial_dir(trial.number)):
-                        print(f"Trial {trial.number}: stopped its run left by an earlier sweep process (pid "
-                              f"{', '.join(map(str, leftover))}) before resuming it", flush=True)
                     _claim(study, trial._trial_id)  # FrozenTrial keeps its id private; Trial() needs it
                     active.append(start_trial(sweep, trial.number, trial._trial_id, dict(trial.params), slot, 1))
                     changed = True

@@ -7,8 +7,8 @@ the study's pruner whether to go on; a pruned trial stops at that epoch's end, i
 checkpoint kept, like early stopping. Epochs reported before a restart are not reported
 again: a resumed trial goes on where it was.
 
-    LAUNCHER_SWEEP_TRIAL='{"storage": ..., "study": ..., "trial_id": 3, "metric": ..., "pruner": "asha"}' \
-        python -m launcher ...
+    LAUNCHER_SWEEP_TRIAL='{"storage": ..., "study": ..., "trial_id": 3, "metric": ..., "pruner": "asha",
+                           "sweep_pid": 4242}' python -m launcher ...
 """
 
 from __future__ import annotations
@@ -65,11 +65,11 @@ def follow_the_sweep() -> None:
     """In a trial's run (its launcher, not its tasks): get SIGTERM when the sweep process dies (a kill -9, a
     lost terminal), so the trial saves a checkpoint and exits 138 rather than train on unwatched, and the
     sweep started again resumes it alone."""
-    text = os.environ.get(VARIABLE)
-    if text:
+    sweep_pid = json.loads(os.environ.get(VARIABLE) or "{}").get("sweep_pid")
+    if sweep_pid is not None:  # None: not a trial, or one of a sweep process older than this code
         from launcher.processes import die_with_parent
 
-        die_with_parent(int(json.loads(text)["sweep_pid"]), signal.SIGTERM)
+        die_with_parent(int(sweep_pid), signal.SIGTERM)
 
 
 def reporter_from_environment() -> Callable[[dict[str, Any]], bool] | None:
@@ -78,7 +78,8 @@ def reporter_from_environment() -> Callable[[dict[str, Any]], bool] | None:
     if not text:
         return None
     spec = json.loads(text)
-    return Reporter(spec["storage"], spec["study"], int(spec["trial_id"]), spec["metric"], spec["pruner"])
+    # A sweep process older than this code names no pruner: it built the one Optuna loads by default.
+    return Reporter(spec["storage"], spec["study"], int(spec["trial_id"]), spec["metric"], spec.get("pruner"))
 
 
 class Reporter:
@@ -88,7 +89,7 @@ class Reporter:
     the chief calls it, so only the chief connects to the storage, on its first call.
     """
 
-    def __init__(self, storage: str, study: str, trial_id: int, metric: str, pruner: str):
+    def __init__(self, storage: str, study: str, trial_id: int, metric: str, pruner: str | None):
         self.where = (storage, study, trial_id)
         self.metric = metric
         self.pruner = pruner
@@ -100,7 +101,7 @@ class Reporter:
         storage, study, trial_id = self.where
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.study = optuna.load_study(study_name=study, storage=open_storage(storage),
-                                       pruner=make_pruner(self.pruner))
+                                       pruner=make_pruner(self.pruner) if self.pruner else None)
         self.trial = optuna.trial.Trial(self.study, trial_id)
         # FrozenTrial keeps its id private; the sweep passes the id, which Trial() needs.
         frozen = next(trial for trial in self.study.get_trials(deepcopy=False) if trial._trial_id == trial_id)

@@ -98,6 +98,26 @@ def test_a_new_study_refuses_a_workdir_holding_another_studys_trials(tmp_path):
     assert os.listdir(old_trial) == ["config.yaml"]
 
 
+@pytest.mark.parametrize("flags, refused", [
+    # 8 GPUs, 2 trials at once: each trial's 2 workers get 2 of its 4 GPUs, 4 replicas, which split 12.
+    (["--parallel", "2", "--", "--workers", "2"], None),
+    # 4 trials at once: a trial sees 2 GPUs, too few for 2 workers of 2.
+    (["--parallel", "4", "--", "--workers", "2", "--gpus_per_worker", "2"], "needs 4 GPUs; this host shows 2"),
+])
+def test_the_workers_of_a_trial_are_checked_on_the_gpus_of_its_slot(tmp_path, monkeypatch, flags, refused):
+    from launcher.sweep import checked, parse_args
+    from resnet18.runtime.errors import LauncherError
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
+    argv = ["--job", TINY_JOB, "--space", write_space(tmp_path), "--trials", "2", "--workdir", str(tmp_path / "a"),
+            "--set", "train.global_batch_size=12", *flags]
+    if refused is None:
+        assert [slot.gpus for slot in checked(*parse_args(argv)).slots] == ["0,1,2,3", "4,5,6,7"]
+    else:
+        with pytest.raises(LauncherError, match=refused):
+            checked(*parse_args(argv))
+
+
 # --- Which trials are this machine's to resume ---------------------------------------------
 
 def test_a_requeued_slurm_array_task_owns_its_trials_on_any_node(monkeypatch):
@@ -342,8 +362,9 @@ def test_a_killed_sweep_resumes_its_trials_exactly_and_runs_no_more(tiny_data_di
         assert time.monotonic() < deadline, "the trials of a killed sweep go on training"
         time.sleep(0.5)
     assert not all(trained)
-    for log, done in zip(logs, trained):
-        assert done or "preempted (SIGTERM): checkpoint saved at step" in log.read_text(), log
+    for log, done in zip(logs, trained):  # a SIGTERM after the last step lets the run finish (exit 0)
+        assert done or re.search(r"preempted \(SIGTERM\): checkpoint saved at step|SIGTERM after the last "
+                                 "training step", log.read_text()), log
     again = Running(command, command=[sys.executable, "-m", "launcher.sweep"])
     assert again.finish(timeout=900) == 0, again.output[-4000:]
     assert "Trial 0 resumed" in again.output and "Trial 1 resumed" in again.output
@@ -375,9 +396,9 @@ def test_a_resumed_trial_first_stops_a_run_still_going_in_its_directory(tiny_dat
                    "train.epochs=50"])
     try:
         run.wait_for(r"^Checkpoint at step")
-        assert stop_leftover_runs(str(tmp_path / "sweep" / "trials" / "1")) == []
-        assert stop_leftover_runs(str(tmp_path / "sweep" / "trials" / ".." / "trials" / "0"), grace=120) == [
-            run.process.pid]
+        assert stop_leftover_runs([str(tmp_path / "sweep" / "trials" / "1")], grace=120) == {}
+        there = str(tmp_path / "sweep" / "trials" / ".." / "trials" / "0")
+        assert stop_leftover_runs([there], grace=120) == {there: [run.process.pid]}
         assert run.finish(timeout=10) == 138, run.output[-3000:]
     finally:
         run.process.kill()
