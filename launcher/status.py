@@ -78,10 +78,10 @@ def collect(workdir: str, now: float | None = None) -> dict[str, Any]:
 def _state(status: dict[str, Any], summary: dict[str, Any] | None, events: list[dict[str, Any]], now: float,
            step_timeout: float) -> str:
     """The run's state; a running chief is stalled when its heartbeat is older than its own watchdog allows."""
-    from resnet18.runtime.status import heartbeat_allowance
+    from resnet18.runtime.status import FINISHED_STATES, heartbeat_allowance
 
     state = status.get("state")
-    if state in ("done", "stopped_early") or (summary and not state):
+    if state in FINISHED_STATES or (summary and not state):
         return "stopped early" if (state == "stopped_early" or (summary or {}).get("stopped_early_after_epoch")) \
             else "finished"
     if state in ("preempted", "failed"):

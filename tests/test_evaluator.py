@@ -62,3 +62,12 @@ def test_a_chief_that_failed_since_the_evaluator_started_ends_the_evaluator(tmp_
         check_chief(str(tmp_path), 0, started=time.time() - 10)
     write_status(tmp_path, "failed", age=20)  # a failure of the run before this one: not ours to report
     check_chief(str(tmp_path), 0, started=time.time() - 10)
+
+
+@pytest.mark.parametrize("state", ["done", "stopped_early"])
+def test_a_chief_that_finished_training_is_never_lost(tmp_path, state):
+    # An evaluator behind the chief goes on through its backlog after the chief's last heartbeat (its end),
+    # however long that takes: the last epoch's checkpoint is there to evaluate.
+    started = time.time() - 3 * CHIEF_STARTUP_SECONDS
+    write_status(tmp_path, state, age=TIMEOUT + CHIEF_STARTUP_SECONDS + 60)
+    check_chief(str(tmp_path), TIMEOUT, started)

@@ -121,17 +121,19 @@ def read_status(workdir: str) -> dict[str, Any] | None:
 
 
 UNTIMED_STATES = ("starting", "compiling")  # the chief traces and compiles; its watchdog does not time that
+FINISHED_STATES = ("done", "stopped_early")  # the chief's last heartbeat: it trained to its end
 
 
 def heartbeat_allowance(step_timeout: float, state: str | None) -> float | None:
-    """How old a healthy chief's heartbeat may get in `state` (None: train.step_timeout_seconds is 0, no limit).
+    """How old a healthy chief's heartbeat may get in `state` (None: no limit, as when train.step_timeout_seconds
+    is 0 or the chief finished training and writes no more).
 
     The watchdog bounds every training call, evaluation and save by train.step_timeout_seconds, and the
     heartbeat is written at most every HEARTBEAT_SECONDS after a call; before its first step, and in the
     first call of each kind (state "compiling": tracing, untimed by the watchdog), a chief gets
     STARTUP_SECONDS instead of HEARTBEAT_SECONDS.
     """
-    if not step_timeout:
+    if not step_timeout or state in FINISHED_STATES:
         return None
     return step_timeout + (STARTUP_SECONDS if state in UNTIMED_STATES else HEARTBEAT_SECONDS)
 

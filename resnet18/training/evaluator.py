@@ -161,7 +161,7 @@ def check_chief(workdir: str, timeout: float, started: float) -> None:
     if updated < started:
         updated, state = started, "starting"
     allowance = heartbeat_allowance(timeout, state)
-    if time.time() - updated > allowance:
+    if allowance is not None and time.time() - updated > allowance:
         raise RetryableError(f"lost the chief: no progress in {workdir}/status.json for {allowance:g} s "
                              "(train.step_timeout_seconds, plus the heartbeat interval or the chief's start-up); "
                              "restart the job to resume")
