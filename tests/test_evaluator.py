@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from resnet18.runtime.errors import RetryableError
+from resnet18.runtime.errors import RetryableError, TrainingError
 from resnet18.training.evaluator import CHIEF_STARTUP_SECONDS, check_chief
 from resnet18.runtime.status import HEARTBEAT_SECONDS, STATUS_FILE, write_json
 
@@ -71,3 +71,23 @@ def test_a_chief_that_finished_training_is_never_lost(tmp_path, state):
     started = time.time() - 3 * CHIEF_STARTUP_SECONDS
     write_status(tmp_path, state, age=TIMEOUT + CHIEF_STARTUP_SECONDS + 60)
     check_chief(str(tmp_path), TIMEOUT, started)
+
+
+def test_an_epoch_the_chief_dropped_after_it_was_listed_is_skipped_and_another_network_is_an_error(tmp_path):
+    # The chief keeps at most EPOCHS_KEPT_FOR_EVALUATOR epochs waiting and deletes the oldest beyond, which an
+    # evaluator that far behind may have listed already: it misses that epoch (exit 1 before).
+    import tensorflow as tf
+
+    from resnet18.runtime.checkpoint_files import remove_checkpoint
+    from resnet18.training.evaluator import _restore
+
+    prefix = tf.train.Checkpoint(model=tf.Variable([1.0, 2.0])).save(str(tmp_path / "ckpt"))  # as the chief saves
+    restored = tf.Variable([0.0, 0.0])
+    assert _restore(tf.train.Checkpoint(model=restored), prefix) is True
+    assert restored.numpy().tolist() == [1.0, 2.0]
+    remove_checkpoint(prefix)
+    remove_checkpoint(prefix)  # the evaluator and the chief may both remove it
+    assert _restore(tf.train.Checkpoint(model=restored), prefix) is False
+    other = tf.train.Checkpoint(head=tf.Variable([3.0])).save(str(tmp_path / "other"))
+    with pytest.raises(TrainingError, match="does not hold this task's network"):
+        _restore(tf.train.Checkpoint(model=restored), other)

@@ -126,6 +126,16 @@ def _files_read(prefix: str) -> bool:
         return False
 
 
+def remove_checkpoint(prefix: str) -> None:
+    """Deletes a checkpoint's files; ones another process removed meanwhile (the chief and the sidecar
+    evaluator both remove epoch checkpoints) are not an error."""
+    for name in tf.io.gfile.glob(prefix + ".*"):
+        try:
+            tf.io.gfile.remove(name)
+        except tf.errors.NotFoundError:
+            pass
+
+
 def remove_stale_temporaries(directory: str) -> list[str]:
     """Deletes `*_temp*` leftovers of interrupted saves (never restored, safe to remove)."""
     removed = []

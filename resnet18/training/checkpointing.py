@@ -15,8 +15,8 @@ from typing import Callable
 import tensorflow as tf
 
 from resnet18.runtime.checkpoint_files import (EPOCHS_DIR, EPOCHS_KEPT_FOR_EVALUATOR, checkpoint_candidates,
-                                               holds_object, leading_dimension, remove_stale_temporaries,
-                                               restore_latest_good)
+                                               holds_object, leading_dimension, remove_checkpoint,
+                                               remove_stale_temporaries, restore_latest_good)
 from resnet18.runtime.errors import SetupError, TrainingError
 from resnet18.training.replicas import BatchNormStatistics
 
@@ -126,8 +126,7 @@ class Checkpointer:
         path = self._epochs.save(checkpoint_number=step)
         waiting = checkpoint_candidates(self._epochs.directory)
         for prefix in waiting[EPOCHS_KEPT_FOR_EVALUATOR:]:
-            for name in tf.io.gfile.glob(prefix + ".*"):
-                tf.io.gfile.remove(name)
+            remove_checkpoint(prefix)
             if self.is_chief:
                 print(f"warning: {len(waiting)} epochs wait for a sidecar evaluator (none is running, or it is "
                       f"{EPOCHS_KEPT_FOR_EVALUATOR} epochs behind); dropped {os.path.basename(prefix)}, which it will "

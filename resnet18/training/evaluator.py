@@ -44,7 +44,7 @@ import tensorflow as tf
 from resnet18.config import Config
 from resnet18.data import pipeline, sources
 from resnet18.runtime import hardware
-from resnet18.runtime.checkpoint_files import EPOCHS_DIR, checkpoint_candidates
+from resnet18.runtime.checkpoint_files import EPOCHS_DIR, checkpoint_candidates, remove_checkpoint
 from resnet18.runtime.errors import RetryableError, TrainingError, first_line
 from resnet18.runtime.history import EVALUATIONS_FILE, read_evaluations
 from resnet18.runtime.status import (STARTUP_SECONDS, append_event, heartbeat_allowance, read_json, read_status,
@@ -86,14 +86,16 @@ def run_evaluator(config: Config, strategy: tf.distribute.Strategy, workdir: str
             for step, prefix in _new_epoch_checkpoints(workdir, steps_per_epoch, done):
                 # The first evaluation traces and compiles (as the trainer's first call, it is not timed).
                 with contextlib.nullcontext() if first else watchdog.watching(f"evaluating {prefix}"):
-                    _restore(checkpoint, prefix)
+                    if not _restore(checkpoint, prefix):
+                        print(f"Skipped {os.path.basename(prefix)}: the chief dropped it before it was evaluated "
+                              "(too many epochs waited for this evaluator)", flush=True)
+                        continue
                     last = dict(evaluate(), step=step, epoch=step // steps_per_epoch,
                                 checkpoint=os.path.basename(prefix))
                 first = False
                 _record(workdir, summaries, last)
                 done.add(step)
-                for path in tf.io.gfile.glob(prefix + ".*"):  # evaluated: the chief keeps no copy for us
-                    tf.io.gfile.remove(path)
+                remove_checkpoint(prefix)  # evaluated: the chief keeps no copy for us
                 print(f"Evaluated {last['checkpoint']} (epoch {last['epoch']}): {_metrics_line(last)}", flush=True)
             if total_steps in done:
                 _finish(workdir, last or _last_evaluation(workdir))
@@ -102,13 +104,20 @@ def run_evaluator(config: Config, strategy: tf.distribute.Strategy, workdir: str
             time.sleep(POLL_SECONDS)
 
 
-def _restore(checkpoint: tf.train.Checkpoint, prefix: str) -> None:
-    """Restores an epoch's weights, all of them: a checkpoint of another network is an error, never half-read."""
+def _restore(checkpoint: tf.train.Checkpoint, prefix: str) -> bool:
+    """Restores an epoch's weights, all of them: a checkpoint of another network is an error, never half-read.
+
+    Returns False when the checkpoint is gone: the chief drops the oldest epoch of too many waiting (an
+    evaluator that far behind misses it), possibly after this evaluator listed it.
+    """
     try:
         checkpoint.restore(prefix).assert_existing_objects_matched()
     except (AssertionError, ValueError, tf.errors.OpError) as error:
+        if not (tf.io.gfile.exists(prefix + ".index") and tf.io.gfile.glob(prefix + ".data-*")):
+            return False
         raise TrainingError(f"{prefix} does not hold this task's network ({first_line(error)}); the evaluator's "
                             "config must be the trainers'") from None
+    return True
 
 
 def _metrics_line(evaluation: dict[str, Any]) -> str:
