@@ -60,6 +60,15 @@ def test_the_legacy_tfjob_fits_the_tfjob_crd():
     assert tfjob_errors(documents("tfjob_multiworker_gpu.yaml")["TFJob"]) == ([], set())
 
 
+def test_the_tfjob_leaves_its_evaluator_running_once_the_chief_succeeds():
+    # With a Chief, the v1 operator marks the TFJob Succeeded as soon as the chief is (UpdateJobStatus), and then
+    # deletes the pods cleanPodPolicy names: Running (or All) would end the evaluator before the last epoch's
+    # evaluation, which only starts once the chief has written that epoch's checkpoint.
+    spec = documents("tfjob_multiworker_gpu.yaml")["TFJob"]["spec"]
+    assert "Evaluator" in spec["tfReplicaSpecs"] and "Chief" in spec["tfReplicaSpecs"]
+    assert spec["runPolicy"].get("cleanPodPolicy", "None") == "None"
+
+
 # --- Vertex AI ----------------------------------------------------------------------------------
 
 def vertex_errors(spec: dict) -> list[str]:
