@@ -88,7 +88,10 @@ def _state(status: dict[str, Any], summary: dict[str, Any] | None, events: list[
         return state
     if state == "lost_peer":
         return "lost a peer"
+    last = events[-1] if events else {}
     if state in ("training", "starting", "compiling"):
+        if last.get("event") == "group_failed" and last.get("time", 0) >= status.get("updated", now):
+            return "failed"  # the launcher stopped the group after the chief last wrote (killed, it never wrote)
         age = now - status.get("updated", now)
         allowance = heartbeat_allowance(step_timeout, state)
         if allowance is None or age <= allowance:
@@ -96,7 +99,6 @@ def _state(status: dict[str, Any], summary: dict[str, Any] | None, events: list[
         plus = "the heartbeat interval" if state == "training" else "the start-up allowance (it was compiling)"
         return (f"stalled or gone (no heartbeat for {age:.0f} s; its watchdog allows {allowance:.0f} s: "
                 f"train.step_timeout_seconds and {plus})")
-    last = events[-1] if events else {}
     return {"group_failed": "failed", "group_start": "starting"}.get(last.get("event"), "unknown (no heartbeat yet)")
 
 

@@ -113,3 +113,16 @@ def test_a_resumed_chief_compiling_its_first_call_reports_the_step_it_resumed_at
     with Loop.watching(loop, "train", "training steps 41-45"):
         status = read_status(str(tmp_path))
         assert (status["state"], status["step"], status["epoch"]) == ("compiling", 40, 4)
+
+
+def test_a_group_that_failed_after_the_chief_last_wrote_is_failed_not_running(tmp_path):
+    # The launcher stops a broken group with SIGKILL after 5 s: a chief blocked in a collective never writes
+    # its end, so status.json still says training; the launcher's group_failed, written after it, is the truth.
+    from resnet18.runtime.status import append_event
+
+    workdir = run_dir(tmp_path, 1800, "training", 30)
+    assert collect(workdir)["state"] == "running"
+    append_event(workdir, {"event": "group_failed", "task": "worker-1", "exit_code": 1})
+    assert collect(workdir)["state"] == "failed"
+    write_json(str(tmp_path / STATUS_FILE), {"state": "training", "step": 50, "updated": time.time()})
+    assert collect(workdir)["state"] == "running"  # a restarted group's chief writes after it
