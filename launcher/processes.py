@@ -415,3 +415,62 @@ def to_blame(tasks: list[Task], failed: Task, settle: bool = True) -> Failure:
         return Failure.of(failed, silent=silent)
     age, task = max(frozen, key=lambda pair: pair[0])
     return Failure.of(task, f"frozen: no sign of life for {age:.0f} s while {failed.name} gave up waiting", silent)
+
+
+def stop_runs_in(workdirs: list[str], grace: float) -> dict[str, list[int]]:
+    """Stops every `python -m launcher` of this host running in one of `workdirs`: SIGTERM (a preemption: it
+    saves and exits 138), then SIGKILL to those still running after `grace` s. Returns the pids found in each
+    directory that had any. A sweep calls it before resuming trials there: two runs in one directory would
+    write the same checkpoints (such a run is left by a sweep process that died, and may still be saving)."""
+    targets = {os.path.realpath(workdir): workdir for workdir in workdirs}
+    found: dict[str, list[int]] = {}
+    for pid, argv, cwd in _launcher_processes():
+        if (workdir := targets.get(_workdir_of(argv, cwd))) is not None:
+            found.setdefault(workdir, []).append(pid)
+    pids = [pid for group in found.values() for pid in group]
+    for pid in pids:
+        _kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while any(is_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(POLL_SECONDS)
+    for pid in pids:
+        if is_running(pid):  # not one reaped meanwhile, whose number may be another process's by now
+            _kill(pid, signal.SIGKILL)
+    return found
+
+
+def _launcher_processes() -> list[tuple[int, list[str], str]]:
+    """(pid, argv, working directory) of every `python -m launcher` process of this host we may see."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as stream:
+                argv = stream.read().decode(errors="replace").split("\0")
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:  # gone meanwhile, or another user's
+            continue
+        if any(argv[index:index + 2] == ["-m", "launcher"] for index in range(len(argv))):
+            found.append((int(entry), argv, cwd))
+    return found
+
+
+def _workdir_of(argv: list[str], cwd: str) -> str | None:
+    if "--workdir" not in argv[:-1]:
+        return None
+    return os.path.realpath(os.path.join(cwd, argv[argv.index("--workdir") + 1]))
+
+
+def is_running(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, ended but not yet reaped by its parent, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as stream:
+            return stream.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _kill(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signum)

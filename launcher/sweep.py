@@ -34,7 +34,6 @@ storage), nothing started; 138 stopped by SIGTERM/SIGINT (run the same command t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -48,7 +47,7 @@ from typing import Any
 from launcher import sweep_results, sweep_space, sweep_trial
 from launcher.flags import FlagError, FlagParser, integer, nonempty
 from launcher.local_workers import DEFAULT_PREEMPTION_GRACE_SECONDS
-from launcher.processes import gpu_slices, visible_gpu_ids
+from launcher.processes import gpu_slices, stop_runs_in, visible_gpu_ids
 from resnet18 import tasks
 from resnet18.config import Config
 from resnet18.runtime.errors import EXIT_OK, EXIT_RETRYABLE, ConfigError, LauncherError
@@ -237,65 +236,6 @@ def start_trial(sweep: Sweep, number: int, trial_id: int, params: dict[str, Any]
     return Active(number, trial_id, params, slot, process, time.time(), restarts)
 
 
-def stop_leftover_runs(workdirs: list[str], grace: float) -> dict[str, list[int]]:
-    """Stops what still runs in trials' work directories on this host before the trials are resumed there: two
-    runs in one directory would write the same checkpoints. Such a run is left by a sweep process that died
-    (it got SIGTERM then, see sweep_trial.follow_the_sweep, and may still be saving). SIGTERM, then SIGKILL
-    to those still running after `grace` s. Returns the pids found in each directory that had any."""
-    targets = {os.path.realpath(workdir): workdir for workdir in workdirs}
-    found: dict[str, list[int]] = {}
-    for pid, argv, cwd in _launcher_processes():
-        if (workdir := targets.get(_workdir_of(argv, cwd))) is not None:
-            found.setdefault(workdir, []).append(pid)
-    pids = [pid for group in found.values() for pid in group]
-    for pid in pids:
-        _kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(POLL_SECONDS)
-    for pid in pids:
-        if _running(pid):  # not one reaped meanwhile, whose number may be another process's by now
-            _kill(pid, signal.SIGKILL)
-    return found
-
-
-def _launcher_processes() -> list[tuple[int, list[str], str]]:
-    """(pid, argv, working directory) of every `python -m launcher` process of this host we may see."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as stream:
-                argv = stream.read().decode(errors="replace").split("\0")
-            cwd = os.readlink(f"/proc/{entry}/cwd")
-        except OSError:  # gone meanwhile, or another user's
-            continue
-        if any(argv[index:index + 2] == ["-m", "launcher"] for index in range(len(argv))):
-            found.append((int(entry), argv, cwd))
-    return found
-
-
-def _workdir_of(argv: list[str], cwd: str) -> str | None:
-    if "--workdir" not in argv[:-1]:
-        return None
-    return os.path.realpath(os.path.join(cwd, argv[argv.index("--workdir") + 1]))
-
-
-def _running(pid: int) -> bool:
-    """Whether `pid` runs (a zombie, ended but not yet reaped by its parent, does not)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as stream:
-            return stream.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def _kill(pid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, signum)
-
-
 def machine_id(given: str | None) -> str:
     """Who owns the trials this sweep process starts: --machine_id, else the Slurm array task or job (a
     requeued one keeps it, on whatever node it lands), else the host name."""
@@ -353,7 +293,7 @@ def run(sweep: Sweep) -> int:
     study = open_study(sweep)
     check_trial_directories(sweep, study)
     resumes = own_unfinished(sweep, study)
-    leftovers = stop_leftover_runs([sweep.trial_dir(trial.number) for trial in resumes], sweep.leftover_grace)
+    leftovers = stop_runs_in([sweep.trial_dir(trial.number) for trial in resumes], sweep.leftover_grace)
     for workdir, pids in leftovers.items():
         print(f"Stopped a run an earlier sweep process left in {workdir} (pid {', '.join(map(str, pids))}) before "
               "resuming its trial", flush=True)

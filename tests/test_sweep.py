@@ -355,10 +355,10 @@ def test_a_killed_sweep_resumes_its_trials_exactly_and_runs_no_more(tiny_data_di
     trained = ["Final weights sha256" in log.read_text() for log in logs]  # a trial's last steps are quick
     run.process.kill()  # kill -9 of the sweep: its trials are told (SIGTERM), save a checkpoint and end
     run.finish(timeout=60)
-    from launcher.sweep import _running
+    from launcher.processes import is_running
 
     deadline = time.monotonic() + 120
-    while any(_running(pid) for pid in pids):
+    while any(is_running(pid) for pid in pids):
         assert time.monotonic() < deadline, "the trials of a killed sweep go on training"
         time.sleep(0.5)
     assert not all(trained)
@@ -389,16 +389,16 @@ def test_a_killed_sweep_resumes_its_trials_exactly_and_runs_no_more(tiny_data_di
 def test_a_resumed_trial_first_stops_a_run_still_going_in_its_directory(tiny_data_dir, tmp_path):
     """A sweep process started again after a kill -9 resumes its trials: a run the dead one left (still saving
     after its SIGTERM, or unaware of it) is stopped first, with the same SIGTERM, so it keeps its checkpoint."""
-    from launcher.sweep import stop_leftover_runs
+    from launcher.processes import stop_runs_in
 
     workdir = tmp_path / "sweep" / "trials" / "0"
     run = Running(["--job", TINY_JOB, "--workdir", str(workdir), "--set", f"data.data_dir={tiny_data_dir}",
                    "train.epochs=50"])
     try:
         run.wait_for(r"^Checkpoint at step")
-        assert stop_leftover_runs([str(tmp_path / "sweep" / "trials" / "1")], grace=120) == {}
+        assert stop_runs_in([str(tmp_path / "sweep" / "trials" / "1")], grace=120) == {}
         there = str(tmp_path / "sweep" / "trials" / ".." / "trials" / "0")
-        assert stop_leftover_runs([there], grace=120) == {there: [run.process.pid]}
+        assert stop_runs_in([there], grace=120) == {there: [run.process.pid]}
         assert run.finish(timeout=10) == 138, run.output[-3000:]
     finally:
         run.process.kill()
