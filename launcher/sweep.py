@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import signal
 import socket
@@ -109,9 +108,7 @@ class Sweep:
 
     def trial_environment(self, trial_id: int) -> dict[str, str]:
         """What tells a trial's run it is one (launcher/sweep_trial.py reads it)."""
-        return {sweep_trial.VARIABLE: json.dumps({"storage": self.storage, "study": self.study_name,
-                                                  "trial_id": trial_id, "metric": self.args.metric,
-                                                  "pruner": self.args.pruner, "sweep_pid": os.getpid()})}
+        return sweep_trial.environment(self.storage, self.study_name, trial_id, self.args.metric, self.args.pruner)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:

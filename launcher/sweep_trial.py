@@ -61,11 +61,22 @@ def open_storage(url: str):
             time.sleep(random.uniform(0.2, 1.0))
 
 
+def environment(storage: str, study: str, trial_id: int, metric: str, pruner: str) -> dict[str, str]:
+    """What the sweep process gives a trial's run (read back below), naming itself as the sweep."""
+    return {VARIABLE: json.dumps({"storage": storage, "study": study, "trial_id": trial_id, "metric": metric,
+                                  "pruner": pruner, "sweep_pid": os.getpid()})}
+
+
+def _spec() -> dict[str, Any]:
+    """What `environment` gave this process ({} outside a sweep)."""
+    return json.loads(os.environ.get(VARIABLE) or "{}")
+
+
 def follow_the_sweep() -> None:
     """In a trial's run (its launcher, not its tasks): get SIGTERM when the sweep process dies (a kill -9, a
     lost terminal), so the trial saves a checkpoint and exits 138 rather than train on unwatched, and the
     sweep started again resumes it alone."""
-    sweep_pid = json.loads(os.environ.get(VARIABLE) or "{}").get("sweep_pid")
+    sweep_pid = _spec().get("sweep_pid")
     if sweep_pid is not None:  # None: not a trial, or one of a sweep process older than this code
         from launcher.processes import die_with_parent
 
@@ -74,10 +85,9 @@ def follow_the_sweep() -> None:
 
 def reporter_from_environment() -> Callable[[dict[str, Any]], bool] | None:
     """The stop-after-epoch hook of a sweep's trial (None outside a sweep)."""
-    text = os.environ.get(VARIABLE)
-    if not text:
+    spec = _spec()
+    if not spec:
         return None
-    spec = json.loads(text)
     # A sweep process older than this code names no pruner: it built the one Optuna loads by default.
     return Reporter(spec["storage"], spec["study"], int(spec["trial_id"]), spec["metric"], spec.get("pruner"))
 
