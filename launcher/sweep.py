@@ -54,6 +54,7 @@ from resnet18.runtime.errors import EXIT_OK, EXIT_RETRYABLE, ConfigError, Launch
 POLL_SECONDS = 0.2  # how soon a slot whose trial ended gets the next
 WRITE_SECONDS = 10.0  # sweep.json: at once when a trial starts or ends, else this often
 RETRYABLE = (EXIT_RETRYABLE, 130, 137, 143)
+EXIT_SECONDS = 30  # beyond its preemption grace, for a trial's run told to stop to end
 FORBIDDEN_FLAGS = ("--job", "--workdir", "--set", "--dry_run")  # the sweep gives each trial these
 
 
@@ -96,7 +97,7 @@ class Sweep:
     study_name: str
     slots: tuple[Slot, ...]
     machine: str  # owns the trials this process starts (machine_id)
-    leftover_grace: float = DEFAULT_PREEMPTION_GRACE_SECONDS + 30  # a trial's run told to stop saves within it
+    preemption_grace: float = DEFAULT_PREEMPTION_GRACE_SECONDS  # a trial's run told to stop saves within it
 
     @property
     def direction(self) -> str:
@@ -171,9 +172,8 @@ def checked(args: argparse.Namespace, launcher_args: list[str]) -> Sweep:
                           "makes later, in another task: use train.evaluation inline or --pruner none")
     space = sweep_space.load_space(args.space, job)
     storage = args.storage or f"sqlite:///{os.path.abspath(os.path.join(args.workdir, 'sweep.db'))}"
-    grace = DEFAULT_PREEMPTION_GRACE_SECONDS if launcher.preemption_grace is None else launcher.preemption_grace
     return Sweep(args, tuple(launcher_args), job, space, storage, args.study_name or job.name, slots,
-                 machine_id(args.machine_id), grace + 30)  # a --workers group's grace, then its exit
+                 machine_id(args.machine_id), launcher.preemption_grace or DEFAULT_PREEMPTION_GRACE_SECONDS)
 
 
 def _slots(parallel: int, processes_per_trial: int) -> tuple[Slot, ...]:
@@ -290,7 +290,8 @@ def run(sweep: Sweep) -> int:
     study = open_study(sweep)
     check_trial_directories(sweep, study)
     resumes = own_unfinished(sweep, study)
-    leftovers = stop_runs_in([sweep.trial_dir(trial.number) for trial in resumes], sweep.leftover_grace)
+    leftovers = stop_runs_in([sweep.trial_dir(trial.number) for trial in resumes],
+                             sweep.preemption_grace + EXIT_SECONDS)
     for workdir, pids in leftovers.items():
         print(f"Stopped a run an earlier sweep process left in {workdir} (pid {', '.join(map(str, pids))}) before "
               "resuming its trial", flush=True)
