@@ -13,7 +13,8 @@ collective, and on one device:
   test split, every example once;
 - appends the result to WORKDIR/evaluations.jsonl (history.py merges it into each
   epoch's entry, so reports and status read one history) and to TensorBoard's test
-  scalars; an evaluator that restarts skips the epochs already evaluated;
+  scalars; an evaluator that restarts skips the epochs already evaluated, and one
+  EPOCHS_KEPT_FOR_EVALUATOR epochs behind skips those the chief dropped;
 - after the last epoch adds the test metrics to summary.json and exits 0 (the
   launcher then writes the report);
 - exits 138 when the chief stops making progress (its status.json heartbeat is older
