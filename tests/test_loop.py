@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 
 import pytest
 
 from launcher.strategy import make_strategy
 from resnet18.config import RuntimeConfig, build_config
-from resnet18.runtime.errors import TrainingError
+from resnet18.runtime.errors import RetryableError, TrainingError
+from resnet18.training import loop
 from resnet18.training.loop import train_and_evaluate
 from tests.conftest import MICRO_TEST, MICRO_TRAIN, TINY_JOB
 
@@ -69,3 +71,42 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(micro_data_dir, tm
     with pytest.raises(TrainingError, match=r"loss is (nan|inf) in steps \d+-\d+"):
         train_and_evaluate(exploding, one_device, workdir)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+
+
+@pytest.mark.parametrize("epochs, pruned, ends", [(1, False, "done"), (2, True, "stopped_early"),
+                                                  (2, False, "preempted")])
+def test_a_sigterm_in_the_last_call_of_a_run_that_is_complete_exits_0_not_138(
+        micro_data_dir, tmp_path, one_device, monkeypatch, capsys, epochs, pruned, ends):
+    """A real SIGTERM to this process during the training call that ends epoch 1: the loop evaluates and saves
+    that epoch, then exits 138 (RetryableError) only if there is more to train. Ended by its last epoch or by a
+    sweep's pruner at that epoch, the run is complete: 138 would have the cluster restart it (and a pruned
+    trial resume past its prune). The last case is the control: epoch 2 is left, so it is a preemption."""
+    real_calls = loop.make_train_calls
+
+    def calls_signalled_in_epoch_1s_last(*args, **kwargs):
+        calls, done = real_calls(*args, **kwargs), [0]
+
+        def call(iterator, steps):
+            done[0] += int(steps)
+            if done[0] == STEPS_PER_EPOCH:  # handled by the watcher before the loop asks whether to stop
+                os.kill(os.getpid(), signal.SIGTERM)
+            return calls(iterator, steps)
+        return call
+
+    monkeypatch.setattr(loop, "make_train_calls", calls_signalled_in_epoch_1s_last)
+    config = micro_config(micro_data_dir, f"train.epochs={epochs}", "train.checkpoint_every_steps=0")
+    workdir = tmp_path / "run"
+
+    def run():
+        return train_and_evaluate(config, one_device, str(workdir), stop_after_epoch=lambda metrics: pruned)
+
+    if ends == "preempted":
+        with pytest.raises(RetryableError, match=f"checkpoint saved at step {STEPS_PER_EPOCH}, the end of epoch 1"):
+            run()
+    else:
+        summary = run()
+        assert summary["steps"] == STEPS_PER_EPOCH
+        assert f"SIGTERM during or after the last training step ({STEPS_PER_EPOCH})" in capsys.readouterr().out
+    assert json.loads((workdir / "status.json").read_text())["state"] == ends
+    assert (workdir / "checkpoints" / f"ckpt-{STEPS_PER_EPOCH}.index").exists()
+

@@ -281,9 +281,9 @@ def check_story(soak: Soak, workdir) -> None:
         found = next((index for index in range(position, len(story)) if tells(kind, what, story[index])), None)
         if found is None and kind == "term_worker" and (any(
                 event["event"] == "train_end" and event["state"] == "done" and event["time"] <= when
-                for event in story[position:]) or re.search(r"worker \d\] SIGTERM after the last training step",
-                                                             "\n".join(soak.outputs))):
-            continue  # it landed after the last training step: the worker finishes and exits 0, as it should
+                for event in story[position:]) or re.search(
+                    r"worker \d\] SIGTERM during or after the last training step", "\n".join(soak.outputs))):
+            continue  # it landed in or after the last training call: the worker finishes and exits 0, as it should
         assert found is not None, (f"seed {soak.seed}: {kind} ({what}) is not in events.jsonl after event "
                                    f"{position}:\n" + "\n".join(json.dumps(event) for event in story))
         if kind == "lost_machine":

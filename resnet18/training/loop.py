@@ -119,9 +119,9 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
         summary = summarize(loop, progress, source, strategy, precision)
         if topology.is_chief:
             write_summary(workdir, summary)
-        if watcher.requested:  # after the last step the workers agreed on: nothing is left to save or resume
-            print(f"SIGTERM after the last training step ({progress.step}): training is complete; exiting 0",
-                  flush=True)
+        if watcher.requested:  # in or after the last epoch's last call, all saved: nothing is left to resume
+            print(f"SIGTERM during or after the last training step ({progress.step}): training is complete; "
+                  "exiting 0", flush=True)
         return summary
 
 
@@ -269,7 +269,9 @@ def run_loop(loop: Loop, iterator, start_step: int, watcher: PreemptionWatcher, 
         end_epoch(loop, progress, epoch, totals, summaries)  # a preemption at the epoch's end evaluates it first
         if progress.first_epoch_seconds is None:
             progress.first_epoch_seconds = time.time() - process_start_time()
-        if totals.preempted:
+        # Preempted at an epoch's end with nothing left to train (the last epoch, or stopped there): the run is
+        # complete, and 138 would only have the cluster restart it. It exits 0 (train_and_evaluate says why).
+        if totals.preempted and progress.step < loop.total_steps and progress.stopped_at_epoch is None:
             raise RetryableError(f"preempted (SIGTERM): checkpoint saved at step {progress.step}, the end of epoch "
                                  f"{epoch + 1}, evaluated first; run again to resume")
     if not progress.metrics and loop.config.train.evaluation == "inline":  # nothing was left to train
