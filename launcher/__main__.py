@@ -208,14 +208,30 @@ def _print_dry_run(plan: Plan) -> int:
     return EXIT_OK
 
 
-def _write_report(workdir: str) -> None:
-    from launcher.report import write_report
+class _ReportStopped(BaseException):
+    """SIGTERM while the report is written: a BaseException, as no library's `except Exception` may keep it."""
 
+
+def _stop_the_report(signum=None, frame=None) -> None:  # noqa: ARG001 - signal handler signature
+    raise _ReportStopped()
+
+
+def _write_report(workdir: str) -> None:
+    # Training is complete and saved: a SIGTERM now stops the report only. It is no preemption (138, "before
+    # training started", had the cluster restart a finished run); the run exits 0.
+    signal.signal(signal.SIGTERM, _stop_the_report)
     try:
+        from launcher.report import write_report
+
         write_report(workdir)
+    except _ReportStopped:
+        print(f"SIGTERM while writing the report: training is complete; exiting 0 (write the report with python -m "
+              f"launcher.report --workdir {workdir})", flush=True)
     except Exception as error:  # the run itself succeeded; say so and how to retry
         print(f"warning: the report failed ({first_line(error)}); run python -m launcher.report --workdir {workdir}",
               flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the exit code is decided: 0 (main() says why SIG_IGN)
 
 
 @contextlib.contextmanager

@@ -110,3 +110,26 @@ def test_a_sigterm_in_the_last_call_of_a_run_that_is_complete_exits_0_not_138(
     assert json.loads((workdir / "status.json").read_text())["state"] == ends
     assert (workdir / "checkpoints" / f"ckpt-{STEPS_PER_EPOCH}.index").exists()
 
+
+def test_a_sigterm_while_the_chief_writes_its_report_stops_the_report_not_the_finished_run(
+        micro_data_dir, tmp_path, one_device, monkeypatch, capsys):
+    """After training the launcher's SIGTERM handler is again the one for "before training started" (exit 138,
+    a restart of a finished run). A real SIGTERM in the middle of the report (its curves drawn, the confusion
+    matrix next) now stops the report only, and the run goes on to exit 0."""
+    import launcher.__main__ as launcher_main
+    from launcher import report
+    from resnet18.runtime.preemption import preempted_before_training
+
+    workdir = tmp_path / "run"
+    train_and_evaluate(micro_config(micro_data_dir), one_device, str(workdir))
+    real_plot = report.plot_confusion
+    monkeypatch.setattr(report, "plot_confusion", lambda *args: (os.kill(os.getpid(), signal.SIGTERM),
+                                                                real_plot(*args)))
+    before = signal.signal(signal.SIGTERM, preempted_before_training)  # as launcher.__main__.run() sets it
+    try:
+        launcher_main._write_report(str(workdir))
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # the exit code is decided
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert "SIGTERM while writing the report: training is complete; exiting 0" in capsys.readouterr().out
+    assert (workdir / "report" / "curves.png").exists() and not (workdir / "report" / "report.md").exists()
