@@ -460,3 +460,18 @@ def test_resnext_computes_its_gradients_in_every_policy_on_this_cpu(policy):
         return tape.gradient(loss, model.trainable_variables)
 
     assert all(bool(tf.reduce_all(tf.math.is_finite(tf.cast(g, tf.float32)))) for g in gradients(images))
+
+
+def test_a_frozen_encoder_gets_no_weight_decay():
+    # With model.freeze_encoder only the classifier trains; an L2 term on the frozen kernels has no gradient
+    # and only inflated the train_loss the history, TensorBoard and the report show.
+    import dataclasses
+
+    from resnet18.config import build_config
+    from resnet18.tasks.classification import build_network
+    from tests.conftest import TINY_JOB
+
+    config = build_config(TINY_JOB, ["model.width=4"])
+    frozen = dataclasses.replace(config, model=dataclasses.replace(config.model, freeze_encoder=True))
+    assert [kernel.path for kernel in decayed_kernels(build_network(frozen, 10))] == ["logits/kernel"]
+    assert len(decayed_kernels(build_network(config, 10))) == 21  # stem, 16 block convs, 3 shortcuts, the head

@@ -56,5 +56,8 @@ def encoder_of(model: keras.Model) -> keras.Model:
 
 
 def decayed_kernels(model: keras.Model) -> list:
-    """Conv and dense kernels: the weights that get weight decay (not BN, not biases)."""
-    return [layer.kernel for layer in model.layers if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense))]
+    """Conv and dense kernels that train: the weights that get weight decay (not BN, not biases, and not a
+    frozen encoder's, whose L2 term would only add a constant to the loss the run reports)."""
+    trainable = {id(variable) for variable in model.trainable_variables}
+    return [layer.kernel for layer in model.layers
+            if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)) and id(layer.kernel) in trainable]
