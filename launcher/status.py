@@ -38,7 +38,8 @@ def collect(workdir: str, now: float | None = None) -> dict[str, Any]:
 
     from resnet18.runtime.checkpoint_files import EPOCHS_DIR, EPOCHS_KEPT_FOR_EVALUATOR, checkpoint_candidates
     from resnet18.runtime.history import read_history
-    from resnet18.runtime.status import read_events, read_json, read_status
+    from resnet18.runtime.files import read_json
+    from resnet18.runtime.status import read_events, read_status
 
     now = time.time() if now is None else now
     config_path = os.path.join(workdir, "config.yaml")

@@ -187,3 +187,30 @@ def test_two_workers_distil_to_identical_weights(tiny_data_dir, tmp_path):
     fingerprints = set(re.findall(r"\[worker \d\] Final weights sha256 ([0-9a-f]{64})", result.stdout))
     assert len(fingerprints) == 1  # both workers distilled the same student
     assert json.loads((tmp_path / "student" / "teacher.json").read_text())["arch"] == "resnet50"
+
+
+def test_a_worker_reading_teacher_json_never_sees_the_chief_half_way_through_writing_it(tmp_path):
+    # On a resume every worker reads WORKDIR/teacher.json while the chief rewrites it: written in place, a
+    # reader could find it empty or cut short (a JSONDecodeError traceback, or a false "another teacher").
+    import threading
+
+    from resnet18.tasks.distillation import TEACHER_FILE, check_same_teacher
+
+    identity = {"teacher_workdir": "runs/teacher", "checkpoint": "runs/teacher/best/ckpt-40", "arch": "resnet18",
+                "width": 64, "weights_sha256": "ab" * 32, "padding": "x" * 200_000}
+    check_same_teacher(str(tmp_path), identity, resuming=False, is_chief=True)
+    seen, writing = [], True
+
+    def read_while_written():
+        while writing:
+            seen.append((tmp_path / TEACHER_FILE).read_text())
+
+    reader = threading.Thread(target=read_while_written)
+    reader.start()
+    try:
+        for _ in range(200):
+            check_same_teacher(str(tmp_path), identity, resuming=True, is_chief=True)
+    finally:
+        writing = False
+        reader.join()
+    assert seen and all(json.loads(text) == identity for text in seen)

@@ -11,7 +11,8 @@ import pytest
 
 from resnet18.runtime.errors import RetryableError, TrainingError
 from resnet18.training.evaluator import CHIEF_STARTUP_SECONDS, check_chief
-from resnet18.runtime.status import HEARTBEAT_SECONDS, STATUS_FILE, write_json
+from resnet18.runtime.files import write_json
+from resnet18.runtime.status import HEARTBEAT_SECONDS, STATUS_FILE
 
 TIMEOUT = 5.0  # train.step_timeout_seconds, as tests/test_operations.py sets it
 

@@ -13,7 +13,8 @@ import yaml
 
 from launcher.status import collect, render
 from resnet18.config import Config, dump
-from resnet18.runtime.status import HEARTBEAT_SECONDS, STARTUP_SECONDS, STATUS_FILE, write_json
+from resnet18.runtime.files import write_json
+from resnet18.runtime.status import HEARTBEAT_SECONDS, STARTUP_SECONDS, STATUS_FILE
 
 
 def run_dir(tmp_path, step_timeout: float, state: str, age: float):

@@ -15,6 +15,8 @@ import os
 import sys
 from typing import Any
 
+from resnet18.runtime.files import replace_text
+
 HISTORY_FILE = "history.jsonl"
 EVALUATIONS_FILE = "evaluations.jsonl"  # the sidecar evaluator's results, merged into the history by step
 
@@ -59,11 +61,6 @@ def _read_lines(path: str, warn: bool) -> list[dict[str, Any]]:
 
 def write_history(workdir: str, history: list[dict[str, Any]]) -> None:
     """Replaces WORKDIR/history.jsonl with `history`, atomically where the storage allows."""
-    import tensorflow as tf
-
-    # Rewritten whole (object stores such as gs:// cannot append), into a temporary file renamed
-    # over the old one: a crash mid-write leaves the previous history, which the epoch rules replay.
-    path = os.path.join(workdir, HISTORY_FILE)
-    with tf.io.gfile.GFile(path + ".tmp", "w") as stream:
-        stream.write("".join(json.dumps(entry) + "\n" for entry in history))
-    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+    # Rewritten whole (object stores such as gs:// cannot append), renamed over the old one: a crash
+    # mid-write leaves the previous history, which the epoch rules replay.
+    replace_text(os.path.join(workdir, HISTORY_FILE), "".join(json.dumps(entry) + "\n" for entry in history))

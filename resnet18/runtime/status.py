@@ -27,6 +27,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from resnet18.runtime.files import read_json, read_text, replace_text, write_json
+
 STATUS_FILE = "status.json"
 EVENTS_FILE = "events.jsonl"
 HEARTBEAT_SECONDS = 5.0
@@ -34,63 +36,6 @@ HEARTBEAT_SECONDS = 5.0
 # tracing and compiling, which its watchdog does not time.
 STARTUP_SECONDS = 600.0
 SPEED_WINDOW = 30  # training calls over which images/s is averaged
-
-
-class _Files:
-    """Local paths through os (no TensorFlow import: the --workers launcher stays light); URLs through gfile."""
-
-    @staticmethod
-    def _gfile():
-        import tensorflow as tf  # gfile: the work directory may be a bucket (gs://...)
-
-        return tf.io.gfile
-
-    def read(self, path: str) -> str | None:
-        if "://" in path:
-            gfile = self._gfile()
-            if not gfile.exists(path):
-                return None
-            with gfile.GFile(path) as stream:
-                return stream.read()
-        try:
-            with open(path, encoding="utf-8") as stream:
-                return stream.read()
-        except FileNotFoundError:
-            return None
-
-    def replace(self, path: str, text: str) -> None:
-        """Writes `text` to `path` through a temporary file renamed into place."""
-        if "://" in path:
-            gfile = self._gfile()
-            with gfile.GFile(path + ".tmp", "w") as stream:
-                stream.write(text)
-            gfile.rename(path + ".tmp", path, overwrite=True)
-            return
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        try:
-            with open(path + ".tmp", "w", encoding="utf-8") as stream:
-                stream.write(text)
-            os.replace(path + ".tmp", path)
-        except OSError:  # a full disk: the half-written copy would only hold space; `path` is as it was
-            with contextlib.suppress(OSError):
-                os.remove(path + ".tmp")
-            raise
-
-
-FILES = _Files()
-
-
-def write_json(path: str, content: dict[str, Any]) -> None:
-    """Writes `content` to `path` through a temporary file renamed into place."""
-    FILES.replace(path, json.dumps(content, indent=1))
-
-
-def read_json(path: str) -> dict[str, Any] | None:
-    try:
-        text = FILES.read(path)
-        return json.loads(text) if text else None
-    except (json.JSONDecodeError, OSError):
-        return None
 
 
 def append_event(workdir: str, event: dict[str, Any]) -> None:
@@ -102,11 +47,11 @@ def append_events(workdir: str, events: list[dict[str, Any]]) -> None:
     """Adds the events in one rewrite, each with its own "time" if it has one (else now)."""
     path = os.path.join(workdir, EVENTS_FILE)
     lines = "".join(json.dumps({"time": time.time(), **event}) + "\n" for event in events)
-    FILES.replace(path, (FILES.read(path) or "") + lines)
+    replace_text(path, (read_text(path) or "") + lines)
 
 
 def read_events(workdir: str) -> list[dict[str, Any]]:
-    text = FILES.read(os.path.join(workdir, EVENTS_FILE)) or ""
+    text = read_text(os.path.join(workdir, EVENTS_FILE)) or ""
     events = []
     for line in text.splitlines():
         try:

@@ -22,7 +22,6 @@ checkpoints were trained with, and a resumed run with another teacher exits 2.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import TYPE_CHECKING
 
@@ -31,6 +30,7 @@ from resnet18 import identity
 from resnet18.config import Config
 from resnet18.identity import TEACHER
 from resnet18.runtime.errors import ConfigError, SetupError
+from resnet18.runtime.files import read_json, write_json
 from resnet18.tasks import classification
 from resnet18.tasks.task import Objective, Setting, Task
 
@@ -150,22 +150,17 @@ def check_same_teacher(workdir: str, identity: dict, resuming: bool, is_chief: b
     Raises:
       ConfigError: WORKDIR/teacher.json names another teacher checkpoint or other weights (exit 2).
     """
-    import tensorflow as tf
-
     path = os.path.join(workdir, TEACHER_FILE)
-    if resuming and tf.io.gfile.exists(path):
-        with tf.io.gfile.GFile(path) as stream:
-            recorded = json.load(stream)
+    recorded = read_json(path) if resuming else None
+    if recorded is not None:
         if recorded.get("weights_sha256") != identity["weights_sha256"]:
             raise ConfigError(f"the checkpoints in {workdir} were distilled from the teacher "
                               f"{recorded.get('checkpoint')}"
                               f" (weights sha256 {recorded.get('weights_sha256', '?')[:12]}...); this run's teacher is "
                               f"{identity['checkpoint']} (sha256 {identity['weights_sha256'][:12]}...). Resume with "
                               "that teacher, or use another --workdir")
-    if is_chief:
-        tf.io.gfile.makedirs(workdir)
-        with tf.io.gfile.GFile(path, "w") as stream:
-            stream.write(json.dumps(identity, indent=1))
+    if is_chief:  # the other workers may be reading it (above)
+        write_json(path, identity)
 
 
 TASK = Task(

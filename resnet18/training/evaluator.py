@@ -48,8 +48,8 @@ from resnet18.runtime import hardware
 from resnet18.runtime.checkpoint_files import EPOCHS_DIR, checkpoint_candidates, remove_checkpoint
 from resnet18.runtime.errors import RetryableError, TrainingError, first_line
 from resnet18.runtime.history import EVALUATIONS_FILE, read_evaluations
-from resnet18.runtime.status import (STARTUP_SECONDS, append_event, heartbeat_allowance, read_json, read_status,
-                                     write_json)
+from resnet18.runtime.files import read_json, write_json
+from resnet18.runtime.status import STARTUP_SECONDS, append_event, heartbeat_allowance, read_status
 from resnet18.runtime.summaries import Summaries
 from resnet18.runtime.watchdog import Watchdog
 from resnet18 import tasks

@@ -26,6 +26,7 @@ from resnet18 import identity
 from resnet18.runtime.checkpoint_files import checkpoint_candidates
 from resnet18.config import Config
 from resnet18.runtime.errors import ConfigError
+from resnet18.runtime.files import replace_text
 
 
 def check_resume_config(config: Config, workdir: str, sections: tuple[str, ...]) -> None:
@@ -62,9 +63,7 @@ def save_config(config: Config, workdir: str, restored: str | None, sections: tu
                   + "; ".join(allowed), flush=True)
             _append_line(os.path.join(workdir, "config_changes.jsonl"), {
                 "time": time.time(), "checkpoint": os.path.basename(restored), "changes": allowed})
-    tf.io.gfile.makedirs(workdir)
-    with tf.io.gfile.GFile(path, "w") as stream:
-        stream.write(config_lib.dump(config))
+    replace_text(path, config_lib.dump(config))  # other workers may be reading it (check_resume_config)
 
 
 def _append_line(path: str, entry: dict[str, Any]) -> None:

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from typing import Any
@@ -15,6 +14,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from resnet18.runtime.files import write_json
 from resnet18.runtime.topology import describe
 from resnet18.training import epoch_rules
 
@@ -68,8 +68,7 @@ def _best_checkpoint_entry(history: list[dict[str, Any]], metric: str | None, wo
 
 def write_summary(workdir: str, summary: dict[str, Any]) -> None:
     """Writes WORKDIR/summary.json and prints the closing line."""
-    with tf.io.gfile.GFile(os.path.join(workdir, "summary.json"), "w") as stream:
-        stream.write(json.dumps(summary, indent=2))
+    write_json(os.path.join(workdir, "summary.json"), summary, indent=2)  # read by the evaluator and sweeps
     ips = summary["train_images_per_sec"]
     tested = "test metrics: from the sidecar evaluator"
     if summary["test_accuracy"] is not None:

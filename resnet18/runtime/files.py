@@ -1,0 +1,71 @@
+"""A work directory's small files, read and replaced whole: config.yaml, summary.json, teacher.json,
+history.jsonl, status.json, events.jsonl.
+
+Each is written under a temporary name and renamed over the old one, so a reader (another worker, the
+sidecar evaluator, `python -m launcher.status`, a sweep) sees the old file or the new one, never half of
+one, and a crash mid-write leaves the old one. Local paths go through os (no TensorFlow import: the
+--workers launcher stays light); URLs (gs://...) through tf.io.gfile.
+
+    python -c "from resnet18.runtime.files import read_json; print(read_json('runs/cpu_smoke/summary.json'))"
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Any
+
+
+def _gfile():
+    import tensorflow as tf  # gfile: the work directory may be a bucket (gs://...)
+
+    return tf.io.gfile
+
+
+def read_text(path: str) -> str | None:
+    """The file's text; None when it does not exist."""
+    if "://" in path:
+        gfile = _gfile()
+        if not gfile.exists(path):
+            return None
+        with gfile.GFile(path) as stream:
+            return stream.read()
+    try:
+        with open(path, encoding="utf-8") as stream:
+            return stream.read()
+    except FileNotFoundError:
+        return None
+
+
+def replace_text(path: str, text: str) -> None:
+    """Writes `text` to `path` through a temporary file renamed into place."""
+    if "://" in path:
+        gfile = _gfile()
+        with gfile.GFile(path + ".tmp", "w") as stream:
+            stream.write(text)
+        gfile.rename(path + ".tmp", path, overwrite=True)
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    try:
+        with open(path + ".tmp", "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.replace(path + ".tmp", path)
+    except OSError:  # a full disk: the half-written copy would only hold space; `path` is as it was
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        raise
+
+
+def write_json(path: str, content: dict[str, Any], indent: int = 1) -> None:
+    """Writes `content` to `path` through a temporary file renamed into place."""
+    replace_text(path, json.dumps(content, indent=indent))
+
+
+def read_json(path: str) -> dict[str, Any] | None:
+    """The file's JSON object; None when it is missing or unreadable."""
+    try:
+        text = read_text(path)
+        return json.loads(text) if text else None
+    except (json.JSONDecodeError, OSError):
+        return None
