@@ -127,3 +127,29 @@ def test_a_group_that_failed_after_the_chief_last_wrote_is_failed_not_running(tm
     assert collect(workdir)["state"] == "failed"
     write_json(str(tmp_path / STATUS_FILE), {"state": "training", "step": 50, "updated": time.time()})
     assert collect(workdir)["state"] == "running"  # a restarted group's chief writes after it
+
+
+def _add_events(workdir: str, writer: int, count: int) -> None:
+    from resnet18.runtime.status import append_event
+
+    for number in range(count):
+        append_event(workdir, {"event": "test", "writer": writer, "number": number})
+
+
+def test_events_added_by_several_processes_at_once_are_all_kept(tmp_path):
+    # The --workers launcher, the chief and the sidecar evaluator add to one events.jsonl. Rewritten whole
+    # through one shared temporary name, one writer's rename took the other's file (FileNotFoundError, exit 1)
+    # or an addition was lost (a restart miscounted, a failure's cause gone).
+    import multiprocessing
+
+    from resnet18.runtime.status import read_events
+
+    context = multiprocessing.get_context("spawn")  # real processes, as the three writers are
+    writers = [context.Process(target=_add_events, args=(str(tmp_path), writer, 150)) for writer in range(3)]
+    for process in writers:
+        process.start()
+    for process in writers:
+        process.join(timeout=120)
+    assert [process.exitcode for process in writers] == [0, 0, 0]
+    added = sorted((event["writer"], event["number"]) for event in read_events(str(tmp_path)))
+    assert added == [(writer, number) for writer in range(3) for number in range(150)]

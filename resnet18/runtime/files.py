@@ -1,9 +1,11 @@
 """A work directory's small files, read and replaced whole: config.yaml, summary.json, teacher.json,
 history.jsonl, status.json, events.jsonl.
 
-Each is written under a temporary name and renamed over the old one, so a reader (another worker, the
-sidecar evaluator, `python -m launcher.status`, a sweep) sees the old file or the new one, never half of
-one, and a crash mid-write leaves the old one. Local paths go through os (no TensorFlow import: the
+Each is written under a temporary name of its writer's own and renamed over the old one, so a reader
+(another worker, the sidecar evaluator, `python -m launcher.status`, a sweep) sees the old file or the new
+one, never half of one, and a crash mid-write leaves the old one. A file several processes add to (the
+launcher, the chief and the evaluator all add to events.jsonl) is extended under a lock on local disks, so
+no addition is lost. Local paths go through os (no TensorFlow import: the
 --workers launcher stays light); URLs (gs://...) through tf.io.gfile.
 
     python -c "from resnet18.runtime.files import read_json; print(read_json('runs/cpu_smoke/summary.json'))"
@@ -12,8 +14,11 @@ one, and a crash mid-write leaves the old one. Local paths go through os (no Ten
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -40,21 +45,42 @@ def read_text(path: str) -> str | None:
 
 def replace_text(path: str, text: str) -> None:
     """Writes `text` to `path` through a temporary file renamed into place."""
+    # The writer's own temporary name: with a shared one, one writer's rename took the other's file.
+    temporary = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
     if "://" in path:
         gfile = _gfile()
-        with gfile.GFile(path + ".tmp", "w") as stream:
+        with gfile.GFile(temporary, "w") as stream:
             stream.write(text)
-        gfile.rename(path + ".tmp", path, overwrite=True)
+        gfile.rename(temporary, path, overwrite=True)
         return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     try:
-        with open(path + ".tmp", "w", encoding="utf-8") as stream:
+        with open(temporary, "w", encoding="utf-8") as stream:
             stream.write(text)
-        os.replace(path + ".tmp", path)
+        os.replace(temporary, path)
     except OSError:  # a full disk: the half-written copy would only hold space; `path` is as it was
         with contextlib.suppress(OSError):
-            os.remove(path + ".tmp")
+            os.remove(temporary)
         raise
+
+
+def append_text(path: str, text: str) -> None:
+    """Adds `text` at the end of `path`: read, extended and replaced whole (object stores cannot append),
+    under an exclusive lock on local disks, where several processes add to one file."""
+    with _locked(path):
+        replace_text(path, (read_text(path) or "") + text)
+
+
+@contextlib.contextmanager
+def _locked(path: str) -> Iterator[None]:
+    """An exclusive lock on PATH.lock while the block runs (local paths; an object store has none)."""
+    if "://" in path:
+        yield
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".lock", "a", encoding="utf-8") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 def write_json(path: str, content: dict[str, Any], indent: int = 1) -> None:

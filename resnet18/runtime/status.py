@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from resnet18.runtime.files import read_json, read_text, replace_text, write_json
+from resnet18.runtime.files import append_text, read_json, read_text, write_json
 
 STATUS_FILE = "status.json"
 EVENTS_FILE = "events.jsonl"
@@ -47,7 +47,7 @@ def append_events(workdir: str, events: list[dict[str, Any]]) -> None:
     """Adds the events in one rewrite, each with its own "time" if it has one (else now)."""
     path = os.path.join(workdir, EVENTS_FILE)
     lines = "".join(json.dumps({"time": time.time(), **event}) + "\n" for event in events)
-    replace_text(path, (read_text(path) or "") + lines)
+    append_text(path, lines)
 
 
 def read_events(workdir: str) -> list[dict[str, Any]]:
