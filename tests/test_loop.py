@@ -133,3 +133,19 @@ def test_a_sigterm_while_the_chief_writes_its_report_stops_the_report_not_the_fi
         signal.signal(signal.SIGTERM, before)
     assert "SIGTERM while writing the report: training is complete; exiting 0" in capsys.readouterr().out
     assert (workdir / "report" / "curves.png").exists() and not (workdir / "report" / "report.md").exists()
+
+
+@pytest.mark.parametrize("rule", ["train.lr_schedule=plateau", "train.early_stopping_patience=2",
+                                  "train.best_checkpoint_metric=test_accuracy"])
+def test_resuming_epochs_no_evaluator_evaluated_with_a_rule_that_replays_them_exits_2_naming_it(
+        micro_data_dir, tmp_path, one_device, rule):
+    # Epochs trained with sidecar evaluation that no evaluator evaluated have no test metrics in the history;
+    # resumed with inline evaluation, the epoch rules replaying them hit a KeyError traceback (exit 1), the
+    # best checkpoint only after a whole epoch of training.
+    from resnet18.runtime.errors import ConfigError
+
+    workdir = str(tmp_path / "run")
+    train_and_evaluate(micro_config(micro_data_dir, "train.evaluation=sidecar"), one_device, workdir)
+    with pytest.raises(ConfigError, match=rf"{rule.split('=')[0].replace('lr_schedule', 'lr_schedule plateau')}"
+                                          r" replays .* epoch\(s\) \[1\]"):
+        train_and_evaluate(micro_config(micro_data_dir, "train.epochs=2", rule), one_device, workdir)

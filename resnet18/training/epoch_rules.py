@@ -61,3 +61,27 @@ def best_epoch(history: Sequence[dict[str, Any]], metric: str) -> int | None:
         if _improved(entry[metric], best, 0.0, HIGHER_IS_BETTER[metric]):
             best_index, best = index, entry[metric]
     return best_index
+
+
+def check_replayable(history: Sequence[dict[str, Any]], train: Any, where: str) -> None:
+    """Refuses rules that replay a metric some recorded epoch lacks: epochs trained with sidecar evaluation
+    that its evaluator never evaluated (none ran, it fell behind, it stopped), resumed with inline evaluation.
+
+    Raises:
+      ConfigError: naming the key that turns the rule on, the metric and the epochs (exit 2).
+    """
+    from resnet18.runtime.errors import ConfigError
+
+    needed = {}  # metric -> the key whose rule replays it
+    if train.best_checkpoint_metric:
+        needed[train.best_checkpoint_metric] = "train.best_checkpoint_metric"
+    if train.early_stopping_patience:
+        needed["test_loss"] = "train.early_stopping_patience"
+    if train.lr_schedule == "plateau":
+        needed["test_loss"] = "train.lr_schedule plateau"
+    for metric, key in needed.items():
+        missing = [entry["epoch"] for entry in history if metric not in entry]
+        if missing:
+            raise ConfigError(f"{key} replays every recorded epoch's {metric}, and epoch(s) {missing} in {where} "
+                              "have none (trained with train.evaluation sidecar and never evaluated): resume "
+                              "without it, or start in another --workdir")

@@ -259,6 +259,7 @@ def run_loop(loop: Loop, iterator, start_step: int, watcher: PreemptionWatcher, 
         loop.say(f"warning: {loop.workdir}/history.jsonl holds {len(earlier)} of the "
                  f"{start_step // loop.steps_per_epoch} finished epochs; plateau, early stopping and the best "
                  "epoch replay only those")
+    epoch_rules.check_replayable(earlier, loop.config.train, f"{loop.workdir}/history.jsonl")
     progress = Progress(start_step=start_step, step=start_step, earlier_history=earlier,
                         all_train_seconds=earlier[-1].get("train_seconds", 0.0) if earlier else 0.0)
     progress.stopped_at_epoch = apply_epoch_rules(loop, earlier)
