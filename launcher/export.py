@@ -76,7 +76,7 @@ def load_trained_model(workdir: str, weights: str = "latest"):
     import tensorflow as tf
 
     from resnet18.data import sources
-    from resnet18.runtime.checkpoint_files import checkpoint_candidates, restore_latest_good
+    from resnet18.runtime.checkpoint_files import checkpoint_candidates, evaluated_weights, restore_latest_good
     from resnet18.tasks import task_of
 
     config_path = _confined(workdir, os.path.join(workdir, "config.yaml"))
@@ -95,8 +95,8 @@ def load_trained_model(workdir: str, weights: str = "latest"):
     model = task_of(config).build_network(config, source.num_classes, "float32")
     # The evaluated weights: the best checkpoint holds them as `model`; training checkpoints
     # hold the weight average (if any) as `ema_model`. The optimizer is not needed for inference.
-    use_average = weights == "latest" and config.train.ema_decay > 0
-    checkpoint = tf.train.Checkpoint(**{"ema_model" if use_average else "model": model})
+    name = evaluated_weights(checkpoints, config.train.ema_decay) if weights == "latest" else "model"
+    checkpoint = tf.train.Checkpoint(**{name: model})
     try:
         prefix = restore_latest_good(checkpoint, checkpoints)
     except RuntimeError as error:

@@ -149,3 +149,18 @@ def test_resuming_epochs_no_evaluator_evaluated_with_a_rule_that_replays_them_ex
     with pytest.raises(ConfigError, match=rf"{rule.split('=')[0].replace('lr_schedule', 'lr_schedule plateau')}"
                                           r" replays .* epoch\(s\) \[1\]"):
         train_and_evaluate(micro_config(micro_data_dir, "train.epochs=2", rule), one_device, workdir)
+
+
+def test_ema_turned_on_at_a_resume_that_saved_nothing_leaves_the_run_exportable(micro_data_dir, tmp_path, one_device):
+    # Run again with train.ema_decay once training is complete: config.yaml now keeps an average, which no
+    # checkpoint holds yet. Export (and a teacher, and train.init_from) read `ema_model` by config.yaml alone
+    # and refused the run ("do not fit the model config.yaml describes", exit 2).
+    from launcher.export import load_trained_model
+    from resnet18.training.summary import weights_fingerprint
+
+    workdir = str(tmp_path / "run")
+    trained = train_and_evaluate(micro_config(micro_data_dir), one_device, workdir)
+    train_and_evaluate(micro_config(micro_data_dir, "train.ema_decay=0.99"), one_device, workdir)
+    config, _, model, prefix = load_trained_model(workdir)
+    assert config.train.ema_decay == 0.99 and prefix.endswith(f"ckpt-{STEPS_PER_EPOCH}")
+    assert weights_fingerprint(model) == trained["weights_sha256"]

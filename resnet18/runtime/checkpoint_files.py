@@ -103,6 +103,13 @@ def holds_object(directory: str, name: str) -> bool:
         return True
 
 
+def evaluated_weights(directory: str, ema_decay: float) -> str:
+    """The object of `directory`'s training checkpoints that holds the weights a run evaluates: the weight
+    average when config.yaml keeps one and the newest checkpoint saved it, else `model` (train.ema_decay
+    turned on at a resume that has not saved since: config.yaml already says so)."""
+    return "ema_model" if ema_decay and holds_object(directory, "ema_model") else "model"
+
+
 def leading_dimension(directory: str, name: str) -> int | None:
     """The first dimension of the variables the newest checkpoint of `directory` saved under object `name`
     (None when it saved none, or when it cannot tell)."""

@@ -119,7 +119,7 @@ def load_teacher(student: Config, strategy: tf.distribute.Strategy, num_classes:
     import tensorflow as tf
 
     from resnet18.models import build_model
-    from resnet18.runtime.checkpoint_files import checkpoint_candidates, restore_latest_good
+    from resnet18.runtime.checkpoint_files import checkpoint_candidates, evaluated_weights, restore_latest_good
 
     config, _ = teacher_config(student)
     workdir = student.distill.teacher_workdir
@@ -129,7 +129,7 @@ def load_teacher(student: Config, strategy: tf.distribute.Strategy, num_classes:
         teacher = build_model(config, num_classes, precision)
     teacher.trainable = False
     # The evaluated weights: best/ holds them as `model`; training checkpoints hold the average as `ema_model`.
-    name = "ema_model" if directory.endswith("checkpoints") and config.train.ema_decay else "model"
+    name = evaluated_weights(directory, config.train.ema_decay) if directory.endswith("checkpoints") else "model"
     try:
         prefix = restore_latest_good(tf.train.Checkpoint(**{name: teacher}), directory)
     except RuntimeError as error:

@@ -28,7 +28,7 @@ from resnet18 import config as config_lib
 from resnet18 import identity
 from resnet18.config import Config
 from resnet18.identity import WARM_START
-from resnet18.runtime.checkpoint_files import restore_latest_good
+from resnet18.runtime.checkpoint_files import evaluated_weights, restore_latest_good
 from resnet18.runtime.errors import ConfigError, SetupError
 from resnet18.tasks import task_of
 from resnet18.training.checkpointing import Checkpointer
@@ -67,9 +67,10 @@ def initialize_from(model: keras.Model, config: Config, num_classes: int, say=pr
                           + "\n  ".join(differing))
     unfrozen = dataclasses.replace(source, model=dataclasses.replace(source.model, freeze_encoder=False))
     network = task_of(source).build_network(unfrozen, num_classes, "float32")
-    name = "ema_model" if source.train.ema_decay else "model"
+    checkpoints = os.path.join(source_dir, "checkpoints")
+    name = evaluated_weights(checkpoints, source.train.ema_decay)
     try:
-        prefix = restore_latest_good(tf.train.Checkpoint(**{name: network}), os.path.join(source_dir, "checkpoints"))
+        prefix = restore_latest_good(tf.train.Checkpoint(**{name: network}), checkpoints)
     except RuntimeError as error:
         raise SetupError(f"train.init_from: {error}") from None
     if prefix is None:
