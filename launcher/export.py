@@ -26,9 +26,9 @@ best/), each resolved first and refused if it leads outside WORKDIR (a symlink, 
 and, to evaluate each artifact, the test split and 256 training images of the data
 set config.yaml names (data.data_dir, data.image_folder or the generated stand-in).
 
-Exit codes: 0 done; 2 bad --formats, no finished run or checkpoint, a checkpoint file
-outside the work directory, or a checkpoint that does not fit the configured model;
-1 an export failed.
+Exit codes: 0 done; 2 bad --formats (or one the run's task does not export), no finished
+run or checkpoint, a checkpoint file outside the work directory, or a checkpoint that does
+not fit the configured model; 1 an export failed.
 """
 
 from __future__ import annotations
@@ -191,13 +191,24 @@ def _tflite_predict(path: str):
     return predict, one
 
 
-def export(workdir: str, formats: list[str], weights: str = "latest") -> dict[str, Any]:
-    """Writes WORKDIR/export/ and its report.json, as the run's task exports (EXPORTERS); returns the report."""
+def export(workdir: str, formats: list[str] | None, weights: str = "latest") -> dict[str, Any]:
+    """Writes WORKDIR/export/ and its report.json, as the run's task exports (EXPORTERS); returns the report.
+
+    `formats`: None for every format the task's export has.
+
+    Raises:
+      ConfigError: a format the run's task does not export (exit 2), before anything is written.
+    """
     from resnet18.tasks import task_of
 
     config, source, model, prefix = load_trained_model(workdir, weights)
+    kind = task_of(config).exports
+    write, offered = EXPORTERS[kind]
+    if unsupported := [name for name in formats or () if name not in offered]:
+        raise config_lib.ConfigError(f"--formats {','.join(unsupported)}: a train.task {config.train.task} run "
+                                     f"exports its {kind} as {', '.join(offered)} only")
     os.makedirs(os.path.join(workdir, "export"), exist_ok=True)
-    return EXPORTERS[task_of(config).exports](workdir, formats, config, source, model, prefix)
+    return write(workdir, formats or list(offered), config, source, model, prefix)
 
 
 def export_classifier(workdir: str, formats: list[str], config, source, model, prefix: str) -> dict[str, Any]:
@@ -276,7 +287,7 @@ def export_classifier(workdir: str, formats: list[str], config, source, model, p
 
 
 def export_encoder(workdir: str, formats: list[str], config, source, model, prefix: str  # noqa: ARG001
-                   ) -> dict[str, Any]:
+                   ) -> dict[str, Any]:  # formats: ["saved_model"], the one it offers (EXPORTERS)
     """WORKDIR/export/encoder/1: a SavedModel, uint8 images [N, H, W, 3] -> features [N, D] (SimCLR runs).
 
     Checked against the checkpoint's encoder on the test images (largest difference reported).
@@ -313,10 +324,10 @@ def export_encoder(workdir: str, formats: list[str], config, source, model, pref
     return report
 
 
-# Task.exports -> what `python -m launcher.export` writes for it.
-EXPORTERS: dict[str, Callable[..., dict[str, Any]]] = {
-    "classifier": export_classifier,
-    "encoder": export_encoder,
+# Task.exports -> what `python -m launcher.export` writes for it, and the --formats it offers.
+EXPORTERS: dict[str, tuple[Callable[..., dict[str, Any]], tuple[str, ...]]] = {
+    "classifier": (export_classifier, FORMATS),
+    "encoder": (export_encoder, ("saved_model",)),
 }
 
 
@@ -359,12 +370,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = FlagParser(prog="python -m launcher.export", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True, type=run_directory, help="work directory of a trained run")
-    parser.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated: {', '.join(FORMATS)}")
+    parser.add_argument("--formats", help=f"comma-separated: {', '.join(FORMATS)} (default: every format the "
+                                           "run's task exports; an encoder is a saved_model only)")
     parser.add_argument("--weights", choices=("latest", "best"), default="latest",
                         help="the newest checkpoint, or the best epoch's (train.best_checkpoint_metric)")
     try:
         args = parser.parse_args(argv)
-        formats = parse_formats(args.formats)
+        formats = parse_formats(args.formats) if args.formats is not None else None
         report = export(args.workdir, formats, args.weights)
     except LauncherError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)

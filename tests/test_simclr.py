@@ -196,3 +196,18 @@ def test_lars_adapts_exactly_the_conv_and_dense_kernels_of_the_real_network(fuse
     assert adapted == {variable.path for variable in model.trainable_variables if id(variable) in kernels}
     spared = {variable.path.rsplit("/", 1)[1] for variable in model.trainable_variables if variable.path not in adapted}
     assert spared == {"gamma", "beta", "bias"}  # batch norm's and the last dense layer's bias
+
+
+def test_export_refuses_formats_an_encoder_does_not_have_and_writes_nothing(micro_data_dir, tmp_path, capsys):
+    # A SimCLR run exports its encoder as a SavedModel only; --formats tflite_int8,onnx used to write that
+    # SavedModel alone, say "Wrote ..." and exit 0.
+    from launcher.export import main as export_main
+
+    workdir = tmp_path / "pretrain"
+    train_and_evaluate(micro_config(micro_data_dir, "train.task=simclr", "simclr.knn_k=5"),
+                       make_strategy(RuntimeConfig(strategy="one_device")), str(workdir))
+    assert export_main(["--workdir", str(workdir), "--formats", "saved_model,tflite_int8,onnx"]) == 2
+    assert "--formats tflite_int8,onnx: a train.task simclr run exports its encoder as saved_model only" in \
+        capsys.readouterr().err
+    assert not (workdir / "export").exists()
+    assert export_main(["--workdir", str(workdir)]) == 0 and (workdir / "export" / "encoder" / "1").is_dir()
