@@ -57,11 +57,14 @@ def test_a_chief_tracing_its_first_save_or_evaluation_is_not_lost_after_one_step
         check_chief(str(tmp_path), TIMEOUT, started)
 
 
-def test_a_chief_that_failed_since_the_evaluator_started_ends_the_evaluator(tmp_path):
-    write_status(tmp_path, "failed", age=1)
+@pytest.mark.parametrize("state", ["failed", "preempted", "lost_peer"])
+def test_a_chief_that_failed_since_the_evaluator_started_ends_the_evaluator(tmp_path, state):
+    # lost_peer too: the group restarts, and an evaluator waiting on held the restart up for the --workers
+    # launcher's whole preemption grace (60 s) before it was killed.
+    write_status(tmp_path, state, age=1)
     with pytest.raises(RetryableError, match="training ended"):
         check_chief(str(tmp_path), 0, started=time.time() - 10)
-    write_status(tmp_path, "failed", age=20)  # a failure of the run before this one: not ours to report
+    write_status(tmp_path, state, age=20)  # a failure of the run before this one: not ours to report
     check_chief(str(tmp_path), 0, started=time.time() - 10)
 
 

@@ -19,7 +19,7 @@ collective, and on one device:
   launcher then writes the report);
 - exits 138 when the chief stops making progress (its status.json heartbeat is older
   than train.step_timeout_seconds plus the heartbeat interval) without finishing, or
-  reports a preemption or a failure: a restart of the job fixes that. Until the chief's
+  reports a preemption, a failure or a lost peer: a restart of the job fixes that. Until the chief's
   first heartbeat since the evaluator started, the chief is starting (data, tracing,
   compilation: what its own watchdog leaves untimed too), and it gets
   CHIEF_STARTUP_SECONDS instead of the heartbeat interval; so does a chief whose
@@ -161,7 +161,9 @@ def check_chief(workdir: str, timeout: float, started: float) -> None:
     """
     status = read_status(workdir) or {}
     state, updated = status.get("state"), status.get("updated") or 0.0
-    if state in ("preempted", "failed") and updated >= started:
+    # Each of these ends the group's attempt, which the launcher (or the cluster) restarts, the evaluator with
+    # it: waiting on would hold up the restart (the --workers launcher gives it the preemption grace).
+    if state in ("preempted", "failed", "lost_peer") and updated >= started:
         raise RetryableError(f"the chief's training ended ({state}: {status.get('detail', '')}) before the last "
                              "epoch; restart the job to resume, and the evaluator with it")
     if not timeout:
