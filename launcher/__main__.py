@@ -301,6 +301,10 @@ def local_worker_layout(config: config_lib.Config, args: argparse.Namespace, vis
 def run_local_workers(config: config_lib.Config, workdir: str, args: argparse.Namespace, argv: list[str]) -> int:
     """`--workers N`: validate once here, then start N workers sharing one resolved config (in a private
     network namespace where one can be made: this launcher runs again inside it, with the same `argv`)."""
+    if "://" in workdir:
+        raise FlagError(f"--workdir {workdir}: --workers keeps its workers' logs, liveness files and job file in "
+                        "the work directory, which must be a local or mounted path (object-store work "
+                        "directories are for cluster runs, whose TF_CONFIG the cluster gives)")
     min_workers = args.workers if args.min_workers is None else args.min_workers
     gpus, replicas_per_worker = local_worker_layout(config, args)
 

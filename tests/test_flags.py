@@ -47,6 +47,8 @@ BAD_FLAGS = [
     ("launcher", [*WORKERS, "--log_workers", "0,chief"], "--log_workers: expected all, or worker ranks"),
     ("launcher", [*WORKERS, "--log_workers", "evaluator"], "--log_workers names the evaluator"),
     ("launcher", [*WORKERS, "--worker_network", "vpn"], "--worker_network: invalid choice"),
+    # Its logs, liveness files and job file would have gone to a local directory named ./gs:/bucket/run.
+    ("launcher", [*WORKERS, "--workdir", "gs://bucket/run"], "--workdir gs://bucket/run: --workers keeps"),
     # Flags that cannot go together.
     ("launcher", ["--job", SMOKE, "--evaluator"], "--evaluator go(es) with --workers N"),
     ("launcher", ["--job", SMOKE, "--max_restarts", "2", "--preemption_grace", "5"],
