@@ -85,11 +85,12 @@ def _state(status: dict[str, Any], summary: dict[str, Any] | None, events: list[
     if state in FINISHED_STATES or (summary and not state):
         return "stopped early" if (state == "stopped_early" or (summary or {}).get("stopped_early_after_epoch")) \
             else "finished"
-    if state in ("preempted", "failed"):
-        return state
-    if state == "lost_peer":
-        return "lost a peer"
     last = events[-1] if events else {}
+    if state in ("preempted", "failed", "lost_peer"):
+        ended = "lost a peer" if state == "lost_peer" else state
+        if last.get("event") == "group_start" and last.get("time", 0) >= status.get("updated", now):
+            return f"restarting (the last attempt's chief: {ended})"  # the chief writes again once it has started
+        return ended
     if state in ("training", "starting", "compiling"):
         if last.get("event") == "group_failed" and last.get("time", 0) >= status.get("updated", now):
             return "failed"  # the launcher stopped the group after the chief last wrote (killed, it never wrote)

@@ -153,3 +153,19 @@ def test_events_added_by_several_processes_at_once_are_all_kept(tmp_path):
     assert [process.exitcode for process in writers] == [0, 0, 0]
     added = sorted((event["writer"], event["number"]) for event in read_events(str(tmp_path)))
     assert added == [(writer, number) for writer in range(3) for number in range(150)]
+
+
+@pytest.mark.parametrize("state, ended", [("lost_peer", "lost a peer"), ("preempted", "preempted"),
+                                          ("failed", "failed")])
+def test_a_group_starting_again_after_the_chief_ended_is_restarting(tmp_path, state, ended):
+    # The restarted chief writes status.json only once it has imported TensorFlow, formed the group and
+    # restored: until then status showed the last attempt's end, however many restarts were under way.
+    from resnet18.runtime.status import append_event
+
+    workdir = run_dir(tmp_path, 1800, state, 30)
+    assert collect(workdir)["state"] == ended
+    append_event(workdir, {"event": "group_failed", "task": "worker-1", "exit_code": 138})
+    append_event(workdir, {"event": "group_start", "attempt": 1, "workers": 2})
+    assert collect(workdir)["state"] == f"restarting (the last attempt's chief: {ended})"
+    write_json(str(tmp_path / STATUS_FILE), {"state": "training", "step": 50, "updated": time.time()})
+    assert collect(workdir)["state"] == "running"
