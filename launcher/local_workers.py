@@ -297,14 +297,16 @@ def launch(spec: GroupSpec) -> int:
 
 def _finished(spec: GroupSpec, group: Group, workers: int) -> int:
     """Training finished on every worker: 0, or the evaluator's failure if it could not finish."""
-    _event(spec, {"event": "group_done", "workers": workers})
-    print(f"All {workers} worker(s) finished", flush=True)
-    if group.evaluator_failure is None:
-        return 0
     failure = group.evaluator_failure
-    print(f"error: training finished, but the evaluator did not: {failure.describe()}\nRun the same command again "
-          "to evaluate the epochs it left (training is complete and will not repeat)", file=sys.stderr, flush=True)
-    return failure.exit_code if failure.exit_code > 0 else EXIT_RETRYABLE
+    code = 0 if failure is None else failure.exit_code if failure.exit_code > 0 else EXIT_RETRYABLE
+    _event(spec, {"event": "group_done", "workers": workers, "exit_code": code,
+                  **({"evaluator_failed": failure.describe()} if failure else {})})
+    print(f"All {workers} worker(s) finished", flush=True)
+    if failure is not None:
+        print(f"error: training finished, but the evaluator did not: {failure.describe()}\nRun the same command "
+              "again to evaluate the epochs it left (training is complete and will not repeat)", file=sys.stderr,
+              flush=True)
+    return code
 
 
 def _after_failure(spec: GroupSpec, attempts: _Attempts, failure: Failure) -> int | None:

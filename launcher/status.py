@@ -82,10 +82,14 @@ def _state(status: dict[str, Any], summary: dict[str, Any] | None, events: list[
     from resnet18.runtime.status import FINISHED_STATES, heartbeat_allowance
 
     state = status.get("state")
-    if state in FINISHED_STATES or (summary and not state):
-        return "stopped early" if (state == "stopped_early" or (summary or {}).get("stopped_early_after_epoch")) \
-            else "finished"
     last = events[-1] if events else {}
+    if state in FINISHED_STATES or (summary and not state):
+        ended = "stopped early" if (state == "stopped_early" or (summary or {}).get("stopped_early_after_epoch")) \
+            else "finished"
+        if last.get("event") == "group_done" and last.get("evaluator_failed"):  # the --workers launcher's word
+            return (f"{ended}, but the evaluator did not (exit {last.get('exit_code')}: "
+                    f"{last['evaluator_failed']}); run the same command again to evaluate the epochs it left")
+        return ended
     if state in ("preempted", "failed", "lost_peer"):
         ended = "lost a peer" if state == "lost_peer" else state
         if last.get("event") == "group_start" and last.get("time", 0) >= status.get("updated", now):

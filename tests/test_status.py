@@ -169,3 +169,17 @@ def test_a_group_starting_again_after_the_chief_ended_is_restarting(tmp_path, st
     assert collect(workdir)["state"] == f"restarting (the last attempt's chief: {ended})"
     write_json(str(tmp_path / STATUS_FILE), {"state": "training", "step": 50, "updated": time.time()})
     assert collect(workdir)["state"] == "running"
+
+
+def test_a_run_whose_evaluator_gave_up_is_not_simply_finished(tmp_path):
+    # Training done, the sidecar evaluator given up on: the --workers launcher exits with the evaluator's code
+    # (138 here) and says to run again; status said "finished", with no final accuracy and no hint.
+    from resnet18.runtime.status import append_event
+
+    workdir = run_dir(tmp_path, 1800, "done", 30)
+    write_json(str(tmp_path / "summary.json"), {"test_accuracy": None, "steps": 100})
+    assert collect(workdir)["state"] == "finished"
+    append_event(workdir, {"event": "group_done", "workers": 2, "exit_code": 138,
+                           "evaluator_failed": "evaluator exited 138 (lost the chief)"})
+    assert collect(workdir)["state"] == ("finished, but the evaluator did not (exit 138: evaluator exited 138 (lost "
+                                         "the chief)); run the same command again to evaluate the epochs it left")
