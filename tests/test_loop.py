@@ -164,3 +164,19 @@ def test_ema_turned_on_at_a_resume_that_saved_nothing_leaves_the_run_exportable(
     config, _, model, prefix = load_trained_model(workdir)
     assert config.train.ema_decay == 0.99 and prefix.endswith(f"ckpt-{STEPS_PER_EPOCH}")
     assert weights_fingerprint(model) == trained["weights_sha256"]
+
+
+def test_a_finished_run_fine_tunes_on_data_with_other_classes(micro_data_dir, tmp_path, one_device):
+    # train.init_from rebuilt the source's network with this run's classes: its classifier's kernel did not fit
+    # the checkpoint, and fine-tuning a 10-class run on 2 classes exited 2 ("do not fit this job's model").
+    from tests.test_data import write_image_folder
+
+    source = str(tmp_path / "cifar")
+    train_and_evaluate(micro_config(micro_data_dir), one_device, source)
+    write_image_folder(tmp_path / "pets", sizes=(32, 32), counts=(("train", 16), ("test", 8)))
+    job = tmp_path / "pets.yaml"
+    job.write_text(f"name: pets\ndata: {{source: image_folder, image_folder: {tmp_path / 'pets'}}}\n"
+                   f"model: {{width: 4}}\ntrain: {{epochs: 1, global_batch_size: {BATCH}, precision: float32, "
+                   f"init_from: {source}}}\n")
+    tuned = train_and_evaluate(build_config(str(job)), one_device, str(tmp_path / "pets_run"))
+    assert tuned["class_names"] == ["cats", "dogs"] and len(tuned["confusion_matrix"]) == 2

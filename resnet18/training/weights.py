@@ -10,8 +10,10 @@
    marks must_match(WARM_START) must be equal;
 3. the seed: the weights the network was built with.
 
-Linear evaluation and fine-tuning of a SimCLR encoder, or fine-tuning a supervised
-run on new data, start from the weights of another work directory this way.
+Linear evaluation and fine-tuning of a SimCLR encoder, or fine-tuning a finished
+supervised run on new data (other classes too: its summary.json names the classes its
+classifier has, and this run's classifier starts new), start from the weights of
+another work directory this way.
 
     python -m launcher --job jobs/simclr_linear_eval.yaml --set train.init_from=runs/simclr_pretrain
 """
@@ -30,6 +32,7 @@ from resnet18.config import Config
 from resnet18.identity import WARM_START
 from resnet18.runtime.checkpoint_files import evaluated_weights, restore_latest_good
 from resnet18.runtime.errors import ConfigError, SetupError
+from resnet18.runtime.files import read_json
 from resnet18.tasks import task_of
 from resnet18.training.checkpointing import Checkpointer
 from resnet18.training.state import TrainState
@@ -66,7 +69,10 @@ def initialize_from(model: keras.Model, config: Config, num_classes: int, say=pr
         raise ConfigError(f"train.init_from {source_dir!r} holds another network (there -> here):\n  "
                           + "\n  ".join(differing))
     unfrozen = dataclasses.replace(source, model=dataclasses.replace(source.model, freeze_encoder=False))
-    network = task_of(source).build_network(unfrozen, num_classes, "float32")
+    # Built with the source's own classes (its summary.json names them), so its classifier restores too:
+    # fine-tuning on data with other classes keeps this run's new head (a head, skipped below).
+    summary = read_json(os.path.join(source_dir, "summary.json")) or {}
+    network = task_of(source).build_network(unfrozen, len(summary.get("class_names") or ()) or num_classes, "float32")
     checkpoints = os.path.join(source_dir, "checkpoints")
     name = evaluated_weights(checkpoints, source.train.ema_decay)
     try:
