@@ -48,7 +48,7 @@ from resnet18.runtime import hardware
 from resnet18.runtime.checkpoint_files import EPOCHS_DIR, checkpoint_candidates, remove_checkpoint
 from resnet18.runtime.errors import RetryableError, TrainingError, first_line
 from resnet18.runtime.history import EVALUATIONS_FILE, read_evaluations
-from resnet18.runtime.files import read_json, write_json
+from resnet18.runtime.files import append_text, read_json, write_json
 from resnet18.runtime.status import STARTUP_SECONDS, append_event, heartbeat_allowance, read_status
 from resnet18.runtime.summaries import Summaries
 from resnet18.runtime.watchdog import Watchdog
@@ -138,14 +138,8 @@ def _new_epoch_checkpoints(workdir: str, steps_per_epoch: int, done: set[int]) -
 
 def _record(workdir: str, summaries: Summaries, evaluation: dict[str, Any]) -> None:
     entry = {key: value for key, value in evaluation.items() if key != "confusion_matrix"}
-    path = os.path.join(workdir, EVALUATIONS_FILE)
-    existing = ""
-    if tf.io.gfile.exists(path):  # rewritten whole: object stores such as gs:// cannot append
-        with tf.io.gfile.GFile(path) as stream:
-            existing = stream.read()
-    with tf.io.gfile.GFile(path + ".tmp", "w") as stream:
-        stream.write(existing + json.dumps(dict(entry, confusion_matrix=evaluation["confusion_matrix"])) + "\n")
-    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+    append_text(os.path.join(workdir, EVALUATIONS_FILE),
+                json.dumps(dict(entry, confusion_matrix=evaluation["confusion_matrix"])) + "\n")
     summaries.scalars("test", evaluation["step"], {name: evaluation[key] for name, key in (
         ("loss", "test_loss"), ("accuracy", "test_accuracy")) if key in evaluation})
 

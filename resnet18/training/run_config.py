@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
 
 import tensorflow as tf
 
@@ -26,7 +25,7 @@ from resnet18 import identity
 from resnet18.runtime.checkpoint_files import checkpoint_candidates
 from resnet18.config import Config
 from resnet18.runtime.errors import ConfigError
-from resnet18.runtime.files import replace_text
+from resnet18.runtime.files import append_text, replace_text
 
 
 def check_resume_config(config: Config, workdir: str, sections: tuple[str, ...]) -> None:
@@ -61,15 +60,7 @@ def save_config(config: Config, workdir: str, restored: str | None, sections: tu
         if allowed:
             print("Config changed since the checkpoints were written (recorded in config_changes.jsonl): "
                   + "; ".join(allowed), flush=True)
-            _append_line(os.path.join(workdir, "config_changes.jsonl"), {
-                "time": time.time(), "checkpoint": os.path.basename(restored), "changes": allowed})
+            append_text(os.path.join(workdir, "config_changes.jsonl"), json.dumps({
+                "time": time.time(), "checkpoint": os.path.basename(restored), "changes": allowed}) + "\n")
     replace_text(path, config_lib.dump(config))  # other workers may be reading it (check_resume_config)
 
-
-def _append_line(path: str, entry: dict[str, Any]) -> None:
-    existing = ""
-    if tf.io.gfile.exists(path):  # rewritten whole: object stores such as gs:// cannot append
-        with tf.io.gfile.GFile(path) as stream:
-            existing = stream.read()
-    with tf.io.gfile.GFile(path, "w") as stream:
-        stream.write(existing + json.dumps(entry) + "\n")
