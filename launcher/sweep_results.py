@@ -21,6 +21,8 @@ import socket
 import time
 from typing import Any
 
+from resnet18.runtime.files import write_json
+
 SWEEP_FILE = "sweep.json"
 
 
@@ -72,12 +74,7 @@ def write(sweep, study) -> dict[str, Any]:
                "best": None if leader is None else {"number": leader.number, "value": leader.value,
                                                     "params": dict(leader.params),
                                                     "workdir": leader.user_attrs.get("workdir")}}
-    path = os.path.join(sweep.args.workdir, SWEEP_FILE)
-    os.makedirs(sweep.args.workdir, exist_ok=True)
-    temporary = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"  # sweeps may share DIR
-    with open(temporary, "w", encoding="utf-8") as stream:
-        json.dump(content, stream, indent=1)
-    os.replace(temporary, path)
+    write_json(os.path.join(sweep.args.workdir, SWEEP_FILE), content)  # sweeps on other machines may share DIR
     return content
 
 

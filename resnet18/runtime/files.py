@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import json
 import os
+import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -45,8 +46,9 @@ def read_text(path: str) -> str | None:
 
 def replace_text(path: str, text: str) -> None:
     """Writes `text` to `path` through a temporary file renamed into place."""
-    # The writer's own temporary name: with a shared one, one writer's rename took the other's file.
-    temporary = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    # The writer's own temporary name (work directories may be shared by machines): with a shared one, one
+    # writer's rename took the other's file.
+    temporary = f"{path}.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}.tmp"
     if "://" in path:
         gfile = _gfile()
         with gfile.GFile(temporary, "w") as stream:
