@@ -73,12 +73,16 @@ def expand_tasks_per_node(text: str) -> list[int]:
 
 
 def tf_config_from_slurm(environ: Mapping[str, str]) -> str | None:
-    """TF_CONFIG (JSON) for this Slurm task, or None outside a multi-task Slurm step."""
-    num_tasks = int(environ.get("SLURM_STEP_NUM_TASKS", environ.get("SLURM_NTASKS", "1")) or 1)
+    """TF_CONFIG (JSON) for this Slurm task, or None outside a multi-task Slurm step.
+
+    Only srun's step variables count: in a job's batch shell SLURM_NTASKS, SLURM_JOB_NODELIST and
+    SLURM_PROCID=0 describe the whole allocation, and a process started there without srun is alone.
+    """
+    num_tasks = int(environ.get("SLURM_STEP_NUM_TASKS", "1") or 1)
     if num_tasks <= 1 or "SLURM_PROCID" not in environ:
         return None
-    nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST", "")
-    tasks_per_node = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE", "")
+    nodelist = environ.get("SLURM_STEP_NODELIST", "")
+    tasks_per_node = environ.get("SLURM_STEP_TASKS_PER_NODE", "")
     hosts = expand_hostlist(nodelist)
     counts = expand_tasks_per_node(tasks_per_node)
     if len(hosts) != len(counts) or sum(counts) != num_tasks:

@@ -199,3 +199,21 @@ def test_a_bad_config_exits_2_and_is_not_requeued(slurm, tiny_data_dir, tmp_path
     assert job["JobState"] == "FAILED" and job["ExitCode"] == "2:0" and job["Restarts"] == "0", text[-3000:]
     assert "error: " in text and "train.epochs" in text and "Traceback" not in text
     assert "exited 2: not requeued" in text
+
+
+def test_a_launcher_started_in_the_batch_shell_runs_alone_not_as_a_group(slurm, tiny_data_dir, tmp_path):
+    # The batch shell of a job with two tasks has SLURM_NTASKS=2, SLURM_PROCID=0 and the job's node list but
+    # no srun step. A plain `python -m launcher` there built TF_CONFIG for both tasks, called itself worker 0
+    # and waited for a group nobody else would join (a dry run shows the plan it would have trained with).
+    output = str(tmp_path / "job.out")
+    python = os.path.join(os.path.dirname(os.sys.executable), "python")
+    command = (f"{python} -m launcher --job {TINY_JOB} --workdir {tmp_path / 'run'} "
+               f"--set data.data_dir={tiny_data_dir} --dry_run")
+    env = dict(environment_without_cluster(), SLURM_CONF=slurm.conf, TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run(["sbatch", "--parsable", "--wait", "--nodes=2", "--ntasks-per-node=1",
+                             f"--output={output}", f"--chdir={REPO}", "--wrap", command], env=env,
+                            capture_output=True, text=True, timeout=600)
+    job = slurm.wait(result.stdout.strip().split(";")[0], ENDED)
+    text = read(output)
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", text[-3000:]
+    assert "TF_CONFIG from Slurm" not in text and "MultiWorkerMirroredStrategy" not in text, text[-3000:]
