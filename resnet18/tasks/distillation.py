@@ -152,13 +152,11 @@ def check_same_teacher(workdir: str, identity: dict, resuming: bool, is_chief: b
     """
     path = os.path.join(workdir, TEACHER_FILE)
     recorded = read_json(path) if resuming else None
-    if recorded is not None:
-        if recorded.get("weights_sha256") != identity["weights_sha256"]:
-            raise ConfigError(f"the checkpoints in {workdir} were distilled from the teacher "
-                              f"{recorded.get('checkpoint')}"
-                              f" (weights sha256 {recorded.get('weights_sha256', '?')[:12]}...); this run's teacher is "
-                              f"{identity['checkpoint']} (sha256 {identity['weights_sha256'][:12]}...). Resume with "
-                              "that teacher, or use another --workdir")
+    if recorded is not None and recorded.get("weights_sha256") != identity["weights_sha256"]:
+        raise ConfigError(f"the checkpoints in {workdir} were distilled from the teacher {recorded.get('checkpoint')}"
+                          f" (weights sha256 {recorded.get('weights_sha256', '?')[:12]}...); this run's teacher is "
+                          f"{identity['checkpoint']} (sha256 {identity['weights_sha256'][:12]}...). Resume with "
+                          "that teacher, or use another --workdir")
     if is_chief:  # the other workers may be reading it (above)
         write_json(path, identity)
 
