@@ -65,13 +65,16 @@ def test_the_dry_run_says_where_the_workers_network_is():
 
 
 def test_a_private_network_that_cannot_be_made_is_refused_saying_why(tmp_path):
-    result = run_launcher("--job", TINY_JOB, "--workers", "2", "--worker_network", "private", "--workdir",
-                          "gs://bucket/run", "--dry_run", timeout=60)
+    # A data set read from a bucket during training (a gs:// --workdir is refused with --workers: test_flags.py).
+    remote = ("--set", "data.data_dir=gs://bucket/tfds")
+    result = run_launcher("--job", TINY_JOB, "--workers", "2", "--worker_network", "private", *remote,
+                          "--dry_run", timeout=60)
     assert result.returncode == 2, result.stdout + result.stderr
-    assert "--worker_network private: --workdir gs://bucket/run needs the network during training" in result.stderr
+    assert "--worker_network private: data.data_dir gs://bucket/tfds needs the network during training" \
+        in result.stderr
     assert "Traceback" not in result.stderr
-    auto = run_launcher("--job", TINY_JOB, "--workers", "2", "--workdir", "gs://bucket/run", "--dry_run", timeout=60)
-    assert auto.returncode == 0 and "worker network: host (no private network: --workdir gs://" in auto.stdout
+    auto = run_launcher("--job", TINY_JOB, "--workers", "2", *remote, "--dry_run", timeout=60)
+    assert auto.returncode == 0 and "worker network: host (no private network: data.data_dir gs://" in auto.stdout
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("su") is None,
