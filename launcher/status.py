@@ -4,7 +4,7 @@ Works while the run goes on, after it finished or crashed, and on a shared work
 directory (gs:// included): it only reads WORKDIR/config.yaml, status.json (the
 chief's heartbeat), events.jsonl (starts, ends, failures and restarts with their
 causes), history.jsonl, summary.json and the checkpoint files. It prints the state
-(running, finished, stopped early, preempted, failed, stalled), step and epoch, the
+(running, finished, stopped early, preempted, failed, lost a peer, restarting, stalled), step and epoch, the
 last checkpoint and its age, images/s over the last training calls, the last
 evaluation and the restarts so far; `--json` prints the same as one JSON object.
 
@@ -82,7 +82,8 @@ def _state(status: dict[str, Any], summary: dict[str, Any] | None, events: list[
     from resnet18.runtime.status import FINISHED_STATES, heartbeat_allowance
 
     state = status.get("state")
-    last = events[-1] if events else {}
+    # The --workers launcher's newest word (a restarted evaluator adds its own events before the chief writes).
+    last = next((event for event in reversed(events) if event.get("event", "").startswith("group_")), {})
     if state in FINISHED_STATES or (summary and not state):
         ended = "stopped early" if (state == "stopped_early" or (summary or {}).get("stopped_early_after_epoch")) \
             else "finished"

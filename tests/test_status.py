@@ -167,6 +167,8 @@ def test_a_group_starting_again_after_the_chief_ended_is_restarting(tmp_path, st
     append_event(workdir, {"event": "group_failed", "task": "worker-1", "exit_code": 138})
     append_event(workdir, {"event": "group_start", "attempt": 1, "workers": 2})
     assert collect(workdir)["state"] == f"restarting (the last attempt's chief: {ended})"
+    append_event(workdir, {"event": "evaluator_start"})  # a restarted evaluator writes before the chief does
+    assert collect(workdir)["state"] == f"restarting (the last attempt's chief: {ended})"
     write_json(str(tmp_path / STATUS_FILE), {"state": "training", "step": 50, "updated": time.time()})
     assert collect(workdir)["state"] == "running"
 
