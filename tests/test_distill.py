@@ -214,3 +214,16 @@ def test_a_worker_reading_teacher_json_never_sees_the_chief_half_way_through_wri
         writing = False
         reader.join()
     assert seen and all(json.loads(text) == identity for text in seen)
+
+
+@pytest.mark.parametrize("damaged", ["", '{"weights_sha'])
+def test_a_damaged_teacher_record_on_a_resume_exits_2_not_passes(tmp_path, damaged):
+    # A teacher.json cut short (the older in-place writer, killed) must not let a resume with any teacher through,
+    # and the chief must not overwrite the record with the new teacher.
+    from resnet18.tasks.distillation import TEACHER_FILE, check_same_teacher
+
+    (tmp_path / TEACHER_FILE).write_text(damaged)
+    identity = {"checkpoint": "runs/other/best/ckpt-40", "weights_sha256": "cd" * 32}
+    with pytest.raises(ConfigError, match="teacher.json cannot be read"):
+        check_same_teacher(str(tmp_path), identity, resuming=True, is_chief=True)
+    assert (tmp_path / TEACHER_FILE).read_text() == damaged

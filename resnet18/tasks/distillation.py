@@ -22,6 +22,7 @@ checkpoints were trained with, and a resumed run with another teacher exits 2.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import TYPE_CHECKING
 
@@ -30,7 +31,7 @@ from resnet18 import identity
 from resnet18.config import Config
 from resnet18.identity import TEACHER
 from resnet18.runtime.errors import ConfigError, SetupError
-from resnet18.runtime.files import read_json, write_json
+from resnet18.runtime.files import read_text, write_json
 from resnet18.tasks import classification
 from resnet18.tasks.task import Objective, Setting, Task
 
@@ -148,10 +149,16 @@ def check_same_teacher(workdir: str, identity: dict, resuming: bool, is_chief: b
     """Refuses to resume a student with another teacher than its checkpoints were trained with.
 
     Raises:
-      ConfigError: WORKDIR/teacher.json names another teacher checkpoint or other weights (exit 2).
+      ConfigError: WORKDIR/teacher.json names another teacher checkpoint or other weights, or cannot be
+        read (exit 2).
     """
     path = os.path.join(workdir, TEACHER_FILE)
-    recorded = read_json(path) if resuming else None
+    text = read_text(path) if resuming else None
+    try:
+        recorded = json.loads(text) if text is not None else None
+    except json.JSONDecodeError:
+        raise ConfigError(f"{path} cannot be read (cut short?): it names the teacher the checkpoints in {workdir} "
+                          "were distilled from. Restore it, or use another --workdir") from None
     if recorded is not None and recorded.get("weights_sha256") != identity["weights_sha256"]:
         raise ConfigError(f"the checkpoints in {workdir} were distilled from the teacher {recorded.get('checkpoint')}"
                           f" (weights sha256 {recorded.get('weights_sha256', '?')[:12]}...); this run's teacher is "
