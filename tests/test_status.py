@@ -185,3 +185,26 @@ def test_a_run_whose_evaluator_gave_up_is_not_simply_finished(tmp_path):
                            "evaluator_failed": "evaluator exited 138 (lost the chief)"})
     assert collect(workdir)["state"] == ("finished, but the evaluator did not (exit 138: evaluator exited 138 (lost "
                                          "the chief)); run the same command again to evaluate the epochs it left")
+
+
+def test_events_are_still_added_on_a_file_system_without_locks(tmp_path, monkeypatch):
+    # NFSv3 without lockd answers flock with ENOLCK (Lustre mounted noflock, EINVAL or ENOSYS): every event, the
+    # chief's train_start included, would raise and end the run with exit 1. There it adds without the lock.
+    import errno
+    import fcntl
+    import os
+
+    from resnet18.runtime import files
+    from resnet18.runtime.status import append_event, read_events
+
+    def flock_failing_with(code: int):
+        def flock(stream, operation):
+            raise OSError(code, os.strerror(code))
+        return flock
+
+    monkeypatch.setattr(fcntl, "flock", flock_failing_with(errno.ENOLCK))  # such a mount's answer; none is here
+    append_event(str(tmp_path), {"event": "train_start", "step": 0})
+    assert [event["event"] for event in read_events(str(tmp_path))] == ["train_start"]
+    monkeypatch.setattr(fcntl, "flock", flock_failing_with(errno.EIO))
+    with pytest.raises(OSError):
+        files.append_text(str(tmp_path / "events.jsonl"), "x\n")  # any other failure is still an error

@@ -14,6 +14,7 @@ no addition is lost. Local paths go through os (no TensorFlow import: the
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -21,6 +22,9 @@ import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
+
+
+NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)  # flock's "this file system has none"
 
 
 def _gfile():
@@ -81,7 +85,11 @@ def _locked(path: str) -> Iterator[None]:
         return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".lock", "a", encoding="utf-8") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        except OSError as error:  # a file system without locks (NFSv3 without lockd, Lustre mounted noflock):
+            if error.errno not in NO_LOCKS:  # additions go unlocked there, as on object stores
+                raise
         yield
 
 
