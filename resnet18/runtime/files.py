@@ -4,8 +4,8 @@ history.jsonl, status.json, events.jsonl.
 Each is written under a temporary name of its writer's own and renamed over the old one, so a reader
 (another worker, the sidecar evaluator, `python -m launcher.status`, a sweep) sees the old file or the new
 one, never half of one, and a crash mid-write leaves the old one. A file several processes add to (the
-launcher, the chief and the evaluator all add to events.jsonl) is extended under a lock on local disks, so
-no addition is lost. Local paths go through os (no TensorFlow import: the
+launcher, the chief and the evaluator all add to events.jsonl) is extended under a lock on local disks that
+have locks, so no addition is lost. Local paths go through os (no TensorFlow import: the
 --workers launcher stays light); URLs (gs://...) through tf.io.gfile.
 
     python -c "from resnet18.runtime.files import read_json; print(read_json('runs/cpu_smoke/summary.json'))"
