@@ -12,7 +12,12 @@ callbacks exactly (mode "min" for losses, "max" for accuracies).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
+
+from resnet18.runtime.errors import ConfigError
+
+if TYPE_CHECKING:
+    from resnet18.config import TrainConfig
 
 HIGHER_IS_BETTER = {"test_accuracy": True, "test_loss": False}
 
@@ -63,15 +68,13 @@ def best_epoch(history: Sequence[dict[str, Any]], metric: str) -> int | None:
     return best_index
 
 
-def check_replayable(history: Sequence[dict[str, Any]], train: Any, where: str) -> None:
+def check_replayable(history: Sequence[dict[str, Any]], train: TrainConfig, where: str) -> None:
     """Refuses rules that replay a metric some recorded epoch lacks: epochs trained with sidecar evaluation
     that its evaluator never evaluated (none ran, it fell behind, it stopped), resumed with inline evaluation.
 
     Raises:
       ConfigError: naming the key that turns the rule on, the metric and the epochs (exit 2).
     """
-    from resnet18.runtime.errors import ConfigError
-
     needed = {}  # metric -> the key whose rule replays it
     if train.best_checkpoint_metric:
         needed[train.best_checkpoint_metric] = "train.best_checkpoint_metric"
