@@ -39,6 +39,7 @@ import time
 from typing import IO, Iterator
 
 from resnet18.runtime.errors import EXIT_FAILURE, EXIT_PORT_IN_USE, EXIT_RETRYABLE, EXIT_USAGE, SetupError
+from resnet18.runtime.files import is_running
 
 STOP_GRACE_SECONDS = 5  # SIGTERM -> SIGKILL for the survivors of a genuine failure (their group is broken)
 POLL_SECONDS = 0.2
@@ -460,15 +461,6 @@ def _workdir_of(argv: list[str], cwd: str) -> str | None:
     if "--workdir" not in argv[:-1]:
         return None
     return os.path.realpath(os.path.join(cwd, argv[argv.index("--workdir") + 1]))
-
-
-def is_running(pid: int) -> bool:
-    """Whether `pid` runs (a zombie, ended but not yet reaped by its parent, does not)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as stream:
-            return stream.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def _kill(pid: int, signum: int) -> None:

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -334,12 +335,17 @@ def test_stale_temporary_from_an_interrupted_save_is_ignored_and_removed(tiny_da
         partial = checkpoints / "ckpt-24_temp" / "part-00000-of-00001"
         partial.parent.mkdir()
         partial.write_bytes(os.urandom(100))
+        # And the copy of history.jsonl a writer on this machine, since gone, was killed writing.
+        (checkpoints.parent / f"history.jsonl.{socket.gethostname()}.{gone.pid}.7.tmp").write_text('{"epo')
 
+    gone = subprocess.Popen(["true"])
+    gone.wait()
     result = corrupt_latest_and_resume(tiny_data_dir, tmp_path, leave_partial_save)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "left by an interrupted save" in result.stdout
     assert summary(tmp_path)["resumed_from_step"] == 20
     assert not (tmp_path / "checkpoints" / "ckpt-24_temp").exists()
+    assert not list(tmp_path.glob("*.tmp")), "a killed writer's copy of history.jsonl was left"
 
 
 def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(tiny_data_dir, tmp_path):

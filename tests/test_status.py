@@ -208,3 +208,30 @@ def test_events_are_still_added_on_a_file_system_without_locks(tmp_path, monkeyp
     monkeypatch.setattr(fcntl, "flock", flock_failing_with(errno.EIO))
     with pytest.raises(OSError):
         files.append_text(str(tmp_path / "events.jsonl"), "x\n")  # any other failure is still an error
+
+
+def test_temporary_copies_of_killed_writers_on_this_machine_are_removed_and_no_others(tmp_path):
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from resnet18.runtime import files
+
+    target = str(tmp_path / "status.json")
+    writer = subprocess.Popen([sys.executable, "-c", "import sys, time; from resnet18.runtime import files; "
+                               "open(files.temporary_name(sys.argv[1]), 'w').write('{half'); "
+                               "print('written', flush=True); time.sleep(600)", target],
+                              stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline() == "written\n"
+    writer.send_signal(signal.SIGKILL)  # mid-write: its copy is never renamed into place
+    writer.wait()
+    living = files.temporary_name(target)  # this process's: a writer still at work
+    other_host = f"{target}.elsewhere-{socket.gethostname()}.{writer.pid}.1.tmp"  # whose pid says nothing here
+    for path in (living, other_host, str(tmp_path / "notes.1.2.tmp")):
+        open(path, "w").close()
+    abandoned = [str(path) for path in tmp_path.glob(f"status.json.{socket.gethostname()}.{writer.pid}.*.tmp")]
+    assert len(abandoned) == 1
+    assert files.remove_abandoned_temporaries(str(tmp_path)) == abandoned
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
+        name.rsplit("/", 1)[1] for name in (living, other_host, str(tmp_path / "notes.1.2.tmp")))

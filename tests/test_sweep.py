@@ -355,7 +355,7 @@ def test_a_killed_sweep_resumes_its_trials_exactly_and_runs_no_more(tiny_data_di
     trained = ["Final weights sha256" in log.read_text() for log in logs]  # a trial's last steps are quick
     run.process.kill()  # kill -9 of the sweep: its trials are told (SIGTERM), save a checkpoint and end
     run.finish(timeout=60)
-    from launcher.processes import is_running
+    from resnet18.runtime.files import is_running
 
     deadline = time.monotonic() + 120
     while any(is_running(pid) for pid in pids):

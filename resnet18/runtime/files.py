@@ -50,9 +50,7 @@ def read_text(path: str) -> str | None:
 
 def replace_text(path: str, text: str) -> None:
     """Writes `text` to `path` through a temporary file renamed into place."""
-    # The writer's own temporary name (work directories may be shared by machines): with a shared one, one
-    # writer's rename took the other's file.
-    temporary = f"{path}.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}.tmp"
+    temporary = temporary_name(path)
     if "://" in path:
         gfile = _gfile()
         with gfile.GFile(temporary, "w") as stream:
@@ -68,6 +66,39 @@ def replace_text(path: str, text: str) -> None:
         with contextlib.suppress(OSError):
             os.remove(temporary)
         raise
+
+
+def temporary_name(path: str) -> str:
+    """The calling thread's own temporary name for `path`: work directories may be shared by machines, and
+    with a shared name one writer's rename took the other's file."""
+    return f"{path}.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}.tmp"
+
+
+def remove_abandoned_temporaries(directory: str) -> list[str]:
+    """Deletes the temporary copies in `directory` that writers on this machine left when they were killed
+    mid-write (their process is gone); returns their paths. Another machine's cannot be judged: left alone."""
+    if "://" in directory or not os.path.isdir(directory):
+        return []
+    host, removed = socket.gethostname(), []
+    for name in os.listdir(directory):
+        parts = name.rsplit(".", 4)  # NAME.<host>.<pid>.<tid>.tmp; a host name may hold dots, NAME too
+        if len(parts) < 5 or parts[-1] != "tmp" or not (parts[-3].isdigit() and parts[-2].isdigit()):
+            continue
+        if not name.endswith(f".{host}.{parts[-3]}.{parts[-2]}.tmp") or is_running(int(parts[-3])):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(directory, name))
+            removed.append(os.path.join(directory, name))
+    return removed
+
+
+def is_running(pid: int) -> bool:
+    """Whether `pid` runs on this machine (a zombie, ended but not yet reaped by its parent, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as stream:
+            return stream.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def append_text(path: str, text: str) -> None:

@@ -18,6 +18,7 @@ from resnet18.runtime.checkpoint_files import (EPOCHS_DIR, EPOCHS_KEPT_FOR_EVALU
                                                holds_object, leading_dimension, remove_checkpoint,
                                                remove_stale_temporaries, restore_latest_good)
 from resnet18.runtime.errors import SetupError, TrainingError
+from resnet18.runtime.files import remove_abandoned_temporaries
 from resnet18.training.replicas import BatchNormStatistics
 
 
@@ -58,7 +59,8 @@ class Checkpointer:
           SetupError: checkpoints exist but none can be restored into this state.
         """
         if self.is_chief:
-            self.removed = remove_stale_temporaries(self.chief_dir)
+            workdir = os.path.dirname(self.chief_dir)  # and its small files' copies of writers killed mid-write
+            self.removed = remove_stale_temporaries(self.chief_dir) + remove_abandoned_temporaries(workdir)
             for path in self.removed:
                 print(f"Removed {path}, left by an interrupted save", flush=True)
         average = self.state.average
