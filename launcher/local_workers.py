@@ -258,41 +258,51 @@ def launch(spec: GroupSpec) -> int:
     if os.environ.get("TF_CONFIG", "").strip():
         raise SetupError("--workers starts its own local cluster; unset TF_CONFIG (it is set by cluster systems)")
     attempts = _Attempts(initial_slots(spec.workers, spec.gpus_per_worker))
-    while True:
-        attempt = attempts.restarts + attempts.port_retries
-        workers = len(attempts.slots)
-        print(f"Starting {workers} local worker(s){' and an evaluator' if spec.evaluator else ''} on 127.0.0.1"
-              + (f" (restart {attempts.restarts}/{spec.max_restarts})" if attempts.restarts else ""), flush=True)
-        forwarded: list[int] = []
-        _event(spec, {"event": "group_start", "attempt": attempt, "workers": workers, "evaluator": spec.evaluator,
-                      "slots": [slot.name for slot in attempts.slots]})
-        # A signal while the group starts is kept and passed on once it has started (not the default action,
-        # which would leave the workers without their supervisor).
-        previous = {signum: signal.signal(signum, lambda signum, frame, kept=forwarded: kept.append(signum))
-                    for signum in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            group = start_group(spec, attempts.slots, attempt)
-            failure = wait_for_group(spec, group, forwarded, attempt)
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-        if failure is None:
-            return _finished(spec, group, workers)
-        _event(spec, {"event": "group_failed", "task": failure.task, "exit_code": failure.exit_code,
-                      "cause": f"{failure.task} {failure.cause}" + (f" ({failure.note})" if failure.note else ""),
-                      "error": failure.error, "log": failure.log_path,
-                      "forwarded_signal": forwarded[0] if forwarded else None,
-                      "seconds_since_sign_of_life": dict(failure.silent)})
-        if forwarded:
-            print(f"error: stopped by {signal.Signals(forwarded[0]).name}; {failure.describe()}",
-                  file=sys.stderr, flush=True)
-            # A worker the forwarded SIGTERM killed by its default action had no handler yet: it was starting
-            # and had nothing to save, so that is a preemption too.
-            preempted = failure.exit_code == EXIT_RETRYABLE or failure.exit_code == -forwarded[0] == -signal.SIGTERM
-            return EXIT_RETRYABLE if preempted else 128 + forwarded[0]
-        outcome = _after_failure(spec, attempts, failure)
-        if outcome is not None:
-            return outcome
+    # A signal while no group runs (as one starts, between two starts) is kept: passed on once the group has
+    # started, or it ends the launch before the next start. Never the default action, which would leave
+    # workers without their supervisor or exit 143 instead of 138.
+    kept: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: kept.append(signum))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            if kept:
+                print(f"error: stopped by {signal.Signals(kept[0]).name} before the group started again",
+                      file=sys.stderr, flush=True)
+                return EXIT_RETRYABLE if kept[0] == signal.SIGTERM else 128 + kept[0]  # nothing to save
+            outcome = _start_and_wait(spec, attempts, kept)
+            if outcome is not None:
+                return outcome
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _start_and_wait(spec: GroupSpec, attempts: _Attempts, forwarded: list[int]) -> int | None:
+    """Starts the group once and waits for it: None to start again, or the launcher's exit code."""
+    attempt = attempts.restarts + attempts.port_retries
+    workers = len(attempts.slots)
+    print(f"Starting {workers} local worker(s){' and an evaluator' if spec.evaluator else ''} on 127.0.0.1"
+          + (f" (restart {attempts.restarts}/{spec.max_restarts})" if attempts.restarts else ""), flush=True)
+    _event(spec, {"event": "group_start", "attempt": attempt, "workers": workers, "evaluator": spec.evaluator,
+                  "slots": [slot.name for slot in attempts.slots]})
+    group = start_group(spec, attempts.slots, attempt)
+    failure = wait_for_group(spec, group, forwarded, attempt)
+    if failure is None:
+        return _finished(spec, group, workers)
+    _event(spec, {"event": "group_failed", "task": failure.task, "exit_code": failure.exit_code,
+                  "cause": f"{failure.task} {failure.cause}" + (f" ({failure.note})" if failure.note else ""),
+                  "error": failure.error, "log": failure.log_path,
+                  "forwarded_signal": forwarded[0] if forwarded else None,
+                  "seconds_since_sign_of_life": dict(failure.silent)})
+    if forwarded:
+        print(f"error: stopped by {signal.Signals(forwarded[0]).name}; {failure.describe()}",
+              file=sys.stderr, flush=True)
+        # A worker the forwarded SIGTERM killed by its default action had no handler yet: it was starting
+        # and had nothing to save, so that is a preemption too.
+        preempted = failure.exit_code == EXIT_RETRYABLE or failure.exit_code == -forwarded[0] == -signal.SIGTERM
+        return EXIT_RETRYABLE if preempted else 128 + forwarded[0]
+    return _after_failure(spec, attempts, failure)
 
 
 def _finished(spec: GroupSpec, group: Group, workers: int) -> int:

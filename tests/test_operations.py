@@ -325,6 +325,25 @@ def test_the_launcher_starts_again_on_new_ports_when_a_port_was_taken(tmp_path):
     assert run.output.count("trained") == 2
 
 
+def test_a_sigterm_between_two_starts_of_the_group_exits_138_and_starts_no_other(tmp_path):
+    # Worker 1 is killed on every start; after its second, the shrink asks check_workers (the driver's
+    # stand-in sends the SIGTERM then, between the two starts, when no group is running to pass it to).
+    worker = tmp_path / "worker.py"
+    worker.write_text("import json, os, sys, time\n"
+                      "rank = json.loads(os.environ['TF_CONFIG'])['task']['index']\n"
+                      "print('started', flush=True)\n"
+                      "if rank == 1: os.kill(os.getpid(), 9)\n"
+                      "time.sleep(60)\n")
+    driver = ("import os, signal, sys; from launcher import local_workers as w; sys.exit(w.launch(w.GroupSpec("
+              "worker_args=(), workers=2, min_workers=1, max_restarts=5, preemption_grace=1, "
+              "check_workers=lambda count: os.kill(os.getpid(), signal.SIGTERM), "
+              f"command=(sys.executable, {str(worker)!r}))))")
+    run = Running([], command=[sys.executable, "-c", driver])
+    assert run.finish(timeout=120) == 138, run.output
+    assert run.output.count("[worker 1] started") == 2 and "stopped by SIGTERM" in run.output
+    assert "Traceback" not in run.output
+
+
 # --- Mismatched checkpoints, early SIGTERM, preemption at an epoch end -----------------------
 
 def test_workers_one_step_apart_are_refused_exactly(tiny_data_dir, tmp_path):
