@@ -47,13 +47,12 @@ import os
 import signal
 import sys
 import tempfile
-import threading
 import time
 from typing import Callable
 
 from launcher.processes import (EVALUATOR, FROZEN_SECONDS, POLL_SECONDS, STOP_GRACE_SECONDS, Failure, Slot, Task,
-                                first_failure, free_ports, frozen_task, initial_slots, local_tf_configs, send_signal,
-                                start_task, stop_tasks, to_blame)
+                                first_failure, free_ports, frozen_task, initial_slots, local_tf_configs, say,
+                                send_signal, start_task, stop_tasks, to_blame)
 from resnet18.runtime.errors import EXIT_FAILURE, EXIT_PORT_IN_USE, EXIT_RETRYABLE, LauncherError, SetupError
 from resnet18.runtime.status import append_events
 
@@ -107,26 +106,25 @@ def start_group(spec: GroupSpec, slots: list[Slot], attempt: int) -> Group:
     """Starts one worker per slot, ranked in slot order (and the evaluator), on fresh ports."""
     ports = free_ports(len(slots) + int(spec.evaluator))
     configs = local_tf_configs(len(slots), ports, spec.evaluator)
-    lock = threading.Lock()
     group = Group([])
     for rank, (slot, tf_config) in enumerate(zip(slots, configs)):
-        group.workers.append(_start(spec, slot.name, tf_config, slot.gpus, attempt, lock))
+        group.workers.append(_start(spec, slot.name, tf_config, slot.gpus, attempt))
         where = f", CUDA_VISIBLE_DEVICES={slot.gpus!r}" if slot.gpus else ""
         _said(group.workers[-1], f"Started {slot.name} (pid {group.workers[-1].process.pid}, rank {rank}, "
                                  f"port {ports[rank]}{where}")
     if spec.evaluator:
-        group.evaluator = _start(spec, EVALUATOR, configs[-1], "", attempt, lock)
+        group.evaluator = _start(spec, EVALUATOR, configs[-1], "", attempt)
         _said(group.evaluator, f"Started evaluator (pid {group.evaluator.process.pid}, port {ports[-1]}")
     return group
 
 
-def _start(spec: GroupSpec, name: str, tf_config: str, gpus: str | None, attempt: int, lock: threading.Lock) -> Task:
+def _start(spec: GroupSpec, name: str, tf_config: str, gpus: str | None, attempt: int) -> Task:
     show = spec.console is None or name in spec.console
-    return start_task((*spec.command, *spec.worker_args), name, tf_config, gpus, attempt, spec.log_dir, show, lock)
+    return start_task((*spec.command, *spec.worker_args), name, tf_config, gpus, attempt, spec.log_dir, show)
 
 
 def _said(task: Task, text: str) -> None:
-    print(text + (f", log {task.log_path}" if task.log_path else "") + ")", flush=True)
+    say(text + (f", log {task.log_path}" if task.log_path else "") + ")")
 
 
 def wait_for_group(spec: GroupSpec, group: Group, forwarded: list[int], attempt: int) -> Failure | None:
@@ -215,7 +213,7 @@ def _after_evaluator_ended(spec: GroupSpec, group: Group, attempt: int, forwarde
     if not forwarded and failure.retryable and group.evaluator_restarts < spec.max_restarts:
         group.evaluator_restarts += 1
         print(f"warning: {failure.describe()}", file=sys.stderr, flush=True)
-        group.evaluator = _start(spec, EVALUATOR, evaluator.tf_config, "", attempt, threading.Lock())
+        group.evaluator = _start(spec, EVALUATOR, evaluator.tf_config, "", attempt)
         _said(group.evaluator, f"Restarted evaluator (pid {group.evaluator.process.pid}, restart "
                                f"{group.evaluator_restarts}/{spec.max_restarts}")
         return
@@ -282,8 +280,8 @@ def _start_and_wait(spec: GroupSpec, attempts: _Attempts, forwarded: list[int]) 
     """Starts the group once and waits for it: None to start again, or the launcher's exit code."""
     attempt = attempts.restarts + attempts.port_retries
     workers = len(attempts.slots)
-    print(f"Starting {workers} local worker(s){' and an evaluator' if spec.evaluator else ''} on 127.0.0.1"
-          + (f" (restart {attempts.restarts}/{spec.max_restarts})" if attempts.restarts else ""), flush=True)
+    say(f"Starting {workers} local worker(s){' and an evaluator' if spec.evaluator else ''} on 127.0.0.1"
+        + (f" (restart {attempts.restarts}/{spec.max_restarts})" if attempts.restarts else ""))
     _event(spec, {"event": "group_start", "attempt": attempt, "workers": workers, "evaluator": spec.evaluator,
                   "slots": [slot.name for slot in attempts.slots]})
     group = start_group(spec, attempts.slots, attempt)
@@ -311,7 +309,7 @@ def _finished(spec: GroupSpec, group: Group, workers: int) -> int:
     code = 0 if failure is None else failure.exit_code if failure.exit_code > 0 else EXIT_RETRYABLE
     _event(spec, {"event": "group_done", "workers": workers, "exit_code": code,
                   **({"evaluator_failed": failure.describe()} if failure else {})})
-    print(f"All {workers} worker(s) finished", flush=True)
+    say(f"All {workers} worker(s) finished")
     if failure is not None:
         print(f"error: training finished, but the evaluator did not: {failure.describe()}\nRun the same command "
               "again to evaluate the epochs it left (training is complete and will not repeat)", file=sys.stderr,

@@ -279,15 +279,27 @@ def keep_alive(path: str) -> None:
 
 # --- Starting, stopping, blaming ---------------------------------------------------------
 
-def _stop_logging(log: IO[str], task: Task, error: OSError, lock: threading.Lock) -> None:
+# The launcher's console: its own lines and its tasks' (written by one thread per task) go through this lock,
+# each whole; print() writes a line and its end separately, and a task's line could land between the two.
+_CONSOLE = threading.Lock()
+
+
+def say(text: str, stream: IO[str] | None = None) -> None:
+    """Writes one line to the console (stdout, or `stream`), never mixed with a task's line."""
+    stream = stream or sys.stdout
+    with _CONSOLE:
+        stream.write(text + "\n")
+        stream.flush()
+
+
+def _stop_logging(log: IO[str], task: Task, error: OSError) -> None:
     with contextlib.suppress(OSError):
         log.close()
-    with lock:
-        print(f"warning: {task.name}'s log {task.log_path} cannot be written ({error.strerror}); its output goes "
-              "to the console only", file=sys.stderr, flush=True)
+    say(f"warning: {task.name}'s log {task.log_path} cannot be written ({error.strerror}); its output goes to "
+        "the console only", sys.stderr)
 
 
-def _pump(task: Task, stream: IO[str], show: bool, lock: threading.Lock) -> None:
+def _pump(task: Task, stream: IO[str], show: bool) -> None:
     """Copies a task's output to its log file and, if `show`, to the console with its name."""
     log = open(task.log_path, "a", encoding="utf-8") if task.log_path else None
     try:
@@ -298,14 +310,12 @@ def _pump(task: Task, stream: IO[str], show: bool, lock: threading.Lock) -> None
                     log.write(line)
                     log.flush()
                 except OSError as error:  # a full or vanished disk: the output still reaches the console
-                    _stop_logging(log, task, error, lock)
+                    _stop_logging(log, task, error)
                     log = None
             line = line.rstrip("\n")
             task.tail.append(line)
             if show:
-                with lock:
-                    sys.stdout.write(f"[{task.name}] {line}\n")
-                    sys.stdout.flush()
+                say(f"[{task.name}] {line}")
     finally:
         stream.close()
         if log:
@@ -314,7 +324,7 @@ def _pump(task: Task, stream: IO[str], show: bool, lock: threading.Lock) -> None
 
 
 def start_task(command: tuple[str, ...], name: str, tf_config: str, gpus: str | None, attempt: int,
-               log_dir: str | None, show: bool, lock: threading.Lock) -> Task:
+               log_dir: str | None, show: bool) -> Task:
     """Starts one task of the group with its TF_CONFIG and GPUs; its output goes to its log (and the console)."""
     env = dict(os.environ, TF_CONFIG=tf_config, PYTHONUNBUFFERED="1", **{PARENT_PID_VARIABLE: str(os.getpid())})
     if gpus is not None:
@@ -333,7 +343,7 @@ def start_task(command: tuple[str, ...], name: str, tf_config: str, gpus: str | 
         list(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         text=True, bufsize=1, start_new_session=True)  # signals reach the tasks only through the launcher, once
     task = Task(name, process, collections.deque(maxlen=TAIL_LINES), log_path, alive_path, tf_config, gpus)
-    task.reader = threading.Thread(target=_pump, args=(task, process.stdout, show, lock), daemon=True)
+    task.reader = threading.Thread(target=_pump, args=(task, process.stdout, show), daemon=True)
     task.reader.start()
 
     def wait() -> None:  # the time a task ended decides which one failed first
