@@ -244,6 +244,7 @@ class _Attempts:
     restarts: int = 0
     port_retries: int = 0
     blamed: list[str] = dataclasses.field(default_factory=list)  # per start, the task blamed for its failure
+    evaluator_restarts: int = 0  # alone, in the whole run (each start of the group starts the evaluator too)
 
 
 def launch(spec: GroupSpec) -> int:
@@ -285,7 +286,9 @@ def _start_and_wait(spec: GroupSpec, attempts: _Attempts, forwarded: list[int]) 
     _event(spec, {"event": "group_start", "attempt": attempt, "workers": workers, "evaluator": spec.evaluator,
                   "slots": [slot.name for slot in attempts.slots]})
     group = start_group(spec, attempts.slots, attempt)
+    group.evaluator_restarts = attempts.evaluator_restarts  # its budget is the run's
     failure = wait_for_group(spec, group, forwarded, attempt)
+    attempts.evaluator_restarts = group.evaluator_restarts
     if failure is None:
         return _finished(spec, group, workers)
     _event(spec, {"event": "group_failed", "task": failure.task, "exit_code": failure.exit_code,

@@ -344,6 +344,25 @@ def test_a_sigterm_between_two_starts_of_the_group_exits_138_and_starts_no_other
     assert "Traceback" not in run.output
 
 
+def test_the_evaluator_restarts_alone_at_most_max_restarts_times_in_the_whole_run(tmp_path):
+    # The evaluator fails on every start; worker 0 is killed once (after the evaluator was given up on),
+    # which starts the group, evaluator included, again: its budget is the run's, not each start's.
+    worker = tmp_path / "worker.py"
+    worker.write_text("import json, os, sys, time; first = sys.argv[1]\n"
+                      "kind = json.loads(os.environ['TF_CONFIG'])['task']['type']\n"
+                      "if kind == 'evaluator': time.sleep(0.2); sys.exit(138)\n"
+                      "time.sleep(5)  # meanwhile the evaluator fails, is restarted and fails again\n"
+                      "if not os.path.exists(first): open(first, 'w').close(); os.kill(os.getpid(), 9)\n")
+    driver = ("import sys; from launcher import local_workers as w; sys.exit(w.launch(w.GroupSpec("
+              f"worker_args=({str(tmp_path / 'first')!r},), workers=1, evaluator=True, max_restarts=1, "
+              f"command=(sys.executable, {str(worker)!r}))))")
+    run = Running([], command=[sys.executable, "-c", driver])
+    assert run.finish(timeout=120) == 138, run.output  # training finished; the evaluator did not
+    assert "Starting 1 local worker(s) and an evaluator on 127.0.0.1 (restart 1/1)" in run.output
+    assert run.output.count("Restarted evaluator") == 1, run.output
+    assert run.output.count("the evaluator is gone, training goes on without it") == 2
+
+
 # --- Mismatched checkpoints, early SIGTERM, preemption at an epoch end -----------------------
 
 def test_workers_one_step_apart_are_refused_exactly(tiny_data_dir, tmp_path):
