@@ -114,12 +114,12 @@ def fill_up(path) -> None:
             assert error.errno == errno.ENOSPC, error
 
 
-# --- One test per core, on request (pytest-xdist: `python -m pytest -n auto`) -------------------
+# --- One test per core (pytest-xdist: `python -m pytest -n auto`, what CI runs) -------------------
 # Serial, the suite keeps 2 cores about half busy (importing TensorFlow and tracing use one; the fault
 # tests wait on stopped processes). Tests that share a costly fixture (a module's reference run, the
-# smoke job, a Slurm cluster) go to one worker, which computes it once. Not the default yet: the doubled
-# load found two races (an evaluator giving up on a compiling chief, a Slurm job read while COMPLETING),
-# both fixed; CI switches after several clean parallel runs.
+# smoke job, a Slurm cluster) go to one worker, which computes it once. The doubled load found two races
+# (an evaluator giving up on a compiling chief, a Slurm job read while COMPLETING), both fixed before CI
+# switched, after three clean parallel runs.
 
 SHARED_SESSION_FIXTURES = frozenset({"smoke_run"})  # session fixtures worth computing once, not per worker
 MOST_WORKERS = 4  # each test may run a few TensorFlow processes of its own

@@ -21,6 +21,12 @@ def test_every_relative_link_leads_to_a_file_or_folder_of_the_repository(page):
     assert not broken, f"{page.relative_to(REPO)}: {broken}"
 
 
+def test_ci_runs_the_readmes_test_command():
+    readme = pathlib.Path(REPO, "README.md").read_text()
+    (command,) = [line for line in readme.splitlines() if line.startswith("python3 -m venv") and "pytest" in line]
+    assert command in pathlib.Path(REPO, ".ci", "run").read_text().splitlines()
+
+
 def test_the_readme_is_a_front_door():
     text = pathlib.Path(REPO, "README.md").read_text()
     assert len(text.splitlines()) <= 200
