@@ -110,26 +110,37 @@ def _state(status: dict[str, Any], summary: dict[str, Any] | None, events: list[
 
 
 def _restarts(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every start after the first, with why the one before ended."""
-    found, previous_end = [], None
-    starts = 0
+    """Every start after the first, with why the one before ended. A start is a --workers group's start (its
+    chief's training start, if it got that far, says the step) or a training start outside such a group."""
+    found, previous_end, starts = [], None, 0
+    group: dict[str, Any] | None = None  # the latest group start, until its chief starts training
     for event in events:
-        if event.get("event") in ("train_end", "group_failed"):
+        kind = event.get("event")
+        if kind in ("train_end", "group_failed"):
             previous_end = event
-        elif event.get("event") == "train_start":
+        elif kind == "group_start" or (kind == "train_start" and group is None):
             starts += 1
+            entry = {"time": event["time"], "step": event.get("step"), "cause": _cause(previous_end)}
             if starts > 1:
-                cause = "unknown (killed without a word)"
-                if previous_end:
-                    cause = (previous_end.get("cause")
-                             or f"{previous_end.get('state')}: {previous_end.get('detail', '')}")
-                    if previous_end.get("error"):  # what the blamed task said
-                        cause = f"{cause}: {previous_end['error']}"
-                if event.get("skipped_checkpoints"):  # the newest checkpoint(s) could not be read
-                    cause = f"{cause.strip(': ')}; then skipped {'; '.join(event['skipped_checkpoints'])}"
-                found.append({"time": event["time"], "step": event.get("step"), "cause": cause.strip(": ")})
+                found.append(entry)
+            group = entry if kind == "group_start" else None
             previous_end = None
+        if kind == "train_start":
+            entry, group = group or entry, None
+            entry["step"] = event.get("step")
+            if event.get("skipped_checkpoints"):  # the newest checkpoint(s) could not be read
+                entry["cause"] = f"{entry['cause']}; then skipped {'; '.join(event['skipped_checkpoints'])}"
     return found
+
+
+def _cause(end: dict[str, Any] | None) -> str:
+    """Why a start ended, from its last word (train_end or group_failed)."""
+    if not end:
+        return "unknown (killed without a word)"
+    cause = end.get("cause") or f"{end.get('state')}: {end.get('detail', '')}"
+    if end.get("error"):  # what the blamed task said
+        cause = f"{cause.strip(': ')}: {end['error']}"
+    return cause.strip(": ")
 
 
 def render(result: dict[str, Any]) -> str:

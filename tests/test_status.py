@@ -235,3 +235,24 @@ def test_temporary_copies_of_killed_writers_on_this_machine_are_removed_and_no_o
     assert files.remove_abandoned_temporaries(str(tmp_path)) == abandoned
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
         name.rsplit("/", 1)[1] for name in (living, other_host, str(tmp_path / "notes.1.2.tmp")))
+
+
+def test_a_group_start_whose_chief_never_started_training_is_a_restart_too(tmp_path):
+    # The --workers launcher's word: the first group failed before its chief wrote train_start (a worker died
+    # while the group formed); the second trained. And a later plain run (by hand, or the cluster's restart).
+    from resnet18.runtime.status import append_event
+
+    workdir = run_dir(tmp_path, 1800, "done", 0)
+    for event in ({"event": "group_start", "attempt": 0},
+                  {"event": "group_failed", "cause": "worker 1 killed (retryable)", "error": "oom-killer"},
+                  {"event": "group_start", "attempt": 1},
+                  {"event": "train_start", "step": 0, "skipped_checkpoints": []},
+                  {"event": "train_end", "state": "preempted", "detail": "SIGTERM at step 8"},
+                  {"event": "group_failed", "cause": "worker 0 preempted"},
+                  {"event": "train_start", "step": 8, "skipped_checkpoints": ["ckpt-8: unreadable"]},
+                  {"event": "train_end", "state": "done"}):
+        append_event(workdir, event)
+    restarts = collect(workdir)["restarts"]
+    assert [(restart["step"], restart["cause"]) for restart in restarts] == [
+        (0, "worker 1 killed (retryable): oom-killer"),
+        (8, "worker 0 preempted; then skipped ckpt-8: unreadable")]
