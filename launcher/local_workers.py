@@ -182,6 +182,8 @@ def _stop_failed_group(spec: GroupSpec, group: Group, failed: Task, forwarded: l
     patient = bool(forwarded) or failed.code == EXIT_RETRYABLE
     if patient:
         _kill_those_waiting_for_the_group(group)
+        if group.evaluator is not None and group.evaluator.code is None and not forwarded:
+            send_signal(group.evaluator, signal.SIGTERM)  # not training: nothing to save; stops it at once
     stop_tasks(group.tasks, spec.preemption_grace if patient else STOP_GRACE_SECONDS, signal_first=not patient)
     if blamed.task == failed.name:  # a task that ended meanwhile may have failed earlier
         blamed = dataclasses.replace(Failure.of(first_failure(group.workers)), silent=blamed.silent)

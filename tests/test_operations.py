@@ -363,6 +363,27 @@ def test_the_evaluator_restarts_alone_at_most_max_restarts_times_in_the_whole_ru
     assert run.output.count("the evaluator is gone, training goes on without it") == 2
 
 
+def test_a_worker_preempted_on_its_own_has_the_evaluator_stopped_at_once(tmp_path):
+    # Worker 1 exits 138 unasked (a lost peer, say): the workers get the grace to save, unsignalled. The
+    # evaluator has nothing to save; left unsignalled too, it held the stop for the whole grace, then was
+    # killed (a restarted one, which takes the chief's old word for a start, never ends by itself).
+    worker = tmp_path / "worker.py"
+    worker.write_text("import json, os, signal, sys, time; marker = sys.argv[1]\n"
+                      "task = json.loads(os.environ['TF_CONFIG'])['task']\n"
+                      "if task['type'] == 'evaluator':\n"
+                      "    signal.signal(signal.SIGTERM, lambda *_: (open(marker, 'w').close(), sys.exit(138)))\n"
+                      "    time.sleep(600)\n"
+                      "time.sleep(1.0 if task['index'] == 1 else 2.0)  # worker 0: saves, then ends on its own\n"
+                      "sys.exit(138)\n")
+    marker = tmp_path / "evaluator_stopped"
+    driver = ("import sys; from launcher import local_workers as w; sys.exit(w.launch(w.GroupSpec("
+              f"worker_args=({str(marker)!r},), workers=2, evaluator=True, preemption_grace=5, "
+              f"command=(sys.executable, {str(worker)!r}))))")
+    run = Running([], command=[sys.executable, "-c", driver])
+    assert run.finish(timeout=120) == 138, run.output
+    assert marker.exists(), "the evaluator was not asked to stop: " + run.output
+
+
 # --- Mismatched checkpoints, early SIGTERM, preemption at an epoch end -----------------------
 
 def test_workers_one_step_apart_are_refused_exactly(tiny_data_dir, tmp_path):
