@@ -384,6 +384,23 @@ def test_a_worker_preempted_on_its_own_has_the_evaluator_stopped_at_once(tmp_pat
     assert marker.exists(), "the evaluator was not asked to stop: " + run.output
 
 
+def test_an_evaluator_silent_longer_than_the_finish_grace_is_waited_for(tmp_path):
+    # The finish grace (how long the other workers have once one has finished) is the workers'; an
+    # evaluator lagging behind them is waited for while it may be silent (here: any silence). Shortened
+    # to 1 s for the test; the evaluator is silent for 4 s after the worker's end.
+    worker = tmp_path / "worker.py"
+    worker.write_text("import json, os, sys, time\n"
+                      "kind = json.loads(os.environ['TF_CONFIG'])['task']['type']\n"
+                      "time.sleep(4.5 if kind == 'evaluator' else 0.5)\n"
+                      "print('evaluated the last epoch' if kind == 'evaluator' else 'trained', flush=True)\n")
+    driver = ("import sys; from launcher import local_workers as w; w.FINISH_GRACE_SECONDS = 1; "
+              "sys.exit(w.launch(w.GroupSpec(worker_args=(), workers=1, evaluator=True, "
+              f"command=(sys.executable, {str(worker)!r}))))")
+    run = Running([], command=[sys.executable, "-c", driver])
+    assert run.finish(timeout=120) == 0, run.output
+    assert "[evaluator] evaluated the last epoch" in run.output and "All 1 worker(s) finished" in run.output
+
+
 # --- Mismatched checkpoints, early SIGTERM, preemption at an epoch end -----------------------
 
 def test_workers_one_step_apart_are_refused_exactly(tiny_data_dir, tmp_path):
