@@ -44,3 +44,22 @@ def test_tiny_benchmark_writes_every_key(tmp_path):
     assert 0 < results["mfu"] < 1
     assert set(results["ratios"]) >= {"end_to_end_vs_model", "pipeline_vs_model", "end_to_end_vs_keras_fit"}
     assert "ratio" in result.stdout and "model step" in result.stdout
+
+
+def test_kernel_paths_finds_no_difference_in_one_path_and_a_changed_gradient_in_another(tmp_path):
+    import numpy as np
+
+    from benchmarks import kernel_paths
+
+    found = kernel_paths.gradients(["model.width=4", "train.deterministic=true"], images=8)
+    assert len(found) > 10 and all(np.isfinite(value).all() for value in found.values())
+    np.savez(tmp_path / "a.npz", **found)
+    np.savez(tmp_path / "b.npz", **kernel_paths.gradients(["model.width=4", "train.deterministic=true"], images=8))
+    assert max(difference for difference, _ in kernel_paths.compare(str(tmp_path / "a.npz"),
+                                                                    str(tmp_path / "b.npz"))) == 0.0
+    changed = dict(found)
+    key = next(key for key in changed if key.endswith("kernel"))
+    changed[key] = changed[key] * 1.01
+    np.savez(tmp_path / "c.npz", **changed)
+    rows = kernel_paths.compare(str(tmp_path / "c.npz"), str(tmp_path / "a.npz"))
+    assert rows[0][1] == key and abs(rows[0][0] - 0.01) < 1e-6
