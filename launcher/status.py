@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from launcher.flags import FlagParser, run_directory
-from resnet18.runtime.errors import EXIT_OK, LauncherError, SetupError
+from resnet18.runtime.errors import EXIT_OK, EXIT_PORT_IN_USE, LauncherError, SetupError
 
 
 
@@ -112,25 +112,32 @@ def _state(status: dict[str, Any], summary: dict[str, Any] | None, events: list[
 def _restarts(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every start after the first, with why the one before ended. A start is a --workers group's start (its
     chief's training start, if it got that far, says the step) or a training start outside such a group."""
-    found, previous_end, starts = [], None, 0
-    group: dict[str, Any] | None = None  # the latest group start, until its chief starts training
+    found, previous_end = [], None
+    current: dict[str, Any] | None = None  # the latest start
+    claimable = False  # it is a group start whose chief has not started training yet
     for event in events:
         kind = event.get("event")
         if kind in ("train_end", "group_failed"):
-            previous_end = event
-        elif kind == "group_start" or (kind == "train_start" and group is None):
-            starts += 1
+            previous_end, claimable = event, False
+        elif kind == "group_start" and current is not None and _port_retry(event, previous_end):
+            previous_end, claimable = None, True  # the same start on new ports (the launcher counts none)
+        elif kind == "group_start" or (kind == "train_start" and not claimable):
             entry = {"time": event["time"], "step": event.get("step"), "cause": _cause(previous_end)}
-            if starts > 1:
+            if current is not None:
                 found.append(entry)
-            group = entry if kind == "group_start" else None
-            previous_end = None
+            current, previous_end, claimable = entry, None, kind == "group_start"
         if kind == "train_start":
-            entry, group = group or entry, None
-            entry["step"] = event.get("step")
+            claimable = False
+            current["step"] = event.get("step")
             if event.get("skipped_checkpoints"):  # the newest checkpoint(s) could not be read
-                entry["cause"] = f"{entry['cause']}; then skipped {'; '.join(event['skipped_checkpoints'])}"
+                current["cause"] = f"{current['cause']}; then skipped {'; '.join(event['skipped_checkpoints'])}"
     return found
+
+
+def _port_retry(start: dict[str, Any], end: dict[str, Any] | None) -> bool:
+    """A group start by the launcher itself (attempt > 0) after a worker's port was taken (exit 98)."""
+    return bool(start.get("attempt")) and bool(end) and end.get("event") == "group_failed" \
+        and end.get("exit_code") == EXIT_PORT_IN_USE
 
 
 def _cause(end: dict[str, Any] | None) -> str:

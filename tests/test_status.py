@@ -211,6 +211,7 @@ def test_events_are_still_added_on_a_file_system_without_locks(tmp_path, monkeyp
 
 
 def test_temporary_copies_of_killed_writers_on_this_machine_are_removed_and_no_others(tmp_path):
+    import os
     import signal
     import socket
     import subprocess
@@ -232,6 +233,10 @@ def test_temporary_copies_of_killed_writers_on_this_machine_are_removed_and_no_o
         open(path, "w").close()
     abandoned = [str(path) for path in tmp_path.glob(f"status.json.{socket.gethostname()}.{writer.pid}.*.tmp")]
     assert len(abandoned) == 1
+    # Young, it may be another PID namespace's under the same host name: kept until it is old.
+    assert files.remove_abandoned_temporaries(str(tmp_path)) == []
+    for path in tmp_path.iterdir():
+        os.utime(path, (time.time() - files.ABANDONED_AFTER_SECONDS - 1,) * 2)
     assert files.remove_abandoned_temporaries(str(tmp_path)) == abandoned
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
         name.rsplit("/", 1)[1] for name in (living, other_host, str(tmp_path / "notes.1.2.tmp")))
@@ -246,13 +251,21 @@ def test_a_group_start_whose_chief_never_started_training_is_a_restart_too(tmp_p
     for event in ({"event": "group_start", "attempt": 0},
                   {"event": "group_failed", "cause": "worker 1 killed (retryable)", "error": "oom-killer"},
                   {"event": "group_start", "attempt": 1},
+                  {"event": "group_failed", "cause": "worker 0 exited with code 98", "exit_code": 98},
+                  {"event": "group_start", "attempt": 2},  # new ports: not a restart, the launcher says none
                   {"event": "train_start", "step": 0, "skipped_checkpoints": []},
                   {"event": "train_end", "state": "preempted", "detail": "SIGTERM at step 8"},
                   {"event": "group_failed", "cause": "worker 0 preempted"},
                   {"event": "train_start", "step": 8, "skipped_checkpoints": ["ckpt-8: unreadable"]},
+                  {"event": "train_end", "state": "preempted", "detail": "SIGTERM at step 16"},
+                  {"event": "group_start", "attempt": 0},  # the same --workers command again, by hand
+                  {"event": "group_failed", "cause": "worker 1 exited with code 1", "exit_code": 1},
+                  {"event": "train_start", "step": 16, "skipped_checkpoints": []},  # and a run without it
                   {"event": "train_end", "state": "done"}):
         append_event(workdir, event)
     restarts = collect(workdir)["restarts"]
     assert [(restart["step"], restart["cause"]) for restart in restarts] == [
         (0, "worker 1 killed (retryable): oom-killer"),
-        (8, "worker 0 preempted; then skipped ckpt-8: unreadable")]
+        (8, "worker 0 preempted; then skipped ckpt-8: unreadable"),
+        (None, "preempted: SIGTERM at step 16"),
+        (16, "worker 1 exited with code 1")]
