@@ -336,7 +336,9 @@ def test_stale_temporary_from_an_interrupted_save_is_ignored_and_removed(tiny_da
         partial.parent.mkdir()
         partial.write_bytes(os.urandom(100))
         # And the copy of history.jsonl a writer on this machine, since gone, was killed writing.
-        (checkpoints.parent / f"history.jsonl.{socket.gethostname()}.{gone.pid}.7.tmp").write_text('{"epo')
+        copy = checkpoints.parent / f"history.jsonl.{socket.gethostname()}.{gone.pid}.7.tmp"
+        copy.write_text('{"epo')
+        os.utime(copy, (time.time() - 3600,) * 2)  # an hour ago: abandoned, not a copy in use
 
     gone = subprocess.Popen(["true"])
     gone.wait()

@@ -20,11 +20,13 @@ import json
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 
 NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)  # flock's "this file system has none"
+ABANDONED_AFTER_SECONDS = 60.0  # a temporary copy this old, of a writer that is gone, was abandoned
 
 
 def _gfile():
@@ -74,21 +76,27 @@ def temporary_name(path: str) -> str:
     return f"{path}.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}.tmp"
 
 
-def remove_abandoned_temporaries(directory: str) -> list[str]:
-    """Deletes the temporary copies in `directory` that writers on this machine left when they were killed
-    mid-write (their process is gone); returns their paths. Another machine's cannot be judged: left alone."""
+def remove_abandoned_temporaries(directory: str, older_than: float = ABANDONED_AFTER_SECONDS) -> list[str]:
+    """Deletes the temporary copies in `directory` (a local path) that writers on this machine left when they
+    were killed mid-write: their process is gone and the copy is older than `older_than` s. Returns their paths.
+
+    A copy is written in milliseconds, so a young one may still be in use by a writer this process cannot
+    see under the same host name (a container in another PID namespace: Kubernetes pods on the host network
+    share the node's name; or a host whose name ends like this one's). Another machine's: left alone."""
     if "://" in directory or not os.path.isdir(directory):
         return []
-    host, removed = socket.gethostname(), []
+    host, removed, now = socket.gethostname(), [], time.time()
     for name in os.listdir(directory):
         parts = name.rsplit(".", 4)  # NAME.<host>.<pid>.<tid>.tmp; a host name may hold dots, NAME too
         if len(parts) < 5 or parts[-1] != "tmp" or not (parts[-3].isdigit() and parts[-2].isdigit()):
             continue
         if not name.endswith(f".{host}.{parts[-3]}.{parts[-2]}.tmp") or is_running(int(parts[-3])):
             continue
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(directory, name))
-            removed.append(os.path.join(directory, name))
+        path = os.path.join(directory, name)
+        with contextlib.suppress(OSError):  # gone meanwhile, or not ours to delete: it only takes space
+            if now - os.stat(path).st_mtime > older_than:
+                os.remove(path)
+                removed.append(path)
     return removed
 
 
