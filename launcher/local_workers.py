@@ -96,6 +96,7 @@ class Group:
     evaluator: Task | None = None
     evaluator_restarts: int = 0
     evaluator_failure: Failure | None = None  # given up on: training went on without it
+    forwarded: list[int] = dataclasses.field(default_factory=list)  # the signals passed on to it, in order
 
     @property
     def tasks(self) -> list[Task]:
@@ -170,6 +171,7 @@ def wait_for_group(spec: GroupSpec, group: Group, forwarded: list[int], attempt:
                                                                        "after another worker finished")
             time.sleep(POLL_SECONDS)
     finally:
+        group.forwarded = list(forwarded)  # before the handler goes: a later signal was not passed on
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
@@ -279,8 +281,10 @@ def launch(spec: GroupSpec) -> int:
             signal.signal(signum, handler)
 
 
-def _start_and_wait(spec: GroupSpec, attempts: _Attempts, forwarded: list[int]) -> int | None:
-    """Starts the group once and waits for it: None to start again, or the launcher's exit code."""
+def _start_and_wait(spec: GroupSpec, attempts: _Attempts, kept: list[int]) -> int | None:
+    """Starts the group once and waits for it: None to start again, or the launcher's exit code.
+
+    `kept`: the signals received so far, passed on to the group once it has started."""
     attempt = attempts.restarts + attempts.port_retries
     workers = len(attempts.slots)
     say(f"Starting {workers} local worker(s){' and an evaluator' if spec.evaluator else ''} on 127.0.0.1"
@@ -289,8 +293,9 @@ def _start_and_wait(spec: GroupSpec, attempts: _Attempts, forwarded: list[int]) 
                   "slots": [slot.name for slot in attempts.slots]})
     group = start_group(spec, attempts.slots, attempt)
     group.evaluator_restarts = attempts.evaluator_restarts  # its budget is the run's
-    failure = wait_for_group(spec, group, forwarded, attempt)
+    failure = wait_for_group(spec, group, kept, attempt)
     attempts.evaluator_restarts = group.evaluator_restarts
+    forwarded = group.forwarded  # not `kept`: one received since the group stopped ends the launch next
     if failure is None:
         return _finished(spec, group, workers)
     _event(spec, {"event": "group_failed", "task": failure.task, "exit_code": failure.exit_code,
