@@ -34,7 +34,7 @@ from launcher.slurm import tf_config_from_slurm
 from launcher.storage import mapped_storage_errors
 from resnet18 import config as config_lib
 from resnet18 import tasks
-from resnet18.runtime.preemption import preempted_before_training
+from resnet18.runtime.preemption import evaluator_stopped, preempted_before_training
 from resnet18.runtime.errors import (EXIT_FAILURE, EXIT_OK, PEER_LOSS_WORDS, ConfigError, LauncherError, PortInUseError,
                                      PreemptedBeforeTraining, RetryableError, SetupError, TrainingError, first_line,
                                      lost_a_peer)
@@ -178,6 +178,7 @@ def run_evaluator_task(config: config_lib.Config, workdir: str, cluster: Cluster
     plan = Plan(config, workdir, STRATEGY_CLASSES["one_device"], cluster, started=not dry_run)
     if dry_run:
         return _print_dry_run(plan)
+    signal.signal(signal.SIGTERM, evaluator_stopped)  # the group stops it so whenever the group stops
     import tensorflow as tf
 
     from launcher.strategy import make_strategy

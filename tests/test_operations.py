@@ -431,6 +431,18 @@ def test_sigterm_before_the_first_step_exits_138_cleanly(tiny_data_dir, tmp_path
     assert "preempted (SIGTERM) before training started" in run.output and "Traceback" not in run.output
 
 
+def test_a_sigterm_to_the_evaluator_says_it_had_nothing_to_save(tiny_data_dir, tmp_path):
+    # The launcher stops the evaluator with SIGTERM whenever the group stops; its log must not say that
+    # training was preempted before it started.
+    tf_config = {"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "evaluator", "index": 0}}
+    run = Running(job(tiny_data_dir, tmp_path, "train.evaluation=sidecar"), {"TF_CONFIG": json.dumps(tf_config)})
+    run.wait_for(r"^strategy: OneDeviceStrategy")  # it waits for the chief's first epoch from here on
+    run.process.send_signal(signal.SIGTERM)
+    assert run.finish() == 138, run.output[-3000:]
+    assert "evaluator stopped (SIGTERM)" in run.output and "before training started" not in run.output
+    assert "Traceback" not in run.output
+
+
 def test_a_preemption_at_an_epoch_end_evaluates_that_epoch_first(tiny_data_dir, tmp_path):
     # One call per epoch (as with jobs/cifar10_fast.yaml): any SIGTERM is noticed at an epoch's end.
     exact = ["train.deterministic=true", "train.steps_per_loop=10", "train.checkpoint_every_steps=0"]

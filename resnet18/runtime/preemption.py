@@ -33,6 +33,12 @@ def preempted_before_training(signum=None, frame=None) -> None:  # noqa: ARG001 
     raise PreemptedBeforeTraining("preempted (SIGTERM) before training started; nothing to save; run again to start")
 
 
+def evaluator_stopped(signum=None, frame=None) -> None:  # noqa: ARG001 - signal handler signature
+    """SIGTERM handler of the sidecar evaluator, which never has anything to save: exit 138."""
+    raise PreemptedBeforeTraining("evaluator stopped (SIGTERM); it has nothing to save: run the job again and it "
+                                  "goes on from the epochs it has not evaluated")
+
+
 # Where TensorFlow's own SIGTERM handler (the coordination service's preemption notifier, installed as a
 # MultiWorkerMirroredStrategy group forms, until launcher/strategy.py takes the signal back) records a notice.
 TENSORFLOW_NOTICE_KEY = "TF_DEFAULT_PREEMPTION_NOTICE_KEY"
