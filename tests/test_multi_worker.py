@@ -170,7 +170,11 @@ if sys.argv[1] == "launcher":
 else:
     tf.distribute.MultiWorkerMirroredStrategy()
 before = notice_taken_by_tensorflow()
-if read_tf_config().task_index == 1:
+rank = read_tf_config().task_index
+open(f"{sys.argv[2]}.{rank}", "w").close()
+if rank == 1:  # once worker 0 has looked too: a loaded worker 0 saw worker 1's notice "before"
+    while not os.path.exists(f"{sys.argv[2]}.0"):
+        time.sleep(0.05)
     os.kill(os.getpid(), signal.SIGTERM)
 time.sleep(3)  # TensorFlow's notifier looks for its flag once a second, then records the key
 print(json.dumps({"heard": len(heard), "before": before, "after": notice_taken_by_tensorflow()}), flush=True)
@@ -178,14 +182,15 @@ print(json.dumps({"heard": len(heard), "before": before, "after": notice_taken_b
 
 
 @pytest.mark.parametrize("made_by", ["launcher", "tensorflow"])
-def test_a_sigterm_after_the_group_forms_reaches_the_python_handler(made_by):
+def test_a_sigterm_after_the_group_forms_reaches_the_python_handler(made_by, tmp_path):
     # The coordination service installs a SIGTERM handler of its own as MultiWorkerMirroredStrategy connects;
     # it swallowed every notice a worker got before training (the soak found such a worker training to the
     # end). The launcher's strategy takes the signal back; a notice TensorFlow took is read from its key.
     ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
     processes = [subprocess.Popen(
-        [sys.executable, "-c", SIGTERM_AFTER_CONNECTING, made_by], cwd=REPO, stdout=subprocess.PIPE, text=True,
+        [sys.executable, "-c", SIGTERM_AFTER_CONNECTING, made_by, str(tmp_path / "looked")], cwd=REPO,
+        stdout=subprocess.PIPE, text=True,
         env=environment_without_cluster(TF_CONFIG=json.dumps({"cluster": cluster,
                                                                "task": {"type": "worker", "index": rank}})))
         for rank in range(2)]
