@@ -39,6 +39,10 @@ def evaluator_stopped(signum=None, frame=None) -> None:  # noqa: ARG001 - signal
                                   "goes on from the epochs it has not evaluated")
 
 
+def _decided(signum=None, frame=None) -> None:  # noqa: ARG001 - signal handler signature
+    """SIGTERM handler once training has ended: the exit code is decided; the notice changes nothing."""
+
+
 # Where TensorFlow's own SIGTERM handler (the coordination service's preemption notifier, installed as a
 # MultiWorkerMirroredStrategy group forms, until launcher/strategy.py takes the signal back) records a notice.
 TENSORFLOW_NOTICE_KEY = "TF_DEFAULT_PREEMPTION_NOTICE_KEY"
@@ -84,7 +88,11 @@ class PreemptionWatcher:
 
     def close(self) -> None:
         if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+            # Once training has started, "before training" is over: a later notice (a second one, srun ending
+            # the step) must not raise it wherever the process is on its way out, even in a finally or a
+            # __del__, and turn a decided exit (138 on its way, or the end of training) into death by SIGTERM.
+            after = _decided if self.armed and self._previous is preempted_before_training else self._previous
+            signal.signal(signal.SIGTERM, after)
             self._previous = None
 
     def __enter__(self) -> "PreemptionWatcher":
