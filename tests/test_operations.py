@@ -31,6 +31,13 @@ def job(data_dir: str, workdir, *extra: str) -> list[str]:
             "train.checkpoint_every_steps=4", "train.steps_per_loop=2", *extra]
 
 
+def run_group(worker, spec: str) -> Running:
+    """`launch()` of a GroupSpec (`spec`: its arguments but the command) whose tasks run the script `worker`."""
+    driver = ("import sys; from launcher import local_workers as w; sys.exit(w.launch(w.GroupSpec("
+              f"{spec}command=(sys.executable, {str(worker)!r}))))")
+    return Running([], command=[sys.executable, "-c", driver])
+
+
 def started_pids(run: Running, task: str, start: int = 0) -> int:
     return int(run.wait_for(rf"Started {task} \(pid (\d+)", start=start).group(1))
 
@@ -285,10 +292,7 @@ def test_a_preempted_worker_may_finish_its_save_within_the_grace_period(tmp_path
     worker = tmp_path / "worker.py"
     worker.write_text(SLOW_SAVE_WORKER)
     marker = tmp_path / "saved"
-    driver = ("import sys; from launcher import local_workers as w; sys.exit(w.launch(w.GroupSpec("
-              f"worker_args=({str(marker)!r},), workers=2, preemption_grace={grace}, "
-              f"command=(sys.executable, {str(worker)!r}))))")
-    run = Running([], command=[sys.executable, "-c", driver])
+    run = run_group(worker, f"worker_args=({str(marker)!r},), workers=2, preemption_grace={grace}, ")
     run.wait_for(r"\[worker 1\] ready")
     run.wait_for(r"\[worker 0\] ready")
     run.process.send_signal(signal.SIGTERM)
@@ -353,10 +357,8 @@ def test_the_evaluator_restarts_alone_at_most_max_restarts_times_in_the_whole_ru
                       "if kind == 'evaluator': time.sleep(0.2); sys.exit(138)\n"
                       "time.sleep(5)  # meanwhile the evaluator fails, is restarted and fails again\n"
                       "if not os.path.exists(first): open(first, 'w').close(); os.kill(os.getpid(), 9)\n")
-    driver = ("import sys; from launcher import local_workers as w; sys.exit(w.launch(w.GroupSpec("
-              f"worker_args=({str(tmp_path / 'first')!r},), workers=1, evaluator=True, max_restarts=1, "
-              f"command=(sys.executable, {str(worker)!r}))))")
-    run = Running([], command=[sys.executable, "-c", driver])
+    run = run_group(worker, f"worker_args=({str(tmp_path / 'first')!r},), workers=1, evaluator=True, "
+                            "max_restarts=1, ")
     assert run.finish(timeout=120) == 138, run.output  # training finished; the evaluator did not
     assert "Starting 1 local worker(s) and an evaluator on 127.0.0.1 (restart 1/1)" in run.output
     assert run.output.count("Restarted evaluator") == 1, run.output
@@ -376,10 +378,7 @@ def test_a_worker_preempted_on_its_own_has_the_evaluator_stopped_at_once(tmp_pat
                       "time.sleep(3.0 if task['index'] == 1 else 4.0)  # worker 0: saves, then ends on its own\n"
                       "sys.exit(138)\n")
     marker = tmp_path / "evaluator_stopped"
-    driver = ("import sys; from launcher import local_workers as w; sys.exit(w.launch(w.GroupSpec("
-              f"worker_args=({str(marker)!r},), workers=2, evaluator=True, preemption_grace=5, "
-              f"command=(sys.executable, {str(worker)!r}))))")
-    run = Running([], command=[sys.executable, "-c", driver])
+    run = run_group(worker, f"worker_args=({str(marker)!r},), workers=2, evaluator=True, preemption_grace=5, ")
     assert run.finish(timeout=120) == 138, run.output
     assert marker.exists(), "the evaluator was not asked to stop: " + run.output
 
