@@ -164,7 +164,7 @@ def test_scancel_signal_term_checkpoints_requeues_and_resumes_to_the_same_weight
 def test_a_task_killed_ends_the_step_with_137_and_the_job_resumes(slurm, uninterrupted, tiny_data_dir, tmp_path):
     job_id, output = submit(slurm, tmp_path, tiny_data_dir)
     wait_for_line(output, r"^Checkpoint at step 10:")
-    victim = task_pid(job_id, rank=1)
+    victim = task_pid(slurm, job_id, rank=1)
     os.kill(victim, 9)
     job = resume_requeued(slurm, job_id, output)
     text = read(output)
@@ -173,8 +173,9 @@ def test_a_task_killed_ends_the_step_with_137_and_the_job_resumes(slurm, uninter
     assert FINGERPRINT.findall(text)[-1] == FINGERPRINT.findall(uninterrupted[1])[0]
 
 
-def task_pid(job_id: str, rank: int) -> int:
-    """The launcher's Python process of task `rank` of the job (its environment says which)."""
+def task_pid(slurm: Slurm, job_id: str, rank: int) -> int:
+    """The launcher's Python process of task `rank` of the job (its environment says which). Its cluster's
+    configuration too: under `pytest -n`, every worker runs a cluster of its own, each numbering jobs from 1."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -186,6 +187,7 @@ def task_pid(job_id: str, rank: int) -> int:
         except OSError:
             continue
         if (environ.get(b"SLURM_JOB_ID") == job_id.encode() and environ.get(b"SLURM_PROCID") == str(rank).encode()
+                and environ.get(b"SLURM_CONF") == slurm.conf.encode()
                 and command[1:3] == [b"-m", b"launcher"]):  # Python itself, not the task's shell
             return int(entry)
     raise AssertionError(f"no task {rank} of job {job_id}")
