@@ -154,7 +154,9 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     plan = Plan(config, workdir, info["strategy"], cluster, num_replicas=info["num_replicas"],
                 devices=tuple(info["devices"]), started=True)
     if args.dry_run:
-        print(f"tensorflow: {tf.__version__}")
+        from resnet18.runtime.hardware import onednn_enabled
+
+        print(f"tensorflow: {tf.__version__} (CPU kernels: {'oneDNN' if onednn_enabled() else 'Eigen'})")
         return _print_dry_run(plan)
     chief = topology_of(strategy).is_chief
     if chief:

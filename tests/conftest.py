@@ -14,6 +14,12 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+from launcher import cpu_environment  # noqa: E402
+
+# The launcher's TensorFlow settings (oneDNN, the host allocator) before TensorFlow is imported: tests in
+# this process compute what `python -m launcher` computes, and what the runs they start compute.
+cpu_environment.apply()
+
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 

@@ -14,6 +14,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from resnet18.runtime import hardware
 from resnet18.runtime.files import write_json
 from resnet18.runtime.topology import describe
 from resnet18.training import epoch_rules
@@ -45,6 +46,7 @@ def summarize(loop, progress, source, strategy: tf.distribute.Strategy, precisio
         "startup_seconds": progress.startup_seconds,
         "first_epoch_seconds": progress.first_epoch_seconds,
         "host_allocator": "bfc" if os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "") in ("1", "true") else "system",
+        "cpu_kernels": "onednn" if hardware.onednn_enabled() else "eigen",  # TF_ENABLE_ONEDNN_OPTS, or TF's default
         "wall_seconds": time.time() - loop.wall_start,
         "tensorflow_version": tf.__version__,
         "precision": precision,
