@@ -154,9 +154,9 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     plan = Plan(config, workdir, info["strategy"], cluster, num_replicas=info["num_replicas"],
                 devices=tuple(info["devices"]), started=True)
     if args.dry_run:
-        from resnet18.runtime.hardware import onednn_enabled
+        from resnet18.runtime.hardware import cpu_kernels
 
-        print(f"tensorflow: {tf.__version__} (CPU kernels: {'oneDNN' if onednn_enabled() else 'Eigen'})")
+        print(f"tensorflow: {tf.__version__} (CPU kernels: {cpu_kernels()})")
         return _print_dry_run(plan)
     chief = topology_of(strategy).is_chief
     if chief:

@@ -102,6 +102,11 @@ def onednn_enabled() -> bool:
     return bool(_pywrap_util_port.IsMklEnabled())
 
 
+def cpu_kernels() -> str:
+    """The CPU kernels TensorFlow runs in this process, as reports name them: "oneDNN" or "Eigen"."""
+    return "oneDNN" if onednn_enabled() else "Eigen"
+
+
 def onednn_computes(dtype: str, flags: frozenset[str] | set[str] | None = None) -> bool:
     """Whether TensorFlow's CPU convolutions in `dtype` run in oneDNN here (float32 always when it is on;
     bfloat16 and float16 only where the CPU computes them natively)."""

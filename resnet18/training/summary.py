@@ -46,7 +46,7 @@ def summarize(loop, progress, source, strategy: tf.distribute.Strategy, precisio
         "startup_seconds": progress.startup_seconds,
         "first_epoch_seconds": progress.first_epoch_seconds,
         "host_allocator": "bfc" if os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "") in ("1", "true") else "system",
-        "cpu_kernels": "onednn" if hardware.onednn_enabled() else "eigen",  # TF_ENABLE_ONEDNN_OPTS, or TF's default
+        "cpu_kernels": hardware.cpu_kernels(),  # TF_ENABLE_ONEDNN_OPTS, or TensorFlow's default
         "wall_seconds": time.time() - loop.wall_start,
         "tensorflow_version": tf.__version__,
         "precision": precision,
