@@ -24,9 +24,11 @@ import os
 import platform
 from typing import MutableMapping
 
+X86_64 = platform.machine().lower() in ("x86_64", "amd64")
+
 DEFAULTS = {
     "TF_CPU_ALLOCATOR_USE_BFC": "1",
-    **({"TF_ENABLE_ONEDNN_OPTS": "1"} if platform.machine().lower() in ("x86_64", "amd64") else {}),
+    **({"TF_ENABLE_ONEDNN_OPTS": "1"} if X86_64 else {}),
 }
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ from launcher import cpu_environment
 from launcher.cluster import environment_without_cluster
 from tests.conftest import REPO, TINY_JOB
 
-X86_64 = platform.machine().lower() in ("x86_64", "amd64")
+X86_64 = cpu_environment.X86_64
 
 
 @pytest.mark.skipif(not X86_64, reason="oneDNN is made the default on x86-64 only")
