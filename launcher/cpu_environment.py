@@ -7,9 +7,10 @@
   spent in the kernel. The BFC allocator keeps them. Measured in benchmarks/RESULTS.md.
 - TF_ENABLE_ONEDNN_OPTS=1 on x86-64: TensorFlow's CPU kernels through oneDNN. TensorFlow
   turns oneDNN on by itself only on CPUs with AVX512_VNNI, AVX512_BF16, AVX_VNNI or AMX and
-  runs its own (Eigen) kernels elsewhere: on AVX2-only CPUs oneDNN trained ResNet18 1.6-1.9x
-  faster, with the same gradients to float32 rounding (benchmarks/RESULTS.md, "oneDNN
-  against Eigen"). Not set on other architectures, where it was never measured.
+  runs its own (Eigen) kernels elsewhere: on AVX2-only CPUs (no native bfloat16) oneDNN
+  trained ResNet18 1.6-1.9x faster, with the same gradients to float32 rounding
+  (benchmarks/RESULTS.md, "oneDNN against Eigen"). Not set on other architectures, where
+  it was never measured.
 
 A value already in the environment wins, so `TF_CPU_ALLOCATOR_USE_BFC=0 python -m
 launcher ...` restores TensorFlow's allocator and `TF_ENABLE_ONEDNN_OPTS=0` its Eigen

@@ -154,7 +154,8 @@ def test_a_short_pretraining_beats_a_random_encoder_by_knn_and_by_linear_evaluat
     # LARS and synchronized BN as jobs/simclr_pretrain.yaml; a milder crop (30 %-100 % of the area) for 32x32
     # images of 640 examples seen 10 times. LARS moves each layer by at most rate x 0.001 of its norm a step:
     # at 4.0 per 256 images, 100 steps left the loss near chance (4.73, ln 127 = 4.84) and kNN at the seed's
-    # luck (0.196-0.452 over seeds 0-4); at 16 per 256, 0.38-0.90 on oneDNN and Eigen (benchmarks/RESULTS.md).
+    # luck (0.196-0.452 over seeds 0-4); at 16 per 256, 0.31-0.90 on oneDNN and Eigen (AMD Zen 3, no native
+    # bfloat16; benchmarks/RESULTS.md).
     pretrain = micro_config(tiny_data_dir, *data, "train.task=simclr", "train.optimizer=lars", "model.sync_bn=true",
                             "train.learning_rate=16.0", "train.epochs=10", "train.warmup_epochs=1",
                             "simclr.crop_scale_min=0.3")
