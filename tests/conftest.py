@@ -120,52 +120,7 @@ def fill_up(path) -> None:
             assert error.errno == errno.ENOSPC, error
 
 
-# --- One test per core (pytest-xdist: `python -m pytest -n auto`, what CI runs) -------------------
-# Serial, the suite keeps 2 cores about half busy (importing TensorFlow and tracing use one; the fault
-# tests wait on stopped processes). Tests that share a costly fixture (a module's reference run, the
-# smoke job, a Slurm cluster) go to one worker, which computes it once. The doubled load found two races
-# (an evaluator giving up on a compiling chief, a Slurm job read while COMPLETING), both fixed before CI
-# switched, after three clean parallel runs.
-
-SHARED_SESSION_FIXTURES = frozenset({"smoke_run"})  # session fixtures worth computing once, not per worker
-MOST_WORKERS = 4  # each test may run a few TensorFlow processes of its own
-
-
-@pytest.hookimpl(optionalhook=True)  # xdist's hook: unknown without it
-def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    return max(1, min(len(os.sched_getaffinity(0)), MOST_WORKERS))
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's, which would pick --dist load
-def pytest_cmdline_main(config: pytest.Config) -> None:
-    if getattr(config.option, "numprocesses", None) and config.option.dist == "no":
-        config.option.dist = "loadgroup"  # -n alone honours the groups below
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Puts the tests that share a costly fixture into one xdist group (a union of overlapping sets)."""
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    parent: dict[str, str] = {}
-
-    def root(key: str) -> str:
-        while parent.setdefault(key, key) != key:
-            key = parent[key]
-        return key
-
-    shared_by_item = {}
-    for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        shared = []
-        for name, definitions in (info.name2fixturedefs.items() if info else ()):
-            scope = definitions[-1].scope
-            if scope in ("module", "class", "package"):
-                shared.append(f"{item.module.__name__}::{name}")
-            elif scope == "session" and name in SHARED_SESSION_FIXTURES:
-                shared.append(name)
-        for key in shared[1:]:
-            parent[root(key)] = root(shared[0])
-        shared_by_item[item] = shared
-    for item, shared in shared_by_item.items():
-        if shared:
-            item.add_marker(pytest.mark.xdist_group(root(shared[0])))
+# One test per core under `-n auto`, tests sharing a costly fixture on one worker: tests/xdist_groups.py.
+from tests.xdist_groups import (  # noqa: E402, F401 - pytest finds hooks by their names here
+    pytest_cmdline_main, pytest_collection_modifyitems, pytest_configure, pytest_configure_node,
+    pytest_xdist_auto_num_workers)
