@@ -345,9 +345,22 @@ def run(sweep: Sweep) -> int:
 
 def _claim(study, trial_id: int) -> None:
     """Marks a trial as this sweep process's (for a later restart to tell abandoned trials from running ones)."""
-    trial = _running_trial(study, trial_id)
-    trial.set_user_attr("host", socket.gethostname())
+    _runs_here(_running_trial(study, trial_id))
+
+
+def _runs_here(trial) -> None:
+    """Records the sweep process that runs `trial`: its pid first, since another sweep process of this machine
+    id starting meanwhile (own_unfinished) takes a trial of this host whose process is gone for abandoned."""
     trial.set_user_attr("sweep_pid", os.getpid())
+    trial.set_user_attr("host", socket.gethostname())
+
+
+def own_new_trial(sweep: Sweep, trial) -> None:
+    """Makes a trial just asked this machine's: the machine id last, once the process running it is named, or
+    another sweep process of this machine id starting meanwhile would resume it as abandoned."""
+    trial.set_user_attr("workdir", sweep.trial_dir(trial.number))
+    _runs_here(trial)
+    trial.set_user_attr("machine", sweep.machine)
 
 
 def _running_trial(study, trial_id: int):
@@ -370,10 +383,7 @@ def _ask(sweep: Sweep, study, slot: Slot) -> Active | None:
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         return None
     params = sweep_space.suggest(trial, sweep.space)
-    trial.set_user_attr("machine", sweep.machine)
-    trial.set_user_attr("host", socket.gethostname())
-    trial.set_user_attr("workdir", sweep.trial_dir(trial.number))
-    trial.set_user_attr("sweep_pid", os.getpid())
+    own_new_trial(sweep, trial)
     return start_trial(sweep, trial.number, trial._trial_id, params, slot)  # Trial() in the run needs the id
 
 
@@ -384,6 +394,11 @@ def _finished(sweep: Sweep, study, trial: Active, stopping: bool) -> Active | No
     code = trial.process.returncode
     seconds = time.time() - trial.started
     frozen = next(item for item in study.get_trials(deepcopy=False) if item.number == trial.number)
+    if frozen.state.is_finished():  # another sweep process ran it too, and recorded it first
+        print(f"warning: trial {trial.number} was recorded by another sweep process ({frozen.state.name}) while this "
+              f"one ran it too; its record stands. Two sweep processes of machine id {sweep.machine!r} resumed it: "
+              "give each its own --machine_id", file=sys.stderr, flush=True)
+        return None
     _running_trial(study, trial.trial_id).set_user_attr("wall_seconds",
                                                         frozen.user_attrs.get("wall_seconds", 0.0) + seconds)
     if code == 0:

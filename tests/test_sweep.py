@@ -155,6 +155,52 @@ def test_a_machine_resumes_its_own_abandoned_trials_only(tmp_path):
     assert [trial.number for trial in own_unfinished(sweep, study)] == [0, 1]
 
 
+def test_a_new_trial_is_this_machines_only_once_it_names_its_sweep_process(tmp_path):
+    """Two sweep processes of one machine id (two on one host, as in the PostgreSQL test below): one starting
+    (own_unfinished) while the other makes a trial must not find a trial of this machine without its live process
+    and resume it as abandoned. Seen in CI: both ran trial 0, and the later one failed on the finished trial."""
+    import argparse
+
+    import optuna
+
+    from launcher.sweep import Sweep, own_new_trial
+
+    written = []
+
+    class Recording(optuna.storages.InMemoryStorage):  # the real storage, its writes noted in order
+        def set_trial_user_attr(self, trial_id, key, value):
+            super().set_trial_user_attr(trial_id, key, value)
+            written.append(key)
+
+    study = optuna.create_study(storage=Recording())
+    sweep = Sweep(argparse.Namespace(workdir=str(tmp_path)), (), None, [], "", "", (), "vm")
+    trial = study.ask()
+    own_new_trial(sweep, trial)
+    assert written[-1] == "machine" and {"host", "sweep_pid"} <= set(written), written
+    assert trial.user_attrs["sweep_pid"] == os.getpid() and trial.user_attrs["machine"] == "vm"
+
+
+def test_a_trial_another_sweep_process_recorded_first_is_left_as_recorded(tmp_path, capsys):
+    """Two sweep processes with one --machine_id both ran a trial: the later one warns, naming the cause, rather
+    than failing with Optuna's traceback, and changes nothing."""
+    import argparse
+    import subprocess as sp
+
+    import optuna
+
+    from launcher.sweep import Active, Sweep, _finished
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", direction="maximize")
+    trial = study.ask()
+    study.tell(trial, 0.5)  # the other process was first
+    process = sp.Popen(["true"])
+    process.wait()
+    sweep = Sweep(argparse.Namespace(workdir=str(tmp_path), metric="test_accuracy"), (), None, [], "", "", (), "vm")
+    assert _finished(sweep, study, Active(0, trial._trial_id, {}, None, process, time.time(), 0), False) is None
+    assert "trial 0 was recorded by another sweep process (COMPLETE)" in capsys.readouterr().err
+    assert study.trials[0].value == 0.5 and "wall_seconds" not in study.trials[0].user_attrs
+
+
 def test_results_written_while_another_machine_runs_a_trial_say_they_are_not_final(tmp_path, capsys):
     """A machine whose trials ended while another's still runs writes the best of the trials complete now, and
     says which trial it did not wait for; once that one ends, the same results name the true best."""
