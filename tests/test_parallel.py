@@ -4,9 +4,6 @@ The tests that share a costly fixture (the smoke job, a module's reference run, 
 run on one worker, or each worker computes it again: a smoke job and a Slurm cluster more per CI run,
 and two clusters started at once. This runs the hooks on a small suite of their own, with real
 pytest-xdist workers.
-
-The slow tests start first: a worker left alone with one of several minutes at the end would make the run
-that much longer.
 """
 
 from __future__ import annotations
@@ -84,38 +81,3 @@ def test_tests_sharing_a_fixture_run_on_one_worker_which_computes_it_once(tmp_pa
     assert len(workers["reference_user"] | workers["reference"]) == 1, dict(workers)
     assert len(workers["smoke_user"] | workers["smoke_run"]) == 1, dict(workers)
     assert workers["reference"] <= {"gw0", "gw1"}, dict(workers)  # it did run in parallel
-
-
-ORDER_SUITE = """
-import os
-import pytest
-
-def record(name):
-    with open(os.environ["RECORD"], "a") as stream:
-        stream.write(f"{os.environ['PYTEST_XDIST_WORKER']} {name}\\n")
-
-@pytest.mark.parametrize("case", range(3))
-def test_quick(case):
-    record("quick")
-
-@pytest.mark.slow
-@pytest.mark.parametrize("case", range(3))
-def test_slow(case):
-    record("slow")
-"""
-
-
-def test_each_worker_starts_with_a_slow_test(tmp_path):
-    (tmp_path / "conftest.py").write_text("from tests.xdist_groups import *  # the suite's hooks\n")
-    (tmp_path / "test_order.py").write_text(ORDER_SUITE)
-    record = tmp_path / "record.txt"
-    result = subprocess.run([sys.executable, "-m", "pytest", "-n", "2", "-p", "no:cacheprovider", "-q",
-                             "--rootdir", str(tmp_path), str(tmp_path)], cwd=tmp_path,
-                            env=dict(os.environ, RECORD=str(record), PYTHONPATH=REPO), capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    first = {}
-    for line in record.read_text().splitlines():
-        worker, kind = line.split()
-        first.setdefault(worker, kind)
-    assert first == {"gw0": "slow", "gw1": "slow"}, record.read_text()

@@ -71,7 +71,3 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item, shared in shared_by_item.items():
         if shared:
             item.add_marker(pytest.mark.xdist_group(root(shared[0])))
-    if getattr(config.option, "loadgroup", False):  # a worker of a parallel run: all of them sort alike
-        # Slow tests first, so a worker does not start one of several minutes as the other runs out of tests.
-        # The scheduler sends each group whole and before the rest; the others share no fixture but session's.
-        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
