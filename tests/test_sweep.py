@@ -7,6 +7,7 @@ started in a temporary directory and stopped.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -159,8 +160,6 @@ def test_a_new_trial_is_this_machines_only_once_it_names_its_sweep_process(tmp_p
     """Two sweep processes of one machine id (two on one host, as in the PostgreSQL test below): one starting
     (own_unfinished) while the other makes a trial must not find a trial of this machine without its live process
     and resume it as abandoned. Seen in CI: both ran trial 0, and the later one failed on the finished trial."""
-    import argparse
-
     import optuna
 
     from launcher.sweep import Sweep, own_new_trial
@@ -183,9 +182,6 @@ def test_a_new_trial_is_this_machines_only_once_it_names_its_sweep_process(tmp_p
 def test_a_trial_another_sweep_process_recorded_first_is_left_as_recorded(tmp_path, capsys):
     """Two sweep processes with one --machine_id both ran a trial: the later one warns, naming the cause, rather
     than failing with Optuna's traceback, and changes nothing."""
-    import argparse
-    import subprocess as sp
-
     import optuna
 
     from launcher.sweep import Active, Sweep, _finished
@@ -193,7 +189,7 @@ def test_a_trial_another_sweep_process_recorded_first_is_left_as_recorded(tmp_pa
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", direction="maximize")
     trial = study.ask()
     study.tell(trial, 0.5)  # the other process was first
-    process = sp.Popen(["true"])
+    process = subprocess.Popen(["true"])
     process.wait()
     sweep = Sweep(argparse.Namespace(workdir=str(tmp_path), metric="test_accuracy"), (), None, [], "", "", (), "vm")
     assert _finished(sweep, study, Active(0, trial._trial_id, {}, None, process, time.time(), 0), False) is None
