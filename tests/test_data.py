@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 
 from resnet18.data import generated_cifar10, sources
 from resnet18.data import pipeline as input_pipeline
-from resnet18.data.augment import AUGMENTATIONS, crop_flip
+from resnet18.data.augment import AUGMENTATIONS, Augmentation, crop_flip
 from resnet18.config import DataConfig
 from resnet18.runtime.errors import SetupError
 from tests.conftest import TINY_JOB, TINY_TEST, TINY_TRAIN, run_launcher
@@ -136,6 +136,25 @@ def test_our_pipelines_run_without_the_tf_data_autotuner(source):
     evaluation = input_pipeline.ordered_dataset_fn(source.test, 64)(context(1, 0))
     for dataset in (train, evaluation, input_pipeline.whole_split(source.test)):
         assert dataset.options().autotune.enabled is False
+
+
+def test_a_tasks_augmentation_keeps_autograph_inside_our_pipeline(source):
+    # The pipeline's own functions are traced as written (resnet18/autograph.py); an augmentation is
+    # a seam, converted as any tf.function would convert it, so its tensor-dependent `if` works.
+    def inverted(images, uniforms):  # noqa: ARG001 - an augmentation's signature
+        images = tf.cast(images, tf.float32)
+        if tf.reduce_min(images) >= 0.0:  # a tensor: only AutoGraph makes this a tf.cond
+            images = 255.0 - images
+        return images
+
+    def first_batch(augmentation):
+        fn = input_pipeline.train_dataset_fn(source, tiny_data(), augmentation, 64, epochs=1, seed=0)
+        return next(iter(fn(context(1, 0))))
+
+    (images, labels), (plain, plain_labels) = (first_batch(Augmentation("inverted", 0, inverted)),
+                                               first_batch(AUGMENTATIONS["none"]))
+    np.testing.assert_array_equal(labels, plain_labels)
+    np.testing.assert_array_equal(images, 255.0 - plain.numpy())  # exact: integers in float32
 
 
 def test_crop_flip_is_an_exact_shift_and_flip():

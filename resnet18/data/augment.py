@@ -27,6 +27,8 @@ from typing import Callable
 
 import tensorflow as tf
 
+from resnet18.autograph import as_written
+
 CROP_PADDING = 4
 
 
@@ -44,6 +46,7 @@ class Augmentation:
         return [*([self.views] if self.views > 1 else []), image_size, image_size, 3]
 
 
+@as_written
 def crop_flip(images: tf.Tensor, uniforms: tf.Tensor, padding: int = CROP_PADDING) -> tf.Tensor:
     """Zero-pad by `padding`, crop back to size at a random offset, flip half of the images; one op."""
     shifts = tf.floor(uniforms[:, :2] * (2 * padding + 1)) - padding  # integers in [-padding, padding]
@@ -53,6 +56,7 @@ def crop_flip(images: tf.Tensor, uniforms: tf.Tensor, padding: int = CROP_PADDIN
                    shift_x=shifts[:, 0], shift_y=shifts[:, 1], fill_mode="CONSTANT", interpolation="NEAREST")
 
 
+@as_written
 def rotate_shift_zoom_flip(images: tf.Tensor, uniforms: tf.Tensor) -> tf.Tensor:
     """Rotation within 15 degrees, width/height shift 0.1, zoom 0.1, horizontal flip, nearest fill."""
     size = tf.cast(tf.shape(images)[1], tf.float32)
@@ -85,6 +89,7 @@ def _affine(images, *, scale_x, scale_y, angle, shift_x, shift_y, fill_mode, int
         fill_value=0.0, interpolation=interpolation, fill_mode=fill_mode)
 
 
+@as_written
 def no_augmentation(images: tf.Tensor, uniforms: tf.Tensor) -> tf.Tensor:  # noqa: ARG001 - same signature
     return tf.cast(images, tf.float32)
 

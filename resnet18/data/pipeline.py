@@ -30,6 +30,7 @@ from typing import Callable
 
 import tensorflow as tf
 
+from resnet18.autograph import as_written, converted
 from resnet18.config import DataConfig
 from resnet18.data.augment import Augmentation
 from resnet18.data.cutmix import cutmix
@@ -91,7 +92,9 @@ def train_dataset_fn(source: Source, data: DataConfig, augmentation: Augmentatio
 
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
         first, count, replicas = pipeline_slice(context, global_batch_size)
+        augment = converted(augmentation.apply)  # the task's: AutoGraph's, as in any tf.function
 
+        @as_written  # and so is everything it calls but the augmentation (resnet18/autograph.py)
         def load(step):
             epoch = step // steps
             positions = (step % steps) * global_batch_size + first + tf.range(count, dtype=tf.int64)
@@ -101,7 +104,7 @@ def train_dataset_fn(source: Source, data: DataConfig, augmentation: Augmentatio
             images, labels = source.train.read(indices)
             step_seed = tf.stack([tf.constant(seed, tf.int64), step])
             uniforms = tf.random.stateless_uniform([global_batch_size, max(augmentation.num_params, 1)], step_seed)
-            images = augmentation.apply(images, uniforms[first:first + count])
+            images = augment(images, uniforms[first:first + count])
             images = tf.reshape(images, [replicas, count // replicas, *augmentation.image_shape(data.image_size)])
             labels = tf.reshape(labels, [replicas, count // replicas])
             if data.cutmix_prob:  # one draw per global step; partners inside each replica's batch
@@ -152,6 +155,7 @@ def ordered_batches(store: ExampleStore, global_batch_size: int, first: int, cou
                     ) -> tf.data.Dataset:
     """The split in order, this pipeline's slice of each global batch, padded and masked at the end."""
 
+    @as_written
     def load(step):
         positions = step * global_batch_size + first + tf.range(count, dtype=tf.int64)
         mask = tf.cast(positions < store.num_examples, tf.float32)
@@ -174,8 +178,8 @@ def _fixed(dataset: tf.data.Dataset) -> tf.data.Dataset:
 
 def whole_split(store: ExampleStore, batch_size: int = 256) -> tf.data.Dataset:
     """Every example of a split once, in order, as (uint8 images, int32 labels) batches (exports, checks)."""
-    return ordered_batches(store, batch_size, 0, batch_size, 1).map(
-        lambda images, labels, mask: (tf.boolean_mask(images, mask > 0), tf.boolean_mask(labels, mask > 0)))
+    return ordered_batches(store, batch_size, 0, batch_size, 1).map(as_written(
+        lambda images, labels, mask: (tf.boolean_mask(images, mask > 0), tf.boolean_mask(labels, mask > 0))))
 
 
 def _logged(indices: tf.Tensor, step: tf.Tensor, context: tf.distribute.InputContext, directory: str) -> tf.Tensor:

@@ -56,8 +56,11 @@ def cross_entropy(model: keras.Model, config: Config, num_classes: int) -> Objec
     """Softmax cross-entropy of `model`'s logits on smoothed targets (float32), per example."""
     import tensorflow as tf
 
+    from resnet18.autograph import as_written
+
     smoothing = config.train.label_smoothing
 
+    @as_written
     def objective(images, targets):
         logits = model(images, training=True)
         smoothed = targets * (1.0 - smoothing) + smoothing / num_classes
@@ -99,9 +102,11 @@ def test_split_evaluation(strategy, model: keras.Model, dataset, steps: int, num
     import numpy as np
     import tensorflow as tf
 
+    from resnet18.autograph import as_written
     from resnet18.data.pipeline import static_batch
     from resnet18.runtime.errors import TrainingError
 
+    @as_written
     def eval_step(images, labels, mask):
         images, labels, mask = static_batch(global_batch_size, images, labels, mask)  # one graph on every layout
         logits = tf.cast(model(images, training=False), tf.float32)

@@ -69,8 +69,11 @@ def distilled(model: keras.Model, teacher: keras.Model, config: Config, num_clas
     """The student's objective: the distillation loss against the frozen teacher's logits on the same batch."""
     import tensorflow as tf
 
+    from resnet18.autograph import as_written
+
     smoothing, options = config.train.label_smoothing, config.distill
 
+    @as_written
     def objective(images, targets):
         logits = model(images, training=True)
         smoothed = targets * (1.0 - smoothing) + smoothing / num_classes

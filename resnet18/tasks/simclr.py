@@ -77,10 +77,11 @@ def check(config: Config) -> None:
 
 def train_augmentation(config: Config) -> Augmentation:
     """Two views of every image, from its own random numbers (data/augment.py's scheme)."""
+    from resnet18.autograph import as_written
     from resnet18.data.augment import Augmentation
 
-    return Augmentation("simclr_views", PARAMS_PER_IMAGE, lambda images, uniforms: two_views(
-        images, uniforms, config.simclr), views=2)
+    return Augmentation("simclr_views", PARAMS_PER_IMAGE, as_written(lambda images, uniforms: two_views(
+        images, uniforms, config.simclr)), views=2)
 
 
 def two_views(images: tf.Tensor, uniforms: tf.Tensor, options: SimCLRConfig) -> tf.Tensor:
@@ -162,8 +163,11 @@ def make_objective(setting: Setting, model: keras.Model, resuming: bool) -> Obje
     """NT-Xent per view over the global batch of 2B views; "correct" counts anchors whose positive is nearest."""
     import tensorflow as tf
 
+    from resnet18.autograph import as_written
+
     config = setting.config
 
+    @as_written
     def contrastive(views, targets):  # noqa: ARG001 - no labels in self-supervised training
         shape = tf.shape(views)
         pairs = tf.reshape(views, tf.concat([[2 * shape[0]], shape[2:]], 0))  # view 1, view 2, view 1, ...

@@ -14,7 +14,9 @@ hierarchy:
 - `train_augmentation(config)` is what the input pipeline does to each training batch.
 - `make_objective(setting, model, resuming)` returns the per-replica objective
   (images, targets) -> (per-example loss, correct count, examples per global batch);
-  the train step averages the loss over the global batch.
+  the train step averages the loss over the global batch. It and the augmentation go
+  through AutoGraph as in any tf.function; the rest of the step is traced as written
+  (resnet18/autograph.py).
 - `make_evaluation(setting, model, source, sync_statistics)` returns the evaluation run
   after every epoch, inline or in the sidecar evaluator: a dict with test_accuracy,
   test_examples and a confusion matrix, and test_loss where the task has one.

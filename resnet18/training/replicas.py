@@ -67,7 +67,7 @@ class BatchNormStatistics:
 
 
 def _pooling(strategy: tf.distribute.Strategy, pairs: list[tuple[tf.Variable, tf.Variable]]) -> Callable[[], None]:
-    @tf.function
+    @tf.function(autograph=False)  # Python loops only: traced as written (resnet18/autograph.py)
     def pool() -> None:
         def replica_fn():
             context = tf.distribute.get_replica_context()
@@ -88,7 +88,7 @@ def _pooling(strategy: tf.distribute.Strategy, pairs: list[tuple[tf.Variable, tf
 
 def _capturing(strategy: tf.distribute.Strategy, variables: list[tf.Variable], rows: list[tf.Variable]
                ) -> tuple[Callable[[], None], Callable[[], None]]:
-    @tf.function
+    @tf.function(autograph=False)  # Python loops only: traced as written (resnet18/autograph.py)
     def capture() -> None:
         def replica_fn():
             context = tf.distribute.get_replica_context()
@@ -98,7 +98,7 @@ def _capturing(strategy: tf.distribute.Strategy, variables: list[tf.Variable], r
                 row.assign(values)
         strategy.run(replica_fn)
 
-    @tf.function
+    @tf.function(autograph=False)  # Python loops only: traced as written (resnet18/autograph.py)
     def release() -> None:
         def replica_fn():
             replica = tf.distribute.get_replica_context().replica_id_in_sync_group
@@ -117,7 +117,7 @@ def make_statistics_sync(strategy: tf.distribute.Strategy, models: list[keras.Mo
 def make_any_replica(strategy: tf.distribute.Strategy) -> Callable[[bool], bool]:
     """A function flag -> whether any replica of any worker passed True (one all-reduce)."""
 
-    @tf.function
+    @tf.function(autograph=False)  # Python loops only: traced as written (resnet18/autograph.py)
     def count(flag):
         return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.identity(flag)), axis=None)
 
@@ -142,7 +142,7 @@ def _gather_all(strategy: tf.distribute.Strategy, value: float) -> list[float]:
     """`value` of every replica of every worker (float64: steps are exact up to 2**53)."""
     local = tf.constant([value], tf.float64)
 
-    @tf.function
+    @tf.function(autograph=False)  # Python loops only: traced as written (resnet18/autograph.py)
     def gather():
         def replica_fn():
             return tf.distribute.get_replica_context().all_gather(tf.identity(local), axis=0)
@@ -154,7 +154,7 @@ def _gather_all(strategy: tf.distribute.Strategy, value: float) -> list[float]:
 def make_finite_check(model: keras.Model) -> Callable[[], bool]:
     """A function -> whether every weight of `model` is finite (traced once)."""
 
-    @tf.function(input_signature=[])
+    @tf.function(input_signature=[], autograph=False)
     def finite():
         return tf.reduce_all([tf.reduce_all(tf.math.is_finite(tf.cast(weight, tf.float32)))
                               for weight in model.weights])

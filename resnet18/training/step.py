@@ -18,6 +18,7 @@ from typing import Callable
 import keras
 import tensorflow as tf
 
+from resnet18.autograph import as_written, converted
 from resnet18.config import Config
 from resnet18.data.pipeline import static_batch
 from resnet18.models import decayed_kernels
@@ -45,6 +46,7 @@ def make_train_step(
     accumulation = train.grad_accum_steps
     kernels = decayed_kernels(model)
     variables = model.trainable_variables
+    objective = converted(objective)  # the task's: AutoGraph's, as in any tf.function
 
     def loss_and_gradients(images, targets):
         with tf.GradientTape() as tape:
@@ -91,6 +93,7 @@ def make_train_step(
 def make_train_calls(strategy: tf.distribute.Strategy, train_step: Callable, global_batch_size: int) -> Callable:
     """A compiled function (iterator, steps) -> (loss sum, correct sum) over `steps` train steps."""
 
+    @as_written  # and so is everything it calls but the task's objective (resnet18/autograph.py)
     def pinned_step(*batch):  # the same graph on every layout (pipeline.static_batch)
         return train_step(*static_batch(global_batch_size, *batch))
 
