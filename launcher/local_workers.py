@@ -94,7 +94,6 @@ class Group:
 
     workers: list[Task]
     evaluator: Task | None = None
-    evaluator_restarts: int = 0
     evaluator_failure: Failure | None = None  # given up on: training went on without it
     forwarded: list[int] = dataclasses.field(default_factory=list)  # the signals passed on to it, in order
 
@@ -128,7 +127,7 @@ def _said(task: Task, text: str) -> None:
     say(text + (f", log {task.log_path}" if task.log_path else "") + ")")
 
 
-def wait_for_group(spec: GroupSpec, group: Group, forwarded: list[int], attempt: int) -> Failure | None:
+def wait_for_group(spec: GroupSpec, group: Group, forwarded: list[int], attempts: Attempts) -> Failure | None:
     """Waits until the workers (and the evaluator) end; on a worker's failure stops all. Returns it, or None.
 
     SIGINT/SIGTERM received meanwhile are forwarded to the tasks and appended to `forwarded`.
@@ -156,7 +155,7 @@ def wait_for_group(spec: GroupSpec, group: Group, forwarded: list[int], attempt:
                 stop_tasks(group.tasks)  # SIGKILL after the grace ends a stopped process too
                 return dataclasses.replace(Failure.of(task), note=f"no sign of life for {age:.0f} s: frozen")
             if group.evaluator is not None and group.evaluator.code is not None:
-                _after_evaluator_ended(spec, group, attempt, forwarded)
+                _after_evaluator_ended(spec, group, attempts, forwarded)
             codes = [task.code for task in group.workers]
             if all(code == 0 for code in codes):
                 if group.evaluator is None:
@@ -204,7 +203,7 @@ def _kill_those_waiting_for_the_group(group: Group) -> None:
             send_signal(task, signal.SIGKILL)
 
 
-def _after_evaluator_ended(spec: GroupSpec, group: Group, attempt: int, forwarded: list[int]) -> None:
+def _after_evaluator_ended(spec: GroupSpec, group: Group, attempts: Attempts, forwarded: list[int]) -> None:
     """The evaluator ended: done, restarted alone, or given up on (training goes on either way)."""
     evaluator = group.evaluator
     if evaluator.code == 0:
@@ -214,12 +213,12 @@ def _after_evaluator_ended(spec: GroupSpec, group: Group, attempt: int, forwarde
     failure = Failure.of(evaluator)
     _event(spec, {"event": "evaluator_failed", "exit_code": failure.exit_code, "cause": failure.cause,
                   "log": failure.log_path})
-    if not forwarded and failure.retryable and group.evaluator_restarts < spec.max_restarts:
-        group.evaluator_restarts += 1
+    if not forwarded and failure.retryable and attempts.evaluator_restarts < spec.max_restarts:
+        attempts.evaluator_restarts += 1
         print(f"warning: {failure.describe()}", file=sys.stderr, flush=True)
-        group.evaluator = _start(spec, EVALUATOR, evaluator.tf_config, "", attempt)
+        group.evaluator = _start(spec, EVALUATOR, evaluator.tf_config, "", attempts.current)
         _said(group.evaluator, f"Restarted evaluator (pid {group.evaluator.process.pid}, restart "
-                               f"{group.evaluator_restarts}/{spec.max_restarts}")
+                               f"{attempts.evaluator_restarts}/{spec.max_restarts}")
         return
     group.evaluator, group.evaluator_failure = None, failure
     print(f"warning: the evaluator is gone, training goes on without it: {failure.describe()}", file=sys.stderr,
@@ -241,7 +240,7 @@ def _check_evaluator_progress(spec: GroupSpec, group: Group) -> None:
 # --- The launch loop: restarts, elastic shrinking, ports ----------------------------------
 
 @dataclasses.dataclass
-class _Attempts:
+class Attempts:
     """What the launch loop remembers across starts of the group."""
 
     slots: list[Slot]
@@ -249,6 +248,11 @@ class _Attempts:
     port_retries: int = 0
     blamed: list[str] = dataclasses.field(default_factory=list)  # per start, the task blamed for its failure
     evaluator_restarts: int = 0  # alone, in the whole run (each start of the group starts the evaluator too)
+
+    @property
+    def current(self) -> int:
+        """The number of the current start of the group, from 0 (restarts and port retries before it)."""
+        return self.restarts + self.port_retries
 
 
 def launch(spec: GroupSpec) -> int:
@@ -260,7 +264,7 @@ def launch(spec: GroupSpec) -> int:
         raise SetupError(f"--workers must be >= 1, got {spec.workers}")
     if os.environ.get("TF_CONFIG", "").strip():
         raise SetupError("--workers starts its own local cluster; unset TF_CONFIG (it is set by cluster systems)")
-    attempts = _Attempts(initial_slots(spec.workers, spec.gpus_per_worker))
+    attempts = Attempts(initial_slots(spec.workers, spec.gpus_per_worker))
     # A signal while no group runs (as one starts, between two starts) is kept: passed on once the group has
     # started, or it ends the launch before the next start. Never the default action, which would leave
     # workers without their supervisor or exit 143 instead of 138.
@@ -281,20 +285,18 @@ def launch(spec: GroupSpec) -> int:
             signal.signal(signum, handler)
 
 
-def _start_and_wait(spec: GroupSpec, attempts: _Attempts, kept: list[int]) -> int | None:
+def _start_and_wait(spec: GroupSpec, attempts: Attempts, kept: list[int]) -> int | None:
     """Starts the group once and waits for it: None to start again, or the launcher's exit code.
 
     `kept`: the signals received so far, passed on to the group once it has started."""
-    attempt = attempts.restarts + attempts.port_retries
+    attempt = attempts.current
     workers = len(attempts.slots)
     say(f"Starting {workers} local worker(s){' and an evaluator' if spec.evaluator else ''} on 127.0.0.1"
         + (f" (restart {attempts.restarts}/{spec.max_restarts})" if attempts.restarts else ""))
     _event(spec, {"event": "group_start", "attempt": attempt, "workers": workers, "evaluator": spec.evaluator,
                   "slots": [slot.name for slot in attempts.slots]})
     group = start_group(spec, attempts.slots, attempt)
-    group.evaluator_restarts = attempts.evaluator_restarts  # its budget is the run's
-    failure = wait_for_group(spec, group, kept, attempt)
-    attempts.evaluator_restarts = group.evaluator_restarts
+    failure = wait_for_group(spec, group, kept, attempts)
     forwarded = group.forwarded  # not `kept`: one received since the group stopped ends the launch next
     if failure is None:
         return _finished(spec, group, workers)
@@ -327,7 +329,7 @@ def _finished(spec: GroupSpec, group: Group, workers: int) -> int:
     return code
 
 
-def _after_failure(spec: GroupSpec, attempts: _Attempts, failure: Failure) -> int | None:
+def _after_failure(spec: GroupSpec, attempts: Attempts, failure: Failure) -> int | None:
     """Decides what follows a failed start: None to start again, or the launcher's exit code."""
     if failure.exit_code == EXIT_PORT_IN_USE and attempts.port_retries < PORT_RETRIES:
         attempts.port_retries += 1
@@ -350,7 +352,7 @@ def _after_failure(spec: GroupSpec, attempts: _Attempts, failure: Failure) -> in
     return None
 
 
-def _maybe_shrink(spec: GroupSpec, attempts: _Attempts) -> None:
+def _maybe_shrink(spec: GroupSpec, attempts: Attempts) -> None:
     """Drops the worker slot blamed on the last SHRINK_AFTER starts, down to --min_workers; the others stay."""
     recent = attempts.blamed[-SHRINK_AFTER:]
     minimum = spec.min_workers or spec.workers
