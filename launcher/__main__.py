@@ -116,13 +116,14 @@ def config_of(args: argparse.Namespace) -> config_lib.Config:
 
 
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    # Until training starts there is nothing to save: SIGTERM exits 138 at once, not by its default action
+    # (143, leaving a child such as launcher.prepare running). --workers' supervisor takes over once it runs.
+    signal.signal(signal.SIGTERM, preempted_before_training)
     check_flag_combinations(args)
     config = config_of(args)
     workdir = args.workdir or os.path.join(DEFAULT_RUNS_DIR, config.name)
     if args.workers is not None:
         return run_local_workers(config, workdir, args, sys.argv[1:] if argv is None else argv)
-    # Until training starts there is nothing to save: SIGTERM exits 138 at once (not by its default action).
-    signal.signal(signal.SIGTERM, preempted_before_training)
     cluster = _cluster_from_environment()
     if cluster is not None and not args.dry_run and not os.environ.get(processes.PARENT_PID_VARIABLE):
         from launcher.task_log import tee_output

@@ -8,9 +8,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -91,3 +93,42 @@ def test_without_root_the_namespace_is_made_in_an_unprivileged_user_namespace(mo
         pytest.skip("this kernel does not let an unprivileged user make a user namespace")
     monkeypatch.setattr(isolation.subprocess, "run", as_nobody)
     assert isolation.namespace_command() == ("unshare", "--net", "--map-root-user")
+
+
+def processes_naming(*texts: str) -> list[int]:
+    """The pids of the processes whose command line contains every one of `texts`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as stream:
+                    command_line = stream.read()
+            except OSError:
+                continue  # ended meanwhile
+            if all(text.encode() in command_line for text in texts):
+                found.append(int(entry))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("unshare") is None,
+                    reason="network namespaces are Linux's, made with util-linux's unshare")
+def test_a_sigterm_while_the_data_is_prepared_outside_the_private_network_is_a_preemption(tmp_path):
+    # A TFDS data set is prepared (maybe downloaded) by a child process before the group enters its private
+    # network. A SIGTERM then took its default action: the launcher died with 143 and left the child running.
+    workdir, job = tmp_path / "run", tmp_path / "tfds_job.yaml"
+    job.write_text(f"name: tfds_job\ndata:\n  source: tfds\n  dataset: cifar10\n  data_dir: {tmp_path / 'tfds'}\n"
+                   "model:\n  width: 4\n")
+    run = Running(["--workers", "2", "--worker_network", "private", "--job", str(job), "--workdir", str(workdir)])
+    run.wait_for(r"^worker network: private")  # next: python -m launcher.prepare, which imports TensorFlow
+    deadline = time.monotonic() + 30
+    while not (preparing := processes_naming("launcher.prepare", str(workdir))) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert preparing, run.output[-3000:]
+    run.process.send_signal(signal.SIGTERM)
+    run.process.wait(timeout=60)
+    left = processes_naming("launcher.prepare", str(workdir))  # at once: alone, it ends when its download fails
+    assert run.finish() == 138, run.output[-3000:]
+    assert left == [], f"launcher.prepare outlived the launcher: pids {left}"
+    assert "preempted" in run.output and "Traceback" not in run.output, run.output[-3000:]
+    assert list(workdir.glob("prepare_*.yaml")) == []
