@@ -20,6 +20,7 @@ import tensorflow as tf
 Function = TypeVar("Function", bound=Callable)
 
 as_written = tf.autograph.experimental.do_not_convert
+_UNSPECIFIED = tf.__internal__.autograph.control_status_ctx()  # read at import, outside any tf.function
 
 
 def converted(function: Function) -> Function:
@@ -29,5 +30,3 @@ def converted(function: Function) -> Function:
     # what tf.function's own default amounts to, also when called inside an `as_written` function.
     return tf.__internal__.autograph.tf_convert(function, _UNSPECIFIED, convert_by_default=True)
 
-
-_UNSPECIFIED = tf.__internal__.autograph.control_status_ctx()  # read at import, outside any tf.function

@@ -13,6 +13,9 @@ all-reduce (or all-gather) whose result is identical everywhere:
 - `check_same_step`: every worker restored the same step (exact, min == max).
 - `weights_are_finite`: no NaN/Inf in the model's weights.
 
+Their loops are Python loops over variables: each is traced as written (`autograph=False`,
+resnet18/autograph.py says why).
+
     python -m pytest tests/test_replicas.py
 """
 
@@ -67,7 +70,7 @@ class BatchNormStatistics:
 
 
 def _pooling(strategy: tf.distribute.Strategy, pairs: list[tuple[tf.Variable, tf.Variable]]) -> Callable[[], None]:
-    @tf.function(autograph=False)  # Python loops only: traced as written (resnet18/autograph.py)
+    @tf.function(autograph=False)
     def pool() -> None:
         def replica_fn():
             context = tf.distribute.get_replica_context()
@@ -88,7 +91,7 @@ def _pooling(strategy: tf.distribute.Strategy, pairs: list[tuple[tf.Variable, tf
 
 def _capturing(strategy: tf.distribute.Strategy, variables: list[tf.Variable], rows: list[tf.Variable]
                ) -> tuple[Callable[[], None], Callable[[], None]]:
-    @tf.function(autograph=False)  # Python loops only: traced as written (resnet18/autograph.py)
+    @tf.function(autograph=False)
     def capture() -> None:
         def replica_fn():
             context = tf.distribute.get_replica_context()
@@ -98,7 +101,7 @@ def _capturing(strategy: tf.distribute.Strategy, variables: list[tf.Variable], r
                 row.assign(values)
         strategy.run(replica_fn)
 
-    @tf.function(autograph=False)  # Python loops only: traced as written (resnet18/autograph.py)
+    @tf.function(autograph=False)
     def release() -> None:
         def replica_fn():
             replica = tf.distribute.get_replica_context().replica_id_in_sync_group
@@ -117,7 +120,7 @@ def make_statistics_sync(strategy: tf.distribute.Strategy, models: list[keras.Mo
 def make_any_replica(strategy: tf.distribute.Strategy) -> Callable[[bool], bool]:
     """A function flag -> whether any replica of any worker passed True (one all-reduce)."""
 
-    @tf.function(autograph=False)  # Python loops only: traced as written (resnet18/autograph.py)
+    @tf.function(autograph=False)
     def count(flag):
         return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.identity(flag)), axis=None)
 
@@ -142,7 +145,7 @@ def _gather_all(strategy: tf.distribute.Strategy, value: float) -> list[float]:
     """`value` of every replica of every worker (float64: steps are exact up to 2**53)."""
     local = tf.constant([value], tf.float64)
 
-    @tf.function(autograph=False)  # Python loops only: traced as written (resnet18/autograph.py)
+    @tf.function(autograph=False)
     def gather():
         def replica_fn():
             return tf.distribute.get_replica_context().all_gather(tf.identity(local), axis=0)
