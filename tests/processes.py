@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -62,6 +63,19 @@ class Running:
         return code
 
 
+def processes_naming(*texts: str) -> list[int]:
+    """The pids of the processes whose command line contains every one of `texts`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as stream:
+                    command_line = stream.read()
+            except OSError:
+                continue  # ended meanwhile
+            if all(text.encode() in command_line for text in texts):
+                found.append(int(entry))
+    return found
 
 
 def cluster_group(args: list[str], workers: int, extra_roles: dict[str, int] | None = None,

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from tests.conftest import TINY_JOB, run_launcher
-from tests.processes import Running
+from tests.processes import Running, processes_naming
 
 FINGERPRINT = re.compile(r"\[worker 0\] Final weights sha256 ([0-9a-f]{64})")
 
@@ -93,21 +93,6 @@ def test_without_root_the_namespace_is_made_in_an_unprivileged_user_namespace(mo
         pytest.skip("this kernel does not let an unprivileged user make a user namespace")
     monkeypatch.setattr(isolation.subprocess, "run", as_nobody)
     assert isolation.namespace_command() == ("unshare", "--net", "--map-root-user")
-
-
-def processes_naming(*texts: str) -> list[int]:
-    """The pids of the processes whose command line contains every one of `texts`."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as stream:
-                    command_line = stream.read()
-            except OSError:
-                continue  # ended meanwhile
-            if all(text.encode() in command_line for text in texts):
-                found.append(int(entry))
-    return found
 
 
 @pytest.mark.slow
