@@ -381,16 +381,30 @@ def test_sigterm_to_the_launcher_as_its_workers_start_is_a_preemption(tiny_data_
     assert "stopped by SIGTERM" in run.output and "Restarting" not in run.output
 
 
-@pytest.mark.parametrize("layout", ["--cpu_replicas", "--workers"])
-def test_a_preemption_at_an_unscheduled_step_resumes_bit_for_bit(tiny_data_dir, tmp_path, layout):
-    # Checkpoints at epoch ends only, one step per call and 40 steps per epoch: a SIGTERM sent as epoch 2
-    # starts is acted on a few steps in, where the uninterrupted run saves nothing. Every save used to pool
-    # the replicas' batch-norm statistics into each replica: here that pooling happened in one run only.
-    args = ["--job", TINY_JOB, "--set", f"data.data_dir={tiny_data_dir}", "train.epochs=2",
+def unscheduled_step_args(tiny_data_dir, layout: str) -> list[str]:
+    """Checkpoints at epoch ends only, one step per call, 40 steps per epoch, two replicas in `layout`."""
+    return ["--job", TINY_JOB, "--set", f"data.data_dir={tiny_data_dir}", "train.epochs=2",
             "train.global_batch_size=16", "train.checkpoint_every_steps=0", "train.steps_per_loop=1",
             "train.deterministic=true", layout, "2"]
-    reference = run_launcher(*args, "--workdir", str(tmp_path / "reference"))
-    assert reference.returncode == 0, reference.stdout[-2000:] + reference.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def reference_unscheduled_step(tiny_data_dir, tmp_path_factory):
+    """The uninterrupted run of both layouts: two workers train bit for bit what two replicas do
+    (tests/test_multi_worker.py), so the cheaper one-process run serves both."""
+    workdir = tmp_path_factory.mktemp("reference_unscheduled_step")
+    result = run_launcher(*unscheduled_step_args(tiny_data_dir, "--cpu_replicas"), "--workdir", str(workdir))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return set(fingerprints(result.stdout))
+
+
+@pytest.mark.parametrize("layout", ["--cpu_replicas", "--workers"])
+def test_a_preemption_at_an_unscheduled_step_resumes_bit_for_bit(tiny_data_dir, tmp_path, layout,
+                                                                  reference_unscheduled_step):
+    # A SIGTERM sent as epoch 2 starts is acted on a few steps in, where the uninterrupted run saves nothing.
+    # Every save used to pool the replicas' batch-norm statistics into each replica: here that pooling
+    # happened in one run only.
+    args = unscheduled_step_args(tiny_data_dir, layout)
     run = Running([*args, "--workdir", str(tmp_path / "run")])
     run.wait_for(r"Epoch 2/2")
     run.process.send_signal(signal.SIGTERM)
@@ -400,4 +414,4 @@ def test_a_preemption_at_an_unscheduled_step_resumes_bit_for_bit(tiny_data_dir, 
     again = run_launcher(*args, "--workdir", str(tmp_path / "run"))
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert summary(tmp_path / "run")["resumed_from_step"] == saved.pop()
-    assert set(fingerprints(again.stdout)) == set(fingerprints(reference.stdout))
+    assert set(fingerprints(again.stdout)) == reference_unscheduled_step
