@@ -60,12 +60,12 @@ def job_args(data_dir: str, workdir) -> list[str]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_data_dir, tmp_path_factory) -> str:
-    """The weights of the same 2-worker run without faults."""
-    result = run_launcher("--workers", "2", *job_args(tiny_data_dir, tmp_path_factory.mktemp("soak_reference")))
+    """The weights of the same 2-worker run without faults: those of two replicas in one process, which
+    train bit for bit what two workers do (tests/test_multi_worker.py), in one TensorFlow process, not two."""
+    result = run_launcher("--cpu_replicas", "2", *job_args(tiny_data_dir, tmp_path_factory.mktemp("soak_reference")))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    (first, second) = FINGERPRINT.findall(result.stdout)
-    assert first == second
-    return first
+    (weights,) = FINGERPRINT.findall(result.stdout)
+    return weights
 
 
 @pytest.fixture
