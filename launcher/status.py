@@ -26,27 +26,21 @@ from typing import Any
 import yaml
 
 from launcher.flags import FlagParser, run_directory
+from resnet18.runtime.checkpoint_files import EPOCHS_DIR, EPOCHS_KEPT_FOR_EVALUATOR, checkpoint_candidates
 from resnet18.runtime.errors import EXIT_OK, EXIT_PORT_IN_USE, LauncherError, SetupError
+from resnet18.runtime.files import modified_seconds, read_json, read_text
+from resnet18.runtime.history import read_history
+from resnet18.runtime.status import FINISHED_STATES, heartbeat_allowance, read_events, read_status
 
 
 
 def collect(workdir: str, now: float | None = None) -> dict[str, Any]:
     """Everything the status says, as data."""
-    if "://" not in workdir and not os.path.exists(os.path.join(workdir, "config.yaml")):
-        raise SetupError(f"{workdir} holds no run (no config.yaml)")  # said before TensorFlow's start-up
-    import tensorflow as tf
-
-    from resnet18.runtime.checkpoint_files import EPOCHS_DIR, EPOCHS_KEPT_FOR_EVALUATOR, checkpoint_candidates
-    from resnet18.runtime.history import read_history
-    from resnet18.runtime.files import read_json
-    from resnet18.runtime.status import read_events, read_status
-
     now = time.time() if now is None else now
-    config_path = os.path.join(workdir, "config.yaml")
-    if not tf.io.gfile.exists(config_path):
+    config = read_text(os.path.join(workdir, "config.yaml"))
+    if config is None:
         raise SetupError(f"{workdir} holds no run (no config.yaml)")
-    with tf.io.gfile.GFile(config_path) as stream:
-        train = (yaml.safe_load(stream) or {}).get("train") or {}
+    train = (yaml.safe_load(config) or {}).get("train") or {}
     status = read_status(workdir) or {}
     events = read_events(workdir)
     history = read_history(workdir, warn=False)
@@ -59,9 +53,8 @@ def collect(workdir: str, now: float | None = None) -> dict[str, Any]:
                               "heartbeat_age_seconds": now - status["updated"] if status.get("updated") else None}
     if checkpoints:
         newest = checkpoints[0]
-        modified = tf.io.gfile.stat(newest + ".index").mtime_nsec / 1e9
         result["last_checkpoint"] = {"path": newest, "step": int(newest.rsplit("-", 1)[1]),
-                                     "age_seconds": now - modified}
+                                     "age_seconds": now - modified_seconds(newest + ".index")}
     evaluated = [entry for entry in history if "test_accuracy" in entry]
     if evaluated:
         result["last_evaluation"] = {key: evaluated[-1].get(key) for key in ("epoch", "step", "test_accuracy",
@@ -79,8 +72,6 @@ def collect(workdir: str, now: float | None = None) -> dict[str, Any]:
 def _state(status: dict[str, Any], summary: dict[str, Any] | None, events: list[dict[str, Any]], now: float,
            step_timeout: float) -> str:
     """The run's state; a running chief is stalled when its heartbeat is older than its own watchdog allows."""
-    from resnet18.runtime.status import FINISHED_STATES, heartbeat_allowance
-
     state = status.get("state")
     # The --workers launcher's newest word (a restarted evaluator adds its own events before the chief writes).
     last = next((event for event in reversed(events) if event.get("event", "").startswith("group_")), {})

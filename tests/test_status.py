@@ -269,3 +269,34 @@ def test_a_group_start_whose_chief_never_started_training_is_a_restart_too(tmp_p
         (8, "worker 0 preempted; then skipped ckpt-8: unreadable"),
         (None, "preempted: SIGTERM at step 16"),
         (16, "worker 1 exited with code 1")]
+
+
+def test_the_status_of_a_local_run_is_read_without_starting_tensorflow(tmp_path):
+    """`watch -n 10 python -m launcher.status` should not start TensorFlow every time: seconds of CPU and
+    its CUDA start-up lines on the operator's terminal, for a few small files a local path reads with os."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    workdir = run_dir(tmp_path, 1800, "training", 5)
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    config["train"]["evaluation"] = "sidecar"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    for directory, step in (("checkpoints", 20), ("epoch_checkpoints", 10)):
+        (tmp_path / directory).mkdir()
+        for suffix in (".index", ".data-00000-of-00001"):
+            (tmp_path / directory / f"ckpt-{step}{suffix}").write_text("")
+    os.utime(tmp_path / "checkpoints" / "ckpt-20.index", (time.time() - 100,) * 2)
+    (tmp_path / "history.jsonl").write_text(json.dumps({"epoch": 1, "step": 10, "test_accuracy": 0.25}) + "\n")
+    script = ("import json, sys; from launcher import status; status.main(['--workdir', sys.argv[1], '--json']); "
+              "print(json.dumps(sorted(name for name in sys.modules if name.split('.')[0] == 'tensorflow')))")
+    result = subprocess.run([sys.executable, "-c", script, workdir], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed, imported = result.stdout.rsplit("\n", 2)[0], json.loads(result.stdout.rsplit("\n", 2)[1])
+    assert imported == []
+    shown = json.loads(printed)
+    assert shown["last_checkpoint"]["step"] == 20 and 99 < shown["last_checkpoint"]["age_seconds"] < 160
+    assert shown["awaiting_evaluator"] == 1 and shown["last_evaluation"]["test_accuracy"] == 0.25

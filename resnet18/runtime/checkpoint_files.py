@@ -8,7 +8,8 @@ sync) or the state file is garbage: restoring then fails with DataLossError and
 a naive job starts again from step 0. Here every checkpoint found is tried,
 newest first, and the first that restores completely wins.
 
-Used by training (resume), warm starts, teachers, the sidecar evaluator, export and status.
+Used by training (resume), warm starts, teachers, the sidecar evaluator, export and status. Listing
+checkpoints needs no TensorFlow (status stays light); the functions that read or remove them import it.
 
     python -c "from resnet18.runtime.checkpoint_files import checkpoint_candidates as c; print(c('runs/x/checkpoints'))"
 """
@@ -17,11 +18,15 @@ from __future__ import annotations
 
 import os
 import re
+from typing import TYPE_CHECKING
 
-import tensorflow as tf
 from absl import logging
 
 from resnet18.runtime.errors import first_line
+from resnet18.runtime.files import list_names
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 _CHECKPOINT_INDEX = re.compile(r"^(ckpt-(\d+))\.index$")
 EPOCHS_DIR = "epoch_checkpoints"  # sidecar evaluation: each epoch's evaluated weights, until evaluated
@@ -35,10 +40,8 @@ def checkpoint_candidates(directory: str) -> list[str]:
     Read from the files themselves rather than from the `checkpoint` state file,
     which may be the part that is damaged.
     """
-    if not tf.io.gfile.isdir(directory):
-        return []
     found = []
-    for name in tf.io.gfile.listdir(directory):
+    for name in list_names(directory):
         match = _CHECKPOINT_INDEX.match(name)
         if match:
             found.append((int(match.group(2)), os.path.join(directory, match.group(1))))
@@ -94,6 +97,8 @@ def holds_object(directory: str, name: str) -> bool:
     True when it cannot tell (no checkpoint, or an unreadable one): the normal restore
     then decides.
     """
+    import tensorflow as tf
+
     candidates = checkpoint_candidates(directory)
     if not candidates:
         return True
@@ -113,6 +118,8 @@ def evaluated_weights(directory: str, ema_decay: float) -> str:
 def leading_dimension(directory: str, name: str) -> int | None:
     """The first dimension of the variables the newest checkpoint of `directory` saved under object `name`
     (None when it saved none, or when it cannot tell)."""
+    import tensorflow as tf
+
     candidates = checkpoint_candidates(directory)
     try:
         shapes = [shape for key, shape in tf.train.list_variables(candidates[0])
@@ -124,6 +131,8 @@ def leading_dimension(directory: str, name: str) -> int | None:
 
 def _files_read(prefix: str) -> bool:
     """True if the checkpoint's files read completely (so a failed restore means a layout mismatch)."""
+    import tensorflow as tf
+
     try:
         reader = tf.train.load_checkpoint(prefix)
         for key in reader.get_variable_to_shape_map():
@@ -136,6 +145,8 @@ def _files_read(prefix: str) -> bool:
 def remove_checkpoint(prefix: str) -> None:
     """Deletes a checkpoint's files; ones another process removed meanwhile (the chief and the sidecar
     evaluator both remove epoch checkpoints) are not an error."""
+    import tensorflow as tf
+
     for name in tf.io.gfile.glob(prefix + ".*"):
         try:
             tf.io.gfile.remove(name)
@@ -145,6 +156,8 @@ def remove_checkpoint(prefix: str) -> None:
 
 def remove_stale_temporaries(directory: str) -> list[str]:
     """Deletes `*_temp*` leftovers of interrupted saves (never restored, safe to remove)."""
+    import tensorflow as tf
+
     removed = []
     if tf.io.gfile.isdir(directory):
         for name in tf.io.gfile.listdir(directory):

@@ -50,6 +50,24 @@ def read_text(path: str) -> str | None:
         return None
 
 
+def list_names(directory: str) -> list[str]:
+    """The names of the files in `directory`; empty when it does not exist."""
+    if "://" in directory:
+        gfile = _gfile()
+        return gfile.listdir(directory) if gfile.isdir(directory) else []
+    try:
+        return os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def modified_seconds(path: str) -> float:
+    """When `path` was last written, in seconds since the epoch."""
+    if "://" in path:
+        return _gfile().stat(path).mtime_nsec / 1e9
+    return os.stat(path).st_mtime
+
+
 def replace_text(path: str, text: str) -> None:
     """Writes `text` to `path` through a temporary file renamed into place."""
     temporary = temporary_name(path)

@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Any
 
-from resnet18.runtime.files import replace_text
+from resnet18.runtime.files import read_text, replace_text
 
 HISTORY_FILE = "history.jsonl"
 EVALUATIONS_FILE = "evaluations.jsonl"  # the sidecar evaluator's results, merged into the history by step
@@ -42,20 +42,15 @@ def read_evaluations(workdir: str, warn: bool = True) -> list[dict[str, Any]]:
 
 
 def _read_lines(path: str, warn: bool) -> list[dict[str, Any]]:
-    import tensorflow as tf  # gfile: the work directory may be a bucket (gs://...)
-
-    if not tf.io.gfile.exists(path):
-        return []
     entries = []
-    with tf.io.gfile.GFile(path) as stream:
-        for number, line in enumerate(stream, start=1):
-            if not line.strip():
-                continue
-            try:
-                entries.append(json.loads(line))
-            except json.JSONDecodeError:
-                if warn:
-                    print(f"warning: {path} line {number} is not JSON; ignoring it", file=sys.stderr, flush=True)
+    for number, line in enumerate((read_text(path) or "").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            if warn:
+                print(f"warning: {path} line {number} is not JSON; ignoring it", file=sys.stderr, flush=True)
     return entries
 
 
