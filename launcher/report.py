@@ -4,7 +4,7 @@ Written by the chief at the end of every run, and on demand:
 
     python -m launcher.report --workdir runs/cpu_smoke
 
-Reads only WORKDIR/config.yaml, summary.json and history.jsonl (no TensorFlow),
+Reads only WORKDIR/config.yaml, summary.json and history.jsonl (TensorFlow only for gs:// paths),
 and writes WORKDIR/report/: curves.png, confusion_matrix.png, per_class_accuracy.json
 and report.md. Exit 2 when the work directory holds no finished run.
 """
@@ -28,26 +28,16 @@ import yaml  # noqa: E402
 
 from launcher.flags import FlagParser, run_directory  # noqa: E402
 from resnet18.runtime.errors import EXIT_OK, LauncherError, SetupError  # noqa: E402
+from resnet18.runtime.files import read_json, read_text  # noqa: E402
 from resnet18.runtime.history import read_history  # noqa: E402
-
-
-def _read_json(path: str) -> Any:
-    import tensorflow as tf  # gfile reads gs:// too; imported only when needed
-
-    with tf.io.gfile.GFile(path) as stream:
-        return json.load(stream)
 
 
 def load_run(workdir: str) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
     """(config, summary, history) of a finished run in `workdir`."""
-    import tensorflow as tf
-
-    summary_path = os.path.join(workdir, "summary.json")
-    if not tf.io.gfile.exists(summary_path):
+    summary = read_json(os.path.join(workdir, "summary.json"))
+    if summary is None:
         raise SetupError(f"{workdir} holds no finished run (no summary.json); train first")
-    summary = _read_json(summary_path)
-    with tf.io.gfile.GFile(os.path.join(workdir, "config.yaml")) as stream:
-        config = yaml.safe_load(stream)
+    config = yaml.safe_load(read_text(os.path.join(workdir, "config.yaml")) or "") or {}
     return config, summary, read_history(workdir) or summary.get("history", [])
 
 
@@ -120,13 +110,11 @@ def hardware() -> str:
 
 def write_report(workdir: str) -> list[str]:
     """Writes WORKDIR/report/ and returns the paths written."""
-    import tensorflow as tf
-
     config, summary, history = load_run(workdir)
     out = os.path.join(workdir, "report")
-    tf.io.gfile.makedirs(out)
     # Remote work directories (gs://): drawn into a private temporary directory, then copied.
     local = out if "://" not in out else tempfile.mkdtemp(prefix="report_")
+    os.makedirs(local, exist_ok=True)
     title = summary.get("name") or config.get("name", "run")
     written = []
     if history:
@@ -144,6 +132,9 @@ def write_report(workdir: str) -> list[str]:
         stream.write(_markdown(config, summary, history, per_class, title))
     written.append("report.md")
     if local != out:
+        import tensorflow as tf  # gfile writes to buckets
+
+        tf.io.gfile.makedirs(out)
         for name in written:
             tf.io.gfile.copy(os.path.join(local, name), os.path.join(out, name), overwrite=True)
         shutil.rmtree(local, ignore_errors=True)

@@ -75,6 +75,17 @@ def test_report_on_demand_and_for_a_missing_run(trained, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_report_on_demand_of_a_local_run_does_not_start_tensorflow(trained):
+    (trained / "report" / "confusion_matrix.png").unlink()
+    script = ("import sys; from launcher import report; code = report.main(['--workdir', sys.argv[1]]); "
+              "print(sorted(name for name in sys.modules if name.split('.')[0] == 'tensorflow')); sys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", script, str(trained)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1] == "[]"
+    assert png_size(trained / "report" / "confusion_matrix.png")[0] >= 600
+
+
+@pytest.mark.slow
 def test_every_format_is_exported_and_evaluated(exported):
     process, report = exported
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
