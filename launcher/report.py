@@ -36,7 +36,7 @@ def load_run(workdir: str) -> tuple[dict[str, Any], dict[str, Any], list[dict[st
     """(config, summary, history) of a finished run in `workdir`."""
     summary = read_json(os.path.join(workdir, "summary.json"))
     if summary is None:
-        raise SetupError(f"{workdir} holds no finished run (no summary.json); train first")
+        raise SetupError(f"{workdir} holds no finished run (no readable summary.json); train first")
     config = yaml.safe_load(read_text(os.path.join(workdir, "config.yaml")) or "") or {}
     return config, summary, read_history(workdir) or summary.get("history", [])
 

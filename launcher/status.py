@@ -33,7 +33,6 @@ from resnet18.runtime.history import read_history
 from resnet18.runtime.status import FINISHED_STATES, heartbeat_allowance, read_events, read_status
 
 
-
 def collect(workdir: str, now: float | None = None) -> dict[str, Any]:
     """Everything the status says, as data."""
     now = time.time() if now is None else now
