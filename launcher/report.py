@@ -36,8 +36,11 @@ def load_run(workdir: str) -> tuple[dict[str, Any], dict[str, Any], list[dict[st
     """(config, summary, history) of a finished run in `workdir`."""
     summary = read_json(os.path.join(workdir, "summary.json"))
     if summary is None:
-        raise SetupError(f"{workdir} holds no finished run (no readable summary.json); train first")
-    config = yaml.safe_load(read_text(os.path.join(workdir, "config.yaml")) or "") or {}
+        raise SetupError(f"{workdir} holds no finished run: its summary.json is missing or unreadable")
+    config = read_text(os.path.join(workdir, "config.yaml"))
+    if config is None:
+        raise SetupError(f"{workdir} holds a summary.json but no config.yaml: not a work directory of the launcher")
+    config = yaml.safe_load(config) or {}
     return config, summary, read_history(workdir) or summary.get("history", [])
 
 

@@ -51,7 +51,8 @@ def read_text(path: str) -> str | None:
 
 
 def list_names(directory: str) -> list[str]:
-    """The names of the files in `directory`; empty when it does not exist."""
+    """The names in `directory`, files and directories (a bucket's with a trailing "/"); empty when it
+    does not exist."""
     if "://" in directory:
         gfile = _gfile()
         return gfile.listdir(directory) if gfile.isdir(directory) else []
