@@ -433,6 +433,8 @@ def _failed(study, trial: Active, error: str) -> None:
 
 
 def _signal(process: subprocess.Popen, signum: int) -> None:
+    if process.poll() is not None:  # reaped: its pid may be another process group's by now
+        return
     try:
         os.killpg(process.pid, signum)  # the trial and, for --workers, its group
     except ProcessLookupError:

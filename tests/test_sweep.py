@@ -529,3 +529,31 @@ def test_two_sweep_processes_share_one_postgresql_study_as_two_machines_would(ti
     study = optuna.load_study(study_name="tiny", storage=postgres)
     assert best.startswith(f"# The best trial ({study.best_trial.number}) of sweep tiny: "
                            f"test_accuracy {study.best_value:.4f}\nname: tiny\n"), best[:300]
+
+
+def test_a_signal_to_the_trials_never_reaches_a_process_that_took_an_ended_trials_pid(tmp_path):
+    """The sweep signals each trial's process group by pid. A trial its loop has already reaped may still be in
+    the list when a SIGTERM comes; its pid, free again, may belong to another process group by then (pids
+    wrap: pid_max is 32768 on many machines). The kernel is asked for exactly that pid (ns_last_pid)."""
+    from launcher.sweep import _signal
+
+    if os.geteuid() != 0:
+        pytest.skip("choosing the next pid (/proc/sys/kernel/ns_last_pid) needs root")
+    trial = subprocess.Popen(["true"], start_new_session=True)
+    trial.wait()  # reaped, as the sweep's poll() reaps a trial that ended
+    for _ in range(20):  # another process may fork in between: try again
+        with open("/proc/sys/kernel/ns_last_pid", "w", encoding="utf-8") as stream:
+            stream.write(str(trial.pid - 1))
+        stranger = subprocess.Popen(["sleep", "60"], start_new_session=True)
+        if stranger.pid == trial.pid:
+            break
+        stranger.kill()
+        stranger.wait()
+    assert stranger.pid == trial.pid, "the kernel gave no process the ended trial's pid"
+    try:
+        _signal(trial, signal.SIGTERM)
+        time.sleep(0.5)
+        assert stranger.poll() is None, f"a stranger holding pid {trial.pid} got the trials' signal"
+    finally:
+        stranger.kill()
+        stranger.wait()
