@@ -37,11 +37,10 @@ def load_run(workdir: str) -> tuple[dict[str, Any], dict[str, Any], list[dict[st
     summary = read_json(os.path.join(workdir, "summary.json"))
     if summary is None:
         raise SetupError(f"{workdir} holds no finished run: its summary.json is missing or unreadable")
-    config = read_text(os.path.join(workdir, "config.yaml"))
-    if config is None:
+    config_text = read_text(os.path.join(workdir, "config.yaml"))
+    if config_text is None:
         raise SetupError(f"{workdir} holds a summary.json but no config.yaml: not a work directory of the launcher")
-    config = yaml.safe_load(config) or {}
-    return config, summary, read_history(workdir) or summary.get("history", [])
+    return yaml.safe_load(config_text) or {}, summary, read_history(workdir) or summary.get("history", [])
 
 
 def per_class_accuracy(confusion: list[list[int]], class_names: list[str]) -> dict[str, float | None]:
