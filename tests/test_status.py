@@ -136,6 +136,14 @@ def _add_events(workdir: str, writer: int, count: int) -> None:
         append_event(workdir, {"event": "test", "writer": writer, "number": number})
 
 
+def test_a_torn_event_line_is_skipped_quietly_and_the_rest_is_read(tmp_path, capsys):
+    from resnet18.runtime.status import read_events
+
+    (tmp_path / "events.jsonl").write_text('{"event": "a"}\n\n{"event": "b"}\n{"event": "c", "ti')
+    assert read_events(str(tmp_path)) == [{"event": "a"}, {"event": "b"}]
+    assert capsys.readouterr().err == ""  # status is watched every few seconds: a torn line is no news
+
+
 def test_events_added_by_several_processes_at_once_are_all_kept(tmp_path):
     # The --workers launcher, the chief and the sidecar evaluator add to one events.jsonl. Rewritten whole
     # through one shared temporary name, one writer's rename took the other's file (FileNotFoundError, exit 1)

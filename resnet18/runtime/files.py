@@ -19,6 +19,7 @@ import fcntl
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -154,6 +155,21 @@ def _locked(path: str) -> Iterator[None]:
 def write_json(path: str, content: dict[str, Any], indent: int = 1) -> None:
     """Writes `content` to `path` through a temporary file renamed into place."""
     replace_text(path, json.dumps(content, indent=indent))
+
+
+def read_json_lines(path: str, warn: bool = False) -> list[Any]:
+    """The JSON value of each line of `path` (empty when it does not exist). A line that is not JSON (a
+    torn last line, or a hand edit) is skipped, with a warning on stderr if `warn`: the rest still counts."""
+    entries = []
+    for number, line in enumerate((read_text(path) or "").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            if warn:
+                print(f"warning: {path} line {number} is not JSON; ignoring it", file=sys.stderr, flush=True)
+    return entries
 
 
 def read_json(path: str) -> dict[str, Any] | None:

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Any
 
-from resnet18.runtime.files import read_text, replace_text
+from resnet18.runtime.files import read_json_lines, replace_text
 
 HISTORY_FILE = "history.jsonl"
 EVALUATIONS_FILE = "evaluations.jsonl"  # the sidecar evaluator's results, merged into the history by step
@@ -26,7 +25,7 @@ def read_history(workdir: str, warn: bool = True) -> list[dict[str, Any]]:
 
     With sidecar evaluation the test metrics come from WORKDIR/evaluations.jsonl, matched by step.
     """
-    entries = _read_lines(os.path.join(workdir, HISTORY_FILE), warn)
+    entries = read_json_lines(os.path.join(workdir, HISTORY_FILE), warn)
     evaluations = {entry["step"]: entry for entry in read_evaluations(workdir, warn)}
     for entry in entries:
         if "test_accuracy" not in entry and entry["step"] in evaluations:
@@ -38,20 +37,7 @@ def read_history(workdir: str, warn: bool = True) -> list[dict[str, Any]]:
 
 def read_evaluations(workdir: str, warn: bool = True) -> list[dict[str, Any]]:
     """The sidecar evaluator's entries (step, epoch, test metrics), empty if there are none."""
-    return _read_lines(os.path.join(workdir, EVALUATIONS_FILE), warn)
-
-
-def _read_lines(path: str, warn: bool) -> list[dict[str, Any]]:
-    entries = []
-    for number, line in enumerate((read_text(path) or "").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError:
-            if warn:
-                print(f"warning: {path} line {number} is not JSON; ignoring it", file=sys.stderr, flush=True)
-    return entries
+    return read_json_lines(os.path.join(workdir, EVALUATIONS_FILE), warn)
 
 
 def write_history(workdir: str, history: list[dict[str, Any]]) -> None:

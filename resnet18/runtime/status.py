@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from resnet18.runtime.files import append_text, read_json, read_text, write_json
+from resnet18.runtime.files import append_text, read_json, read_json_lines, write_json
 
 STATUS_FILE = "status.json"
 EVENTS_FILE = "events.jsonl"
@@ -51,14 +51,7 @@ def append_events(workdir: str, events: list[dict[str, Any]]) -> None:
 
 
 def read_events(workdir: str) -> list[dict[str, Any]]:
-    text = read_text(os.path.join(workdir, EVENTS_FILE)) or ""
-    events = []
-    for line in text.splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a torn line: the rest still tells the story
-    return events
+    return read_json_lines(os.path.join(workdir, EVENTS_FILE))  # a torn line is skipped: the rest tells the story
 
 
 def read_status(workdir: str) -> dict[str, Any] | None:
