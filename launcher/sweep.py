@@ -49,7 +49,7 @@ from launcher.local_workers import DEFAULT_PREEMPTION_GRACE_SECONDS
 from launcher.processes import gpu_slices, stop_runs_in, visible_gpu_ids
 from resnet18 import tasks
 from resnet18.config import Config
-from resnet18.runtime.errors import EXIT_OK, EXIT_RETRYABLE, ConfigError, LauncherError
+from resnet18.runtime.errors import EXIT_OK, EXIT_RETRYABLE, ConfigError, LauncherError, SetupError
 
 POLL_SECONDS = 0.2  # how soon a slot whose trial ended gets the next
 WRITE_SECONDS = 10.0  # sweep.json: at once when a trial starts or ends, else this often
@@ -147,6 +147,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 def checked(args: argparse.Namespace, launcher_args: list[str]) -> Sweep:
     """Everything checked before anything starts (ConfigError naming what is wrong: exit 2)."""
+    try:
+        import optuna  # noqa: F401  (an extra: the launcher itself does not need it)
+    except ImportError:
+        raise SetupError("python -m launcher.sweep needs Optuna, which is not installed: "
+                         "pip install -e '.[sweep]' (Optuna, and psycopg for a PostgreSQL storage)") from None
     given = [flag for flag in FORBIDDEN_FLAGS if any(arg.split("=")[0] == flag for arg in launcher_args)]
     if given:
         raise ConfigError(f"{', '.join(given)} after --: the sweep gives every trial its own --job, --workdir and "

@@ -86,6 +86,18 @@ def test_bad_input_exits_2_naming_it_and_starts_nothing(tmp_path, space, extra, 
     assert not (tmp_path / "sweep" / "trials").exists()
 
 
+@pytest.mark.parametrize("dry_run", [(), ("--dry_run",)])
+def test_a_sweep_without_optuna_installed_says_how_to_install_it(tmp_path, dry_run):
+    script = ("import sys; sys.modules['optuna'] = None  # as if not installed: importing it raises ImportError\n"
+              "from launcher import sweep; sys.exit(sweep.main(sys.argv[1:]))")
+    result = subprocess.run([sys.executable, "-c", script, "--job", TINY_JOB, "--space", write_space(tmp_path),
+                             "--trials", "2", "--workdir", str(tmp_path / "sweep"), *dry_run],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "pip install -e '.[sweep]'" in result.stderr, result.stderr
+    assert not (tmp_path / "sweep").exists()
+
+
 def test_a_new_study_refuses_a_workdir_holding_another_studys_trials(tmp_path):
     old_trial = tmp_path / "sweep" / "trials" / "0"
     old_trial.mkdir(parents=True)
