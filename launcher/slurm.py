@@ -5,8 +5,9 @@ builds the same cluster from Slurm's variables: the step's node list
 (SLURM_STEP_NODELIST, e.g. `gpu[01-04]`), the tasks per node
 (SLURM_STEP_TASKS_PER_NODE, e.g. `2(x4)`) and its rank (SLURM_PROCID). Tasks are
 numbered as Slurm's default block distribution places them; task r listens on
-port `LAUNCHER_SLURM_PORT_BASE` (default 8888) + its index on its node. Worker 0
-is the chief. GPUs are bound by Slurm (`--gpus-per-task`), not here.
+port base + its index on its node, the base `LAUNCHER_SLURM_PORT_BASE` or, unset, one
+of the job's own (from SLURM_JOB_ID: jobs sharing a node do not take each other's
+ports). Worker 0 is the chief. GPUs are bound by Slurm (`--gpus-per-task`), not here.
 
 TensorFlow's own SlurmClusterResolver is not used: it sorts host names (so ranks
 can disagree with Slurm's) and cannot describe CPU-only tasks (no GPUs -> no tasks).
@@ -22,7 +23,11 @@ from typing import Mapping
 
 from resnet18.runtime.errors import SetupError
 
-DEFAULT_PORT_BASE = 8888
+# Without LAUNCHER_SLURM_PORT_BASE, job J's tasks on a node listen on JOB_PORTS_LOW + (J mod N) * PORTS_PER_JOB
+# onwards: jobs with nearby ids (those likely to share a node) get disjoint ports, all below Linux's default
+# ephemeral range (32768-60999), from which outgoing connections take theirs.
+JOB_PORTS_LOW, JOB_PORTS_HIGH = 10000, 30000
+PORTS_PER_JOB = 16  # tasks of one job on one node (a GPU node seldom has more than 8)
 
 
 def expand_hostlist(hostlist: str) -> list[str]:
@@ -90,7 +95,7 @@ def tf_config_from_slurm(environ: Mapping[str, str]) -> str | None:
             f"Slurm variables disagree: {len(hosts)} node(s) in {nodelist!r}, tasks per node {tasks_per_node!r}, "
             f"{num_tasks} task(s)"
         )
-    port_base = int(environ.get("LAUNCHER_SLURM_PORT_BASE", DEFAULT_PORT_BASE))
+    port_base = _port_base(environ, max(counts))
     addresses = [f"{host}:{port_base + local}" for host, count in zip(hosts, counts) for local in range(count)]
     rank = int(environ["SLURM_PROCID"])
     if not 0 <= rank < num_tasks:
@@ -103,3 +108,17 @@ def tf_config_from_slurm(environ: Mapping[str, str]) -> str | None:
             "run srun with --distribution=block"
         )
     return json.dumps({"cluster": {"worker": addresses}, "task": {"type": "worker", "index": rank}})
+
+
+def _port_base(environ: Mapping[str, str], tasks_on_a_node: int) -> int:
+    """The first port of the job's tasks on each node: LAUNCHER_SLURM_PORT_BASE, else one from SLURM_JOB_ID."""
+    given = environ.get("LAUNCHER_SLURM_PORT_BASE", "")
+    if not given:
+        job = environ.get("SLURM_JOB_ID", "")
+        job_id = int(job) if job.isdigit() else 0
+        return JOB_PORTS_LOW + job_id % ((JOB_PORTS_HIGH - JOB_PORTS_LOW) // PORTS_PER_JOB) * PORTS_PER_JOB
+    if not given.isdigit() or not 1024 <= int(given) <= 65536 - tasks_on_a_node:
+        raise SetupError(f"LAUNCHER_SLURM_PORT_BASE={given}: expected a port from 1024 to "
+                         f"{65536 - tasks_on_a_node} (it and the next {tasks_on_a_node - 1} on each node are this "
+                         "job's)")
+    return int(given)

@@ -215,12 +215,12 @@ def test_slurm_script_makes_a_valid_cluster_for_every_task():
     assert '"$PYTHON" -m launcher --job "$JOB"' in text  # what tests/test_slurm.py submits for real
     job_path_from(["--job", re.search(r"^JOB=\$\{JOB:-(\S+)\}", text, re.M).group(1)])  # the default job
     tasks = nodes * per_node
-    env = {"SLURM_STEP_NUM_TASKS": str(tasks), "SLURM_STEP_NODELIST": f"node[1-{nodes}]",
+    env = {"SLURM_STEP_NUM_TASKS": str(tasks), "SLURM_STEP_NODELIST": f"node[1-{nodes}]", "SLURM_JOB_ID": "1250",
            "SLURM_STEP_TASKS_PER_NODE": f"{per_node}(x{nodes})"}
     specs = [parse_tf_config(json.loads(tf_config_from_slurm({**env, "SLURM_PROCID": str(rank)})))
              for rank in range(tasks)]
     assert [spec.is_chief for spec in specs] == [True] + [False] * (tasks - 1)
-    assert specs[0].cluster["worker"] == [f"node{n}:8888" for n in range(1, nodes + 1)]
+    assert specs[0].cluster["worker"] == [f"node{n}:10000" for n in range(1, nodes + 1)]  # job 1250: 10000 + 0
 
 
 # --- Docker ---------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from launcher.cluster import parse_tf_config, environment_without_cluster
 from launcher.processes import free_ports
 from launcher.slurm import tf_config_from_slurm
 from tests.conftest import REPO, TINY_JOB, run_launcher
+from resnet18.runtime.errors import SetupError
 
 FINGERPRINT = re.compile(r"^\[worker (\d)\] Final weights sha256 ([0-9a-f]{64})$", re.M)
 
@@ -235,9 +236,36 @@ def test_dry_run_in_cluster_mode_names_role_and_chief():
 def test_slurm_tf_config_is_valid(nodelist, tasks_per_node, rank, expected_index, expected_address):
     tasks = sum(int(part.split("(")[0]) * (int(part.split("x")[1][:-1]) if "x" in part else 1)
                 for part in tasks_per_node.split(","))
-    env = {"SLURM_STEP_NUM_TASKS": str(tasks), "SLURM_STEP_NODELIST": nodelist,
-           "SLURM_STEP_TASKS_PER_NODE": tasks_per_node, "SLURM_PROCID": str(rank)}
+    env = {"SLURM_STEP_NUM_TASKS": str(tasks), "SLURM_STEP_NODELIST": nodelist, "SLURM_JOB_ID": "77",
+           "SLURM_STEP_TASKS_PER_NODE": tasks_per_node, "SLURM_PROCID": str(rank), "LAUNCHER_SLURM_PORT_BASE": "8888"}
     spec = parse_tf_config(json.loads(tf_config_from_slurm(env)))
     assert spec.task_index == expected_index and spec.num_tasks == tasks
     assert spec.cluster["worker"][rank] == expected_address
     assert tf_config_from_slurm({"SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"}) is None
+
+
+def slurm_addresses(job_id: str, **extra: str) -> set[str]:
+    """The addresses of a job of 2 nodes x 2 tasks (those of one node: what another job there could take)."""
+    env = {"SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_NODELIST": "gpu[01-02]", "SLURM_STEP_TASKS_PER_NODE": "2(x2)",
+           "SLURM_PROCID": "0", "SLURM_JOB_ID": job_id, **extra}
+    return set(parse_tf_config(json.loads(tf_config_from_slurm(env))).cluster["worker"])
+
+
+def test_slurm_jobs_sharing_a_node_listen_on_ports_of_their_own():
+    """Two jobs on one GPU node (4 GPUs each of 8) took the same fixed port: the second exited 98. Each job's
+    ports now come from its job id, below the kernel's ephemeral range (what outgoing connections take)."""
+    jobs = [slurm_addresses(str(job_id)) for job_id in (4242, 4243, 5000, 123456789)]
+    assert all(not first & second for number, first in enumerate(jobs) for second in jobs[number + 1:]), jobs
+    with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="utf-8") as stream:
+        ephemeral_low = int(stream.read().split()[0])
+    ports = {int(address.rpartition(":")[2]) for addresses in jobs for address in addresses}
+    assert min(ports) >= 1024 and max(ports) < ephemeral_low, sorted(ports)
+    assert slurm_addresses("4242") == slurm_addresses("4242")  # every task of the job (and a requeue) agrees
+    assert slurm_addresses("4242", LAUNCHER_SLURM_PORT_BASE="9000") == {
+        "gpu01:9000", "gpu01:9001", "gpu02:9000", "gpu02:9001"}
+
+
+@pytest.mark.parametrize("base", ["88a8", "80", "65535"])
+def test_a_bad_slurm_port_base_is_refused_naming_the_variable(base):
+    with pytest.raises(SetupError, match=f"LAUNCHER_SLURM_PORT_BASE={base}: "):
+        slurm_addresses("4242", LAUNCHER_SLURM_PORT_BASE=base)
