@@ -34,6 +34,7 @@ not fit the configured model; 1 an export failed.
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import glob
 import json
 import os
@@ -57,6 +58,41 @@ def parse_formats(text: str) -> list[str]:
     if unknown or not formats:
         raise config_lib.ConfigError(f"--formats: unknown {unknown or text!r}; choose from {', '.join(FORMATS)}")
     return formats
+
+
+# The optional packages a format needs (an extra of setup.cfg), beyond the launcher's own.
+FORMAT_PACKAGES = {"onnx": ("tf2onnx", "onnxruntime")}
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package missing, or a module set to None in sys.modules
+        return False
+
+
+def chosen_formats(requested: list[str] | None, offered: tuple[str, ...],
+                   installed: Callable[[str], bool] = _installed) -> tuple[list[str], list[str]]:
+    """(the formats to write, why each other offered one is left out): `requested` as given, else every
+    offered format whose packages are installed."""
+    if requested is not None:
+        return list(requested), []
+    chosen, skipped = [], []
+    for name in offered:
+        if missing := [module for module in FORMAT_PACKAGES.get(name, ()) if not installed(module)]:
+            skipped.append(f"{name}: {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed "
+                           f"(pip install -e '.[{name}]')")
+        else:
+            chosen.append(name)
+    return chosen, skipped
+
+
+def check_packages(formats: list[str], installed: Callable[[str], bool] = _installed) -> None:
+    """Raises SetupError (exit 2) for a format asked for whose packages are not installed."""
+    for name in formats:
+        if missing := [module for module in FORMAT_PACKAGES.get(name, ()) if not installed(module)]:
+            raise SetupError(f"--formats {name} needs {' and '.join(missing)}, which "
+                             f"{'is' if len(missing) == 1 else 'are'} not installed: pip install -e '.[{name}]'")
 
 
 def _confined(workdir: str, path: str) -> str:
@@ -194,7 +230,8 @@ def _tflite_predict(path: str):
 def export(workdir: str, formats: list[str] | None, weights: str = "latest") -> dict[str, Any]:
     """Writes WORKDIR/export/ and its report.json, as the run's task exports (EXPORTERS); returns the report.
 
-    `formats`: None for every format the task's export has.
+    `formats`: None for every format the task's export has whose packages are installed (the others are
+    named on stdout as skipped).
 
     Raises:
       ConfigError: a format the run's task does not export (exit 2), before anything is written.
@@ -207,8 +244,11 @@ def export(workdir: str, formats: list[str] | None, weights: str = "latest") -> 
     if unsupported := [name for name in formats or () if name not in offered]:
         raise config_lib.ConfigError(f"--formats {','.join(unsupported)}: a train.task {config.train.task} run "
                                      f"exports its {kind} as {', '.join(offered)} only")
+    chosen, skipped = chosen_formats(formats, offered)
+    for reason in skipped:
+        print(f"{reason.split(':')[0]:12s} skipped:{reason.partition(':')[2]}", flush=True)
     os.makedirs(os.path.join(workdir, "export"), exist_ok=True)
-    return write(workdir, formats or list(offered), config, source, model, prefix)
+    return write(workdir, chosen, config, source, model, prefix)
 
 
 def export_classifier(workdir: str, formats: list[str], config, source, model, prefix: str) -> dict[str, Any]:
@@ -377,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         formats = parse_formats(args.formats) if args.formats is not None else None
+        check_packages(formats or [])  # before the run is read: nothing written, nothing to wait for
         report = export(args.workdir, formats, args.weights)
     except LauncherError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)

@@ -139,6 +139,25 @@ def test_bad_export_inputs_exit_2(tmp_path, args, words):
     assert "Traceback" not in result.stderr
 
 
+def test_onnx_asked_for_without_its_packages_exits_2_saying_how_to_install_them(tmp_path):
+    script = ("import sys; sys.modules['tf2onnx'] = None  # as if not installed\n"
+              "from launcher import export; sys.exit(export.main(sys.argv[1:]))")
+    result = subprocess.run([sys.executable, "-c", script, "--workdir", str(tmp_path), "--formats", "tflite,onnx"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "--formats onnx needs tf2onnx, which is not installed: pip install -e '.[onnx]'" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "export").exists()
+
+
+def test_every_format_by_default_means_every_format_whose_packages_are_installed():
+    from launcher.export import FORMATS, chosen_formats
+
+    assert chosen_formats(None, FORMATS, installed=lambda module: True) == (list(FORMATS), [])
+    assert chosen_formats(None, FORMATS, installed=lambda module: module != "onnxruntime") == (
+        ["saved_model", "tflite", "tflite_int8"], ["onnx: onnxruntime is not installed (pip install -e '.[onnx]')"])
+    assert chosen_formats(["tflite"], FORMATS, installed=lambda module: False) == (["tflite"], [])
+
+
 @pytest.mark.slow
 def test_export_of_another_model_shape_exits_2(trained, tmp_path):
     copy = tmp_path / "copy"
