@@ -27,9 +27,10 @@ from resnet18.runtime.errors import SetupError, first_line
 
 TPU_CONNECT_TIMEOUT_SECONDS = 120
 # Google's TPU VM runtime table for TensorFlow ends at TF 2.18 (tpu-vm-tf-2.18.0-pjrt; -pod-pjrt on a
-# slice), the tensorflow-tpu wheel at 2.20: a newer TensorFlow on a TPU is a pairing nobody tested.
-LAST_TPU_RUNTIME = ((2, 18), "tpu-vm-tf-2.18.0-pjrt")
-LAST_TENSORFLOW_TPU = "2.20"
+# slice), the tensorflow-tpu wheel (jobs/tpu_vm_requirements.txt) at 2.20: a newer TensorFlow on a TPU
+# is a pairing nobody tested.
+LAST_TPU_RUNTIME = "tpu-vm-tf-2.18.0-pjrt"
+LAST_TENSORFLOW_TPU = (2, 20)
 T = TypeVar("T")
 
 
@@ -160,13 +161,12 @@ def _take_back_sigterm() -> None:
 
 
 def tpu_support_note(tensorflow_version: str) -> str | None:
-    """One line for a TensorFlow newer than the last TPU runtime Google publishes (None otherwise)."""
-    (major, minor), runtime = tuple(int(part) for part in tensorflow_version.split(".")[:2]), LAST_TPU_RUNTIME[1]
-    if (major, minor) <= LAST_TPU_RUNTIME[0]:
+    """One line for a TensorFlow newer than the last tensorflow-tpu Google publishes (None otherwise)."""
+    if tuple(int(part) for part in tensorflow_version.split(".")[:2]) <= LAST_TENSORFLOW_TPU:
         return None
     return (f"note: TensorFlow {tensorflow_version} on a TPU: Google's TPU runtimes for TensorFlow end at "
-            f"{runtime} and tensorflow-tpu at {LAST_TENSORFLOW_TPU}; this pairing is untested "
-            "(docs/clusters.md#cloud-tpus)")
+            f"{LAST_TPU_RUNTIME} and tensorflow-tpu at {'.'.join(map(str, LAST_TENSORFLOW_TPU))}; this pairing is "
+            "untested (docs/clusters.md#cloud-tpus)")
 
 
 def _tpu_strategy(address: str) -> tf.distribute.Strategy:

@@ -71,8 +71,28 @@ def test_every_job_file_parses():
                 build_config(os.path.join(JOBS, name))  # strict: unknown keys, types, values
         elif name.endswith((".sbatch", ".sh")):
             subprocess.run(["bash", "-n", os.path.join(JOBS, name)], check=True)
+        elif name == "tpu_vm_requirements.txt":  # checked below
+            continue
         else:
             pytest.fail(f"unexpected file in jobs/: {name}")
+
+
+def requirement_lines(text: str) -> list[str]:
+    return [line.split(";")[0].strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_the_tpu_vm_requirements_are_setup_cfgs_with_tensorflow_tpu_for_tensorflow():
+    """tensorflow-tpu provides the `tensorflow` module under another name, so a TPU VM installs the launcher
+    with --no-deps after this file: it must list everything else the launcher needs."""
+    from launcher.strategy import LAST_TENSORFLOW_TPU
+
+    wanted = requirement_lines(open(os.path.join(JOBS, "tpu_vm_requirements.txt"), encoding="utf-8").read())
+    needed = requirement_lines(setup_cfg()["options"]["install_requires"])
+    assert set(wanted) - {"tensorflow-tpu==2.20.0", "libtpu==0.0.14"} == {
+        line for line in needed if not line.startswith("tensorflow>")}
+    assert "tensorflow-tpu==%d.%d.0" % LAST_TENSORFLOW_TPU in wanted  # what the TPU support note counts on
+    header = open(os.path.join(JOBS, "tpu_vm.yaml"), encoding="utf-8").read()
+    assert "pip install -r jobs/tpu_vm_requirements.txt && pip install --no-deps -e ." in header
 
 
 def test_tpu_job_uses_tpu_strategy_locally():

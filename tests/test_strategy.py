@@ -258,9 +258,9 @@ def test_out_of_memory_names_the_device_and_each_replicas_batch(text, where):
     assert "lower train.global_batch_size, raise train.grad_accum_steps or use more devices" in message
 
 
-@pytest.mark.parametrize("version, noted", [("2.18.1", False), ("2.16.1", False), ("2.19.0", True),
+@pytest.mark.parametrize("version, noted", [("2.18.1", False), ("2.16.1", False), ("2.20.0", False),
                                             ("2.21.0", True), ("3.0.0", True)])
-def test_a_tensorflow_newer_than_the_last_tpu_runtime_is_noted_not_refused(version, noted):
+def test_a_tensorflow_newer_than_the_last_tensorflow_tpu_is_noted_not_refused(version, noted):
     from launcher.strategy import tpu_support_note
 
     note = tpu_support_note(version)
