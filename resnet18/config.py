@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import sys
 import types
@@ -40,6 +41,8 @@ Architecture = Literal["resnet18", "resnet50", "resnext29_8x64d", "resnext29_2x6
 # Old values still read, with a warning naming the new one; old keys ignored, with a warning saying why.
 DEPRECATED_VALUES = {"data.augmentation": {"seed": "rotate_shift_zoom_flip"}}
 DEPRECATED_KEYS = {"data.shuffle_buffer": "every epoch is a full permutation of the training set now"}
+LARGEST_INT = 2**31 - 1
+LONGEST_TIMEOUT_SECONDS = 1e8  # about three years; beyond threading's longest wait the watchdog thread died
 FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
@@ -199,6 +202,8 @@ def load_yaml_file(path: str, what: str = "job file") -> dict[str, Any]:
         raise ConfigError(f"{what} {path!r} does not exist") from None
     except IsADirectoryError:
         raise ConfigError(f"{what} {path!r} is a directory") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path!r} is not UTF-8 text (save it as UTF-8)") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{what} {path!r} is not valid YAML: {error}") from None
     if content is None:
@@ -285,11 +290,13 @@ def _check_type(value: Any, hint: Any, key: str, source: str) -> Any:
         if kind is bool and isinstance(value, bool):
             return value
         if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > LARGEST_INT:  # TensorFlow takes steps and seeds as fixed-width integers
+                raise ConfigError(f"{source}: {key} must be at most {LARGEST_INT}, got {value}")
             return value
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return _finite(float(value), key, source)
         if kind is float and isinstance(value, str) and FLOAT_TEXT.fullmatch(value.strip()):
-            return float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
+            return _finite(float(value), key, source)  # YAML 1.1 reads 1e-5 (no dot) as a string
         if kind is str and isinstance(value, str):
             return value
     names = " or ".join(_type_name(kind) for kind in allowed)
@@ -300,6 +307,14 @@ def _check_type(value: Any, hint: Any, key: str, source: str) -> Any:
     raise ConfigError(
         f"{source}: {key} must be {names}, got {type(value).__name__} {value!r}{hint_text}"
     )
+
+
+def _finite(value: float, key: str, source: str) -> float:
+    """`value`, refused if infinite (YAML's .inf, or 1e400): no key has a use for it, and NaN fails every
+    range check below."""
+    if math.isinf(value):
+        raise ConfigError(f"{source}: {key} must be a finite number, got {value}")
+    return value
 
 
 def _type_name(kind: Any) -> str:
@@ -357,7 +372,10 @@ def validate(config: Config) -> None:
         (config.train.steps_per_loop >= 1, "train.steps_per_loop", ">= 1"),
         (config.train.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", ">= 0"),
         (config.train.checkpoint_max_to_keep >= 1, "train.checkpoint_max_to_keep", ">= 1"),
-        (config.train.step_timeout_seconds >= 0, "train.step_timeout_seconds", ">= 0"),
+        (0 <= config.train.step_timeout_seconds <= LONGEST_TIMEOUT_SECONDS, "train.step_timeout_seconds",
+         f"in [0, {LONGEST_TIMEOUT_SECONDS:g}] (0: no limit)"),
+        (config.name not in ("", ".", "..") and "/" not in config.name and "\\" not in config.name, "name",
+         "one directory name (the default work directory is runs/NAME)"),
     ] + _mode_checks(config)
     for ok, key, expected in checks:
         if not ok:
