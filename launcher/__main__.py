@@ -27,7 +27,7 @@ import tempfile
 import traceback
 
 from launcher import cpu_environment, isolation, local_workers, processes, sweep_trial
-from launcher.flags import FlagError, FlagParser, integer, nonempty, positive_seconds
+from launcher.flags import FlagError, FlagParser, integer, nonempty, positive_seconds, work_directory
 from launcher.cluster import ClusterSpec, cluster_address, read_tf_config
 from launcher.plan import STRATEGY_CLASSES, Plan, describe
 from launcher.slurm import tf_config_from_slurm
@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                "138 retryable (preempted or peer lost), 130 interrupted.",
     )
     parser.add_argument("--job", type=nonempty, help="YAML job file (see jobs/)")
-    parser.add_argument("--workdir", type=nonempty,
+    parser.add_argument("--workdir", type=work_directory,
                         help=f"checkpoints, TensorBoard, summary (default: {DEFAULT_RUNS_DIR}/<job name>)")
     parser.add_argument("--strategy", choices=config_lib.choices(config_lib.RuntimeConfig, "strategy"),
                         help="runtime.strategy (default auto)")

@@ -15,6 +15,7 @@ import os
 from typing import Callable, NoReturn
 
 from resnet18.runtime.errors import ConfigError
+from resnet18.runtime.files import file_in_the_way
 
 
 class FlagError(ConfigError):
@@ -57,6 +58,14 @@ def nonempty(text: str) -> str:
     """A flag's type: text with something in it (an empty --workdir or --tpu means a mistake, not a default)."""
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def work_directory(text: str) -> str:
+    """A flag's type: a directory to write into, or to make; refused when it, or a directory above it, is a
+    file (remote paths, gs://..., are checked when written)."""
+    if problem := file_in_the_way(nonempty(text)):
+        raise argparse.ArgumentTypeError(problem)
     return text
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import sys
 
-from launcher.flags import FlagParser, nonempty
+from launcher.flags import FlagParser, nonempty, work_directory
 from resnet18 import config as config_lib
 from resnet18.runtime.errors import EXIT_OK, LauncherError
 
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = FlagParser(prog="python -m launcher.prepare", description=__doc__.splitlines()[0])
     parser.add_argument("--job", type=nonempty, help="YAML job file (see jobs/)")
-    parser.add_argument("--workdir", default=".", type=nonempty,
+    parser.add_argument("--workdir", default=".", type=work_directory,
                         help="the run's work directory (where the stand-in goes when data.data_dir is not set)")
     parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override config keys, e.g. --set data.data_dir=/shared/tfds")

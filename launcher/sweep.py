@@ -44,7 +44,7 @@ import time
 from typing import Any
 
 from launcher import sweep_results, sweep_space, sweep_trial
-from launcher.flags import FlagError, FlagParser, integer, nonempty
+from launcher.flags import FlagError, FlagParser, integer, nonempty, work_directory
 from launcher.local_workers import DEFAULT_PREEMPTION_GRACE_SECONDS
 from launcher.processes import gpu_slices, stop_runs_in, visible_gpu_ids
 from resnet18 import tasks
@@ -122,7 +122,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config keys set for every trial, e.g. --set train.epochs=10 (before the space's)")
     parser.add_argument("--trials", type=integer(1), required=True, help="trials in the whole sweep (all machines)")
-    parser.add_argument("--workdir", required=True, type=nonempty,
+    parser.add_argument("--workdir", required=True, type=work_directory,
                         help="the sweep's directory: trials/, sweep.json, report/")
     parser.add_argument("--parallel", type=integer(1), default=1, help="trials at once on this machine (default 1)")
     parser.add_argument("--storage", type=nonempty,

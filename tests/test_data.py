@@ -237,6 +237,15 @@ def test_unknown_dataset_name_is_a_setup_error():
         sources.prepare_source(DataConfig(dataset="no_such_dataset_xyz"), "/unused")
 
 
+@pytest.mark.parametrize("source", ["generated", "tfds"])
+def test_a_data_dir_that_is_a_file_is_a_setup_error_naming_the_key(tmp_path, source):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for data_dir, words in ((afile, "is a file, not a directory"), (afile / "tfds", "lies under the file")):
+        with pytest.raises(SetupError, match=f"data.data_dir '{data_dir}' {words}"):  # was NotADirectoryError
+            sources.prepare_source(DataConfig(source=source, data_dir=str(data_dir)), str(tmp_path / "run"))
+
+
 def test_generated_archive_has_the_cifar10_binary_layout(tmp_path):
     path = tmp_path / "cifar-10-binary.tar.gz"
     generated_cifar10.write_archive(str(path), 50, 20, seed=0)

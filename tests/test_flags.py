@@ -15,6 +15,7 @@ from processes import environment_without_cluster
 
 SMOKE = os.path.join(REPO, "jobs", "cpu_smoke.yaml")
 SPACE = os.path.join(REPO, "jobs", "sweep_cpu_smoke.yaml")
+A_FILE = os.path.join(REPO, "setup.cfg")  # a --workdir that is a file, or under one
 WORKERS = ["--job", SMOKE, "--workers", "2"]
 SWEEP = ["--job", SMOKE, "--space", SPACE, "--trials", "2"]
 
@@ -23,6 +24,10 @@ BAD_FLAGS = [
     ("launcher", ["--job", "/no/such/job.yaml"], "--job file '/no/such/job.yaml'"),
     ("launcher", ["--job", ""], "--job: must not be empty"),
     ("launcher", ["--job", SMOKE, "--workdir", ""], "--workdir: must not be empty"),
+    # Each was a FileExistsError or NotADirectoryError traceback once training started, and passed the dry run.
+    ("launcher", ["--job", SMOKE, "--workdir", A_FILE], f"--workdir: {A_FILE!r} is a file, not a directory"),
+    ("launcher", [*WORKERS, "--workdir", A_FILE + "/run"], f"--workdir: {A_FILE + '/run'!r} lies under the file "
+     f"{A_FILE!r}"),
     ("launcher", ["--job", SMOKE, "--strategy", "horovod"], "--strategy: invalid choice"),
     ("launcher", ["--job", SMOKE, "--gpus", "-1"], "--gpus: must be >= 0"),
     ("launcher", ["--job", SMOKE, "--gpus", "two"], "--gpus: expected an integer"),
@@ -71,6 +76,7 @@ BAD_FLAGS = [
     ("launcher.report", ["--workdir", "/no/such/run"], "--workdir: '/no/such/run' is not a directory"),
     ("launcher.prepare", ["--job", ""], "--job: must not be empty"),
     ("launcher.prepare", ["--job", SMOKE, "--workdir", ""], "--workdir: must not be empty"),
+    ("launcher.prepare", ["--job", SMOKE, "--workdir", A_FILE], f"--workdir: {A_FILE!r} is a file, not a directory"),
     ("launcher.prepare", ["--job", SMOKE, "--set", "train.epoch=3"], "--set: unknown key 'train.epoch'"),
     ("launcher.sweep", ["--space", SPACE, "--trials", "2", "--workdir", "WORKDIR"],
      "the following arguments are required: --job"),
@@ -78,6 +84,7 @@ BAD_FLAGS = [
      "--space file '/no/such/space.yaml' does not exist"),
     ("launcher.sweep", [*SWEEP[:4], "--trials", "0"], "--trials: must be >= 1"),
     ("launcher.sweep", [*SWEEP, "--workdir", ""], "--workdir: must not be empty"),
+    ("launcher.sweep", [*SWEEP, "--workdir", A_FILE], f"--workdir: {A_FILE!r} is a file, not a directory"),
     ("launcher.sweep", [*SWEEP, "--set", "train.lr=0.1"], "--set: unknown key 'train.lr'"),
     ("launcher.sweep", [*SWEEP, "--parallel", "0"], "--parallel: must be >= 1"),
     ("launcher.sweep", [*SWEEP, "--storage", ""], "--storage: must not be empty"),

@@ -45,6 +45,7 @@ from resnet18.data import generated_cifar10
 from resnet18.config import DataConfig
 from resnet18.registry import lookup
 from resnet18.runtime.errors import SetupError, first_line
+from resnet18.runtime.files import file_in_the_way
 
 # TFDS suggests OpenCV on every worker's first decode; PIL decodes these small images well enough.
 logging.getLogger("absl").addFilter(lambda record: "OpenCV is not installed" not in record.getMessage())
@@ -151,6 +152,8 @@ def prepare_source(data: DataConfig, workdir: str, random_access: bool = True) -
     Raises:
       SetupError: the data set is missing, cannot be prepared here, or holds bad images (exit 2).
     """
+    if data.data_dir and (problem := file_in_the_way(data.data_dir)):  # was a NotADirectoryError traceback
+        raise SetupError(f"data.data_dir {problem}")
     tfds.disable_progress_bar()  # one line per step of preparation, not a redrawn bar
     return lookup(SOURCES, data.source, "data.source")(data, workdir, random_access)
 

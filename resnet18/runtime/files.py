@@ -63,6 +63,19 @@ def list_names(directory: str) -> list[str]:
         return []
 
 
+def file_in_the_way(directory: str) -> str | None:
+    """Why `directory` (local, to be written into or made) cannot be: it, or a directory above it, is a file;
+    None when nothing is in the way (remote paths are checked when written)."""
+    if "://" in directory:
+        return None
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        return f"{directory!r} is a file, not a directory"
+    parent = os.path.dirname(os.path.abspath(directory))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    return None if os.path.isdir(parent) else f"{directory!r} lies under the file {parent!r}"
+
+
 def modified_seconds(path: str) -> float:
     """When `path` was last written, in seconds since the epoch."""
     if "://" in path:
