@@ -156,9 +156,12 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
                 devices=tuple(info["devices"]), started=True)
     if args.dry_run:
         from resnet18.runtime.hardware import cpu_kernels
+        from resnet18.training.loop import settle_config
 
         print(f"tensorflow: {tf.__version__} (CPU kernels: {cpu_kernels()})")
-        return _print_dry_run(plan)
+        code = _print_dry_run(plan)
+        settle_config(config, strategy, workdir)  # what the run refuses before it trains (precision, resume)
+        return code
     chief = topology_of(strategy).is_chief
     if chief:
         print(describe(plan), flush=True)

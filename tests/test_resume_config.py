@@ -46,3 +46,29 @@ def test_harmless_changes_are_allowed_and_recorded(micro_data_dir, tmp_path, one
     assert records[-1]["changes"] == ["train.epochs: 1 -> 2", "train.learning_rate: 0.4 -> 0.2",
                                       "train.checkpoint_every_steps: 5 -> 7"]
     assert build_config(str(workdir / "config.yaml")).train.epochs == 2  # the config of the newest checkpoints
+
+
+def test_a_dry_run_refuses_what_the_run_would_refuse_before_training(tmp_path):
+    """README: "a dry run never promises what the run then refuses". It promised a resume that changes the
+    model, and bfloat16 on a CPU without native bfloat16; the real run refused both (exit 2)."""
+    from resnet18.config import dump
+    from resnet18.runtime import hardware
+    from tests.conftest import TINY_JOB, run_launcher
+
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints").mkdir(parents=True)
+    (workdir / "checkpoints" / "ckpt-8.index").write_bytes(b"")  # a checkpoint the resume check sees
+    (workdir / "config.yaml").write_text(dump(build_config(TINY_JOB)))
+    result = run_launcher("--job", TINY_JOB, "--workdir", str(workdir), "--set", "model.width=8", "--dry_run",
+                          timeout=120)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "holds checkpoints written with another config" in result.stderr and "model.width" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    result = run_launcher("--job", TINY_JOB, "--workdir", str(tmp_path / "other"), "--set",
+                          "train.precision=bfloat16", "--dry_run", timeout=120)
+    if hardware.resolve_precision("auto", "CPU") == "bfloat16":  # this CPU computes bfloat16 natively
+        assert result.returncode == 0, result.stderr[-2000:]
+    else:
+        assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+        assert "no native bfloat16" in result.stderr and "Traceback" not in result.stderr

@@ -64,7 +64,7 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
         watcher = cleanup.enter_context(PreemptionWatcher())  # SIGTERM before the first step: exit 138
         topology = topology_of(strategy)
         task = tasks.task_of(config)
-        config = _setup(config, task, strategy, topology, workdir)
+        config = settle_config(config, strategy, workdir)
         precision, global_batch = config.train.precision, config.train.global_batch_size
 
         # --- Data -------------------------------------------------------------------------
@@ -125,9 +125,13 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, workdir
         return summary
 
 
-def _setup(config: Config, task: Task, strategy: tf.distribute.Strategy, topology: Topology, workdir: str) -> Config:
+def settle_config(config: Config, strategy: tf.distribute.Strategy, workdir: str) -> Config:
     """Settles what depends on the hardware (the precision `auto` resolves to, XLA on TPUs) and checks the config
-    against its task and the work directory's checkpoints; returns the config the run trains with."""
+    against its task and the work directory's checkpoints; returns the config the run trains with.
+
+    What a run refuses before it trains: a dry run calls this too, so it never promises what the run refuses.
+    """
+    task, topology = tasks.task_of(config), topology_of(strategy)
     tasks.check(config)
     if config.train.deterministic:
         tf.config.experimental.enable_op_determinism()
