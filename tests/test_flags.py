@@ -149,9 +149,12 @@ def rows():
 def results(tmp_path_factory):
     """Every row's command, run 4 at a time (each is a short-lived process): {row id: (result, workdir)}."""
     cases = list(rows())
+    # Made here, not in the threads: the first mktemp of an xdist worker makes its base directory, deleting
+    # what is there, and four threads doing so at once deleted each other's (FileNotFoundError in every row).
+    directories = [tmp_path_factory.mktemp("flag") for _ in cases]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        done = pool.map(lambda case: run_command(case.values[0], case.values[1], tmp_path_factory.mktemp("flag")),
-                        cases)
+        done = pool.map(lambda case, directory: run_command(case.values[0], case.values[1], directory),
+                        cases, directories)
         return {case.id: outcome for case, outcome in zip(cases, done)}
 
 
