@@ -169,6 +169,9 @@ def checked(args: argparse.Namespace, launcher_args: list[str]) -> Sweep:
     slots = _slots(args.parallel, launcher.workers or 1)
     if launcher.workers is not None:  # on the GPUs each trial sees: its slot's share
         local_worker_layout(job, launcher, visible=slots[0].gpus.split(",") if slots[0].gpus else [])
+    elif launcher.gpus and launcher.gpus > (shown := len(slots[0].gpus.split(",")) if slots[0].gpus else 0):
+        raise ConfigError(f"after --: --gpus {launcher.gpus} needs {launcher.gpus} GPU(s) for each trial; each of "
+                          f"the --parallel {args.parallel} trial(s) sees {shown} of this host's")
     task = tasks.task_of(job)
     if args.metric not in task.metrics:
         raise ConfigError(f"--metric {args.metric}: train.task {task.name} evaluates only {', '.join(task.metrics)}")
@@ -377,19 +380,47 @@ def _running_trial(study, trial_id: int):
 
 def _ask(sweep: Sweep, study, slot: Slot) -> Active | None:
     """A new trial within --trials (None when the budget is spent, on every machine sharing the study)."""
-    import optuna
-
-    if len(study.get_trials(deepcopy=False)) >= sweep.args.trials:
+    drawn = draw(sweep, study)
+    if drawn is None:
         return None
-    study.sampler = _sampler(sweep.args, len(study.get_trials(deepcopy=False)))
-    trial = study.ask()
-    if trial.number >= sweep.args.trials:  # another machine took the last one meanwhile
-        trial.set_user_attr("error", "beyond --trials: not run")
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        return None
-    params = sweep_space.suggest(trial, sweep.space)
+    trial, params = drawn
     own_new_trial(sweep, trial)
     return start_trial(sweep, trial.number, trial._trial_id, params, slot)  # Trial() in the run needs the id
+
+
+def draw(sweep: Sweep, study) -> tuple[Any, dict[str, Any]] | None:
+    """A new trial within --trials and its values; None when the budget is spent, on every machine sharing
+    the study. Values that fail only together (each alone was checked: a batch size and an accumulation)
+    fail their trial, not run, and the next is drawn.
+
+    Raises:
+      ConfigError: Optuna could not draw the values (the trial is failed first, not left running; exit 2).
+    """
+    import optuna
+
+    while len(study.get_trials(deepcopy=False)) < sweep.args.trials:
+        study.sampler = _sampler(sweep.args, len(study.get_trials(deepcopy=False)))
+        trial = study.ask()
+        if trial.number >= sweep.args.trials:  # another machine took the last one meanwhile
+            trial.set_user_attr("error", "beyond --trials: not run")
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            return None
+        try:
+            params = sweep_space.suggest(trial, sweep.space)
+        except Exception as error:  # noqa: BLE001 - whatever Optuna raised, the trial must not stay RUNNING
+            trial.set_user_attr("error", f"not drawn: {type(error).__name__}: {error}")
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            raise ConfigError(f"--space {sweep.args.space}: trial {trial.number} could not be drawn "
+                              f"({type(error).__name__}: {error})") from None
+        try:
+            sweep_space.with_value(sweep.job, params, f"trial {trial.number}")
+        except ConfigError as error:
+            trial.set_user_attr("error", f"not run: {error}")
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            print(f"Trial {trial.number} not run: {error}", flush=True)
+            continue
+        return trial, params
+    return None
 
 
 def _finished(sweep: Sweep, study, trial: Active, stopping: bool) -> Active | None:

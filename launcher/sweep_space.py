@@ -5,9 +5,11 @@
     data.cutmix_prob:     {type: categorical, choices: [0.0, 0.5, 1.0]}
 
 Every key must be a config key the job's task reads (config.py; a section such as
-`simclr` counts only for a task that reads it), and every value a trial may draw (both
-ends of a range, every choice) must give a config that `--dry_run` would accept: the
-same checks, the same one-line errors naming the key and the file (exit 2).
+`simclr` counts only for a task that reads it), and every value a trial may draw (every
+choice, every value of an integer range, both ends of a float range) must give a config
+that `--dry_run` would accept: the same checks, the same one-line errors naming the key
+and the file (exit 2). Values of two keys that only fail together (a batch size and an
+accumulation) are caught as they are drawn: that trial fails without running.
 
     python -m launcher.sweep --job jobs/cpu_smoke.yaml --space jobs/sweep_cpu_smoke.yaml --dry_run ...
 """
@@ -15,6 +17,7 @@ same checks, the same one-line errors naming the key and the file (exit 2).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import yaml
@@ -26,6 +29,7 @@ from resnet18.identity import ALWAYS_READ
 from resnet18.runtime.errors import ConfigError
 
 KINDS = ("float", "int", "categorical")
+INT_VALUES_CHECKED = 4096  # an integer range up to this long has every value checked, a longer one its ends
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,13 +44,16 @@ class Dimension:
     step: float | int | None = None
     choices: tuple[Any, ...] = ()
 
-    def extremes(self) -> tuple[Any, ...]:
-        """Every value that has to be valid for every draw to be: the ends of a range, or every choice.
-
-        A float range's ends are checked as the floats it draws, even when written as integers."""
+    def values_to_check(self) -> tuple[Any, ...]:
+        """The values that have to be valid for every draw to be: every choice, every value of an integer
+        range (a batch size or accumulation divides or not value by value; the ends of a long one), the
+        ends of a float range (as the floats it draws, even when written as integers)."""
         if self.kind == "categorical":
             return self.choices
-        return (float(self.low), float(self.high)) if self.kind == "float" else (self.low, self.high)
+        if self.kind == "float":
+            return float(self.low), float(self.high)
+        values = range(self.low, self.high + 1, self.step or 1)
+        return tuple(values) if len(values) <= INT_VALUES_CHECKED else (self.low, self.high)
 
 
 def load_space(path: str, job: Config) -> list[Dimension]:
@@ -62,7 +69,7 @@ def load_space(path: str, job: Config) -> list[Dimension]:
     dimensions = [_dimension(key, spec, source) for key, spec in raw.items()]
     for dimension in dimensions:
         _check_read_by_task(dimension.key, job, source)
-        for value in dimension.extremes():
+        for value in dimension.values_to_check():
             with_value(job, {dimension.key: value}, f"{source}: {dimension.key}")
     return dimensions
 
@@ -90,14 +97,21 @@ def _dimension(key: Any, spec: Any, source: str) -> Dimension:
     for name, value in (("low", low), ("high", high)):
         if not isinstance(value, number) or isinstance(value, bool):
             raise ConfigError(f"{where}: {name} must be {'an integer' if kind == 'int' else 'a number'}, got {value!r}")
+        if not math.isfinite(value):  # Optuna's draw overflowed, with the trial left running
+            raise ConfigError(f"{where}: {name} must be a finite number, got {value!r}")
     if low > high:
         raise ConfigError(f"{where}: low {low} > high {high}")
     if not isinstance(log, bool):
         raise ConfigError(f"{where}: log must be true or false, got {log!r}")
     if log and low <= 0:
         raise ConfigError(f"{where}: a log scale needs low > 0, got {low}")
-    if step is not None and (not isinstance(step, number) or isinstance(step, bool) or step <= 0 or log):
+    if step is not None and (not isinstance(step, number) or isinstance(step, bool) or not 0 < step < math.inf
+                             or log):
         raise ConfigError(f"{where}: step must be a positive {kind} (and not with log), got {step!r}")
+    if step is not None and high > low and step > high - low:  # Optuna would draw low every time
+        raise ConfigError(f"{where}: step {step} is more than high - low ({high - low}): every trial would draw {low}")
+    if step is not None and kind == "int" and (high - low) % step:  # Optuna would quietly lower high
+        raise ConfigError(f"{where}: high {high} is not low {low} + a multiple of step {step}")
     return Dimension(str(key), kind, low, high, log, step)
 
 

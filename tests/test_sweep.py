@@ -61,6 +61,17 @@ def results(workdir) -> dict:
                                                                    "non-empty list of choices"]),
     ("train.learning_rate: {type: float, low: 0.8, high: 0.1}\n", [], ["train.learning_rate: low 0.8 > high 0.1"]),
     ("train.label_smoothing: {type: float, low: 0.0, high: 1.5}\n", [], ["train.label_smoothing must be in [0, 1)"]),
+    # Optuna's draw overflowed (a traceback, exit 1), leaving a trial RUNNING in the study for good.
+    ("train.learning_rate: {type: float, low: 0.1, high: .inf}\n", [], ["train.learning_rate: high must be a "
+                                                                       "finite number, got inf"]),
+    # Optuna only warned, and drew 0 every time (or lowered high to 4).
+    ("train.warmup_epochs: {type: int, low: 0, high: 2, step: 3}\n", [], ["train.warmup_epochs: step 3 is more than "
+                                                                         "high - low (2): every trial would draw 0"]),
+    ("train.warmup_epochs: {type: int, low: 0, high: 5, step: 2}\n", [], ["high 5 is not low 0 + a multiple of "
+                                                                         "step 2"]),
+    # Both ends divide the batch of 64; 3 does not: every value of an integer range is checked.
+    ("train.grad_accum_steps: {type: int, low: 1, high: 4}\n", [], ["train.grad_accum_steps 3 does not divide the "
+                                                                   "per-replica batch 64"]),
     # Every draw of a float range is a float, even between integer ends: an integer key refuses them all.
     ("train.epochs: {type: float, low: 1, high: 3}\n", [], ["train.epochs must be int, got float 1.0"]),
     ("simclr.temperature: {type: float, low: 0.1, high: 0.5}\n", [], ["simclr.temperature: the job's task "
@@ -70,6 +81,8 @@ def results(workdir) -> dict:
     (SPACE, ["--storage", "postgresql://nobody@127.0.0.1:1/none"], ["--storage postgresql://nobody@127.0.0.1:1/none: "
                                                                     "cannot be reached"]),
     (SPACE, ["--", "--workdir", "x"], ["--workdir after --"]),
+    (SPACE, ["--parallel", "2", "--", "--gpus", "2"], ["after --: --gpus 2 needs 2 GPU(s) for each trial; each of "
+                                                       "the --parallel 2 trial(s) sees"]),
     # The launcher flags after -- are part of every trial's config: what they make a run refuse, the sweep refuses.
     (SPACE, ["--", "--cpu_replicas", "3"], ["train.global_batch_size 64 is not divisible by the 3 replicas"]),
     (SPACE, ["--", "--workers", "3"], ["train.global_batch_size 64 is not divisible by the 3 replicas"]),
@@ -84,6 +97,30 @@ def test_bad_input_exits_2_naming_it_and_starts_nothing(tmp_path, space, extra, 
         assert word in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "sweep" / "trials").exists()
+
+
+def test_values_that_fail_only_together_fail_their_trial_unrun_and_the_next_is_drawn(tmp_path):
+    import optuna
+
+    from launcher import sweep as sweep_module
+
+    space = write_space(tmp_path, "train.global_batch_size: {type: categorical, choices: [64, 96]}\n"
+                                  "train.grad_accum_steps: {type: categorical, choices: [1, 64]}\n")
+    args, launcher_args = sweep_module.parse_args(["--job", TINY_JOB, "--space", space, "--trials", "12",
+                                                   "--workdir", str(tmp_path / "sweep")])
+    sweep = sweep_module.checked(args, launcher_args)  # each value alone is valid
+    study = optuna.create_study(direction="maximize")
+    drawn = []
+    while (next_trial := sweep_module.draw(sweep, study)) is not None:
+        trial, params = next_trial
+        drawn.append(params)
+        study.tell(trial, 0.5)
+    assert drawn and all(params != {"train.global_batch_size": 96, "train.grad_accum_steps": 64} for params in drawn)
+    failed = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
+    assert len(drawn) + len(failed) == 12 and failed, [trial.params for trial in study.trials]
+    for trial in failed:  # 96 images in 64 parts: refused as a run would refuse it
+        assert trial.params == {"train.global_batch_size": 96, "train.grad_accum_steps": 64}
+        assert "train.grad_accum_steps 64 does not divide the per-replica batch 96" in trial.user_attrs["error"]
 
 
 @pytest.mark.parametrize("dry_run", [(), ("--dry_run",)])
