@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
-import re
 import sys
-import types
 import typing
 from typing import Any, Literal, Mapping
 
@@ -22,6 +19,7 @@ import yaml
 
 from resnet18.identity import RESUME, TEACHER, WARM_START, must_match
 from resnet18.runtime.errors import ConfigError
+from resnet18.config_values import checked_value
 
 # The allowed values of a key live in its type: the check, the error message and the
 # command line's choices all read them from here (`choices`).
@@ -39,11 +37,8 @@ Evaluation = Literal["inline", "sidecar"]
 Architecture = Literal["resnet18", "resnet50", "resnext29_8x64d", "resnext29_2x64d"]
 
 # Old values still read, with a warning naming the new one; old keys ignored, with a warning saying why.
-DEPRECATED_VALUES = {"data.augmentation": {"seed": "rotate_shift_zoom_flip"}}
 DEPRECATED_KEYS = {"data.shuffle_buffer": "every epoch is a full permutation of the training set now"}
-LARGEST_INT = 2**31 - 1
 LONGEST_TIMEOUT_SECONDS = 1e8  # about three years; beyond threading's longest wait the watchdog thread died
-FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,7 +259,7 @@ def merge(config: Any, updates: Mapping[str, Any], source: str, prefix: str = ""
                 continue
             changes[key] = merge(current, value, source, f"{full_key}.")
         else:
-            changes[key] = _check_type(value, hints[key], full_key, source)
+            changes[key] = checked_value(value, hints[key], full_key, source)
     return dataclasses.replace(config, **changes)
 
 
@@ -273,65 +268,6 @@ def _suggest(key: str, fields: Mapping[str, Any]) -> str:
     allowed = ", ".join(sorted(fields))
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return f"{hint}; allowed keys: {allowed}"
-
-
-def _check_type(value: Any, hint: Any, key: str, source: str) -> Any:
-    """Accepts `value` if it fits `hint` (int, float, str, bool, a Literal, or X | None)."""
-    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
-        else (hint,)
-    if value is None and type(None) in allowed:
-        return None
-    for kind in allowed:
-        if typing.get_origin(kind) is Literal:
-            value = _undeprecate(value, key, source)
-            if isinstance(value, str) and value in typing.get_args(kind):
-                return value
-            continue
-        if kind is bool and isinstance(value, bool):
-            return value
-        if kind is int and isinstance(value, int) and not isinstance(value, bool):
-            if abs(value) > LARGEST_INT:  # TensorFlow takes steps and seeds as fixed-width integers
-                raise ConfigError(f"{source}: {key} must be at most {LARGEST_INT}, got {value}")
-            return value
-        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return _finite(float(value), key, source)
-        if kind is float and isinstance(value, str) and FLOAT_TEXT.fullmatch(value.strip()):
-            return _finite(float(value), key, source)  # YAML 1.1 reads 1e-5 (no dot) as a string
-        if kind is str and isinstance(value, str):
-            return value
-    names = " or ".join(_type_name(kind) for kind in allowed)
-    hint_text = ""
-    if isinstance(value, bool) and any(kind is str or typing.get_origin(kind) is Literal for kind in allowed):
-        # YAML 1.1 reads bare on/off/yes/no as booleans (Model Garden warns of the same).
-        hint_text = " (YAML reads bare on/off/yes/no as booleans: quote the value)"
-    raise ConfigError(
-        f"{source}: {key} must be {names}, got {type(value).__name__} {value!r}{hint_text}"
-    )
-
-
-def _finite(value: float, key: str, source: str) -> float:
-    """`value`, refused if infinite (YAML's .inf, or 1e400): no key has a use for it, and NaN fails every
-    range check below."""
-    if math.isinf(value):
-        raise ConfigError(f"{source}: {key} must be a finite number, got {value}")
-    return value
-
-
-def _type_name(kind: Any) -> str:
-    if kind is type(None):
-        return "null"
-    if typing.get_origin(kind) is Literal:
-        return "one of " + ", ".join(repr(value) for value in typing.get_args(kind))
-    return kind.__name__
-
-
-def _undeprecate(value: Any, key: str, source: str) -> Any:
-    replacement = DEPRECATED_VALUES.get(key, {}).get(value) if isinstance(value, str) else None
-    if replacement is None:
-        return value
-    print(f"warning: {source}: {key} {value!r} is deprecated; use {replacement!r} (same behaviour)",
-          file=sys.stderr, flush=True)
-    return replacement
 
 
 def choices(section: type, key: str) -> tuple[str, ...]:
