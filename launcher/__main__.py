@@ -34,12 +34,12 @@ from launcher.slurm import tf_config_from_slurm
 from launcher.storage import mapped_storage_errors
 from resnet18 import config as config_lib
 from resnet18 import tasks
+from resnet18.runtime.files import DEFAULT_RUNS_DIR
 from resnet18.runtime.preemption import evaluator_stopped, preempted_before_training
 from resnet18.runtime.errors import (EXIT_FAILURE, EXIT_OK, PEER_LOSS_WORDS, ConfigError, LauncherError, PortInUseError,
                                      PreemptedBeforeTraining, RetryableError, SetupError, TrainingError, first_line,
                                      lost_a_peer)
 
-DEFAULT_RUNS_DIR = "runs"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

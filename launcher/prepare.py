@@ -20,14 +20,16 @@ import sys
 from launcher.flags import FlagParser, nonempty, work_directory
 from resnet18 import config as config_lib
 from resnet18.runtime.errors import EXIT_OK, LauncherError
+from resnet18.runtime.files import DEFAULT_RUNS_DIR
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = FlagParser(prog="python -m launcher.prepare", description=__doc__.splitlines()[0])
     parser.add_argument("--job", type=nonempty, help="YAML job file (see jobs/)")
-    parser.add_argument("--workdir", default=".", type=work_directory,
-                        help="the run's work directory (where the stand-in goes when data.data_dir is not set)")
+    parser.add_argument("--workdir", type=work_directory,
+                        help="the run's work directory, where the stand-in goes when data.data_dir is not set "
+                             "(default: the launcher's, runs/NAME)")
     parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override config keys, e.g. --set data.data_dir=/shared/tfds")
     try:
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config_lib.build_config(args.job, args.overrides)
         from resnet18.data.sources import prepare_source
 
-        source = prepare_source(config.data, args.workdir)
+        source = prepare_source(config.data, args.workdir or os.path.join(DEFAULT_RUNS_DIR, config.name))
     except LauncherError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return error.exit_code

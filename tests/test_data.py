@@ -16,6 +16,7 @@ from resnet18.data import pipeline as input_pipeline
 from resnet18.data.augment import AUGMENTATIONS, Augmentation, crop_flip
 from resnet18.config import DataConfig
 from resnet18.runtime.errors import SetupError
+from tests.conftest import REPO as REPO_ROOT
 from tests.conftest import TINY_JOB, TINY_TEST, TINY_TRAIN, run_launcher
 
 GENERATED = {"train_examples": TINY_TRAIN, "test_examples": TINY_TEST}
@@ -323,3 +324,16 @@ def test_prepare_readies_a_jobs_data_where_a_run_will_find_it(tiny_data_dir, tmp
                               f"data.data_dir={tmp_path / 'tfds'}"], cwd=REPO, capture_output=True, text=True,
                              timeout=300, env={**os.environ, **OFFLINE})
     assert missing.returncode == 2 and "CIFAR-10 is not prepared" in missing.stderr
+
+
+def test_prepare_without_a_workdir_puts_the_stand_in_where_the_run_will_look(tmp_path):
+    """The stand-in goes in the work directory; without --workdir, the run's is runs/NAME, and prepare's was '.'."""
+    import subprocess
+    import sys
+
+    job = tmp_path / "small.yaml"
+    job.write_text("name: small\ndata:\n  source: generated\n  generated: {train_examples: 20, test_examples: 10}\n")
+    result = subprocess.run([sys.executable, "-m", "launcher.prepare", "--job", str(job)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": REPO_ROOT})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "runs" / "small" / "generated_data").is_dir() and not (tmp_path / "generated_data").exists()

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from typing import Any
 
 
+DEFAULT_RUNS_DIR = "runs"  # a run's work directory without --workdir: runs/NAME
 NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)  # flock's "this file system has none"
 ABANDONED_AFTER_SECONDS = 60.0  # a temporary copy this old, of a writer that is gone, was abandoned
 
