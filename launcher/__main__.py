@@ -415,6 +415,10 @@ def check_flag_combinations(args: argparse.Namespace) -> None:
                         f"got {args.frozen_after:g}")
     if args.min_workers is not None and args.min_workers > args.workers:
         raise FlagError(f"--min_workers must be between 1 and --workers {args.workers}, got {args.min_workers}")
+    shrink_after = local_workers.SHRINK_AFTER  # failed starts in a row that drop a slot: restarts it takes
+    if args.min_workers is not None and args.min_workers < args.workers and args.max_restarts < shrink_after:
+        raise FlagError(f"--min_workers drops a worker after {shrink_after} failed starts in a row: it needs "
+                        f"--max_restarts {shrink_after} or more, got {args.max_restarts}")
     for name in sorted(args.log_workers or ()):
         if name == "evaluator" and not args.evaluator:
             raise FlagError("--log_workers names the evaluator, which runs only with --evaluator")

@@ -43,6 +43,9 @@ BAD_FLAGS = [
     ("launcher", [*WORKERS, "--max_restarts", "-1"], "--max_restarts: must be >= 0"),
     ("launcher", [*WORKERS, "--min_workers", "0"], "--min_workers: must be >= 1"),
     ("launcher", [*WORKERS, "--min_workers", "3"], "--min_workers must be between 1 and --workers 2"),
+    # A slot is dropped after SHRINK_AFTER (2) failed starts in a row: with fewer restarts, never.
+    ("launcher", [*WORKERS, "--min_workers", "1", "--max_restarts", "1"],
+     "--min_workers drops a worker after 2 failed starts in a row: it needs --max_restarts 2 or more, got 1"),
     ("launcher", [*WORKERS, "--preemption_grace", "-1"], "--preemption_grace: must be a number of seconds > 0"),
     ("launcher", [*WORKERS, "--preemption_grace", "nan"], "--preemption_grace: must be a number of seconds > 0"),
     ("launcher", [*WORKERS, "--frozen_after", "0"], "--frozen_after: must be a number of seconds > 0"),

@@ -214,7 +214,8 @@ def test_dry_run_of_local_workers_says_which_gpus_each_worker_gets():
 
 
 def test_dry_run_of_an_elastic_group_says_how_large_each_replicas_batch_may_grow():
-    result = run_launcher("--job", TINY_JOB, "--workers", "4", "--min_workers", "2", "--dry_run", timeout=60)
+    result = run_launcher("--job", TINY_JOB, "--workers", "4", "--min_workers", "2", "--max_restarts", "2", "--dry_run",
+                          timeout=60)
     assert result.returncode == 0, result.stderr
     assert "elastic: down to 2 worker(s); each replica's batch then grows up to 32" in result.stdout
 
