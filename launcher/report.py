@@ -27,6 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
 from launcher.flags import FlagParser, run_directory  # noqa: E402
+from resnet18 import config as config_lib  # noqa: E402
 from resnet18.runtime.errors import EXIT_OK, LauncherError, SetupError  # noqa: E402
 from resnet18.runtime.files import read_json, read_text  # noqa: E402
 from resnet18.runtime.history import read_history  # noqa: E402
@@ -37,10 +38,12 @@ def load_run(workdir: str) -> tuple[dict[str, Any], dict[str, Any], list[dict[st
     summary = read_json(os.path.join(workdir, "summary.json"))
     if summary is None:
         raise SetupError(f"{workdir} holds no finished run: its summary.json is missing or unreadable")
-    config_text = read_text(os.path.join(workdir, "config.yaml"))
+    path = os.path.join(workdir, "config.yaml")
+    config_text = read_text(path)
     if config_text is None:
         raise SetupError(f"{workdir} holds a summary.json but no config.yaml: not a work directory of the launcher")
-    return yaml.safe_load(config_text) or {}, summary, read_history(workdir) or summary.get("history", [])
+    config_lib.from_yaml_text(config_text, path)  # a damaged one: ConfigError naming it (exit 2)
+    return yaml.safe_load(config_text), summary, read_history(workdir) or summary.get("history", [])
 
 
 def per_class_accuracy(confusion: list[list[int]], class_names: list[str]) -> dict[str, float | None]:

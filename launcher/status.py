@@ -23,9 +23,8 @@ import sys
 import time
 from typing import Any
 
-import yaml
-
 from launcher.flags import FlagParser, run_directory
+from resnet18 import config as config_lib
 from resnet18.runtime.checkpoint_files import EPOCHS_DIR, EPOCHS_KEPT_FOR_EVALUATOR, checkpoint_candidates
 from resnet18.runtime.errors import EXIT_OK, EXIT_PORT_IN_USE, LauncherError, SetupError
 from resnet18.runtime.files import modified_seconds, read_json, read_text
@@ -36,16 +35,17 @@ from resnet18.runtime.status import FINISHED_STATES, heartbeat_allowance, read_e
 def collect(workdir: str, now: float | None = None) -> dict[str, Any]:
     """Everything the status says, as data."""
     now = time.time() if now is None else now
-    config = read_text(os.path.join(workdir, "config.yaml"))
-    if config is None:
+    path = os.path.join(workdir, "config.yaml")
+    text = read_text(path)
+    if text is None:
         raise SetupError(f"{workdir} holds no run (no config.yaml)")
-    train = (yaml.safe_load(config) or {}).get("train") or {}
+    config = config_lib.from_yaml_text(text, path)  # a damaged one: ConfigError naming it (exit 2)
     status = read_status(workdir) or {}
     events = read_events(workdir)
     history = read_history(workdir, warn=False)
     summary = read_json(os.path.join(workdir, "summary.json"))
     checkpoints = checkpoint_candidates(os.path.join(workdir, "checkpoints"))
-    timeout = float(train.get("step_timeout_seconds", 1800.0) or 0.0)
+    timeout = config.train.step_timeout_seconds
     result: dict[str, Any] = {"workdir": workdir, "state": _state(status, summary, events, now, timeout),
                               "step": status.get("step"), "total_steps": status.get("total_steps"),
                               "epoch": status.get("epoch"), "images_per_sec": status.get("images_per_sec"),
@@ -58,7 +58,7 @@ def collect(workdir: str, now: float | None = None) -> dict[str, Any]:
     if evaluated:
         result["last_evaluation"] = {key: evaluated[-1].get(key) for key in ("epoch", "step", "test_accuracy",
                                                                              "test_loss")}
-    if train.get("evaluation") == "sidecar":  # epochs the chief keeps until an evaluator has taken them
+    if config.train.evaluation == "sidecar":  # epochs the chief keeps until an evaluator has taken them
         result["awaiting_evaluator"] = len(checkpoint_candidates(os.path.join(workdir, EPOCHS_DIR)))
         result["awaiting_evaluator_kept_at_most"] = EPOCHS_KEPT_FOR_EVALUATOR
     result["restarts"] = _restarts(events)

@@ -442,6 +442,9 @@ def from_yaml_text(text: str, source: str) -> Config:
         content = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{source} is not valid YAML: {error}") from None
+    if not isinstance(content, dict):
+        raise ConfigError(f"{source} must hold a mapping of sections (runtime, data, model, train), not "
+                          f"{type(content).__name__}")
     config = merge(Config(), content, source)
     config = upgrade(config, source)
     validate(config)

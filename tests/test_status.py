@@ -308,3 +308,16 @@ def test_the_status_of_a_local_run_is_read_without_starting_tensorflow(tmp_path)
     shown = json.loads(printed)
     assert shown["last_checkpoint"]["step"] == 20 and 99 < shown["last_checkpoint"]["age_seconds"] < 160
     assert shown["awaiting_evaluator"] == 1 and shown["last_evaluation"]["test_accuracy"] == 0.25
+
+
+@pytest.mark.parametrize("text", ["train: [oops\n", "- a\n- b\n", "train: 5\n", "train:\n  step_timeout_seconds: soon\n"])
+def test_status_and_report_name_a_damaged_config_yaml_and_exit_2(tmp_path, capsys, text):
+    """A hand-edited config.yaml was a PyYAML, AttributeError or ValueError traceback (exit 1) in both."""
+    from launcher import report, status
+
+    (tmp_path / "config.yaml").write_text(text)
+    write_json(str(tmp_path / "summary.json"), {"test_accuracy": 0.5})
+    for main in (status.main, report.main):
+        assert main(["--workdir", str(tmp_path)]) == 2, (main.__module__, text)
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and str(tmp_path / "config.yaml") in error, (main.__module__, error)
