@@ -49,7 +49,7 @@ from launcher.local_workers import DEFAULT_PREEMPTION_GRACE_SECONDS
 from launcher.processes import gpu_slices, stop_runs_in, visible_gpu_ids
 from resnet18 import tasks
 from resnet18.config import Config
-from resnet18.runtime.errors import EXIT_OK, EXIT_RETRYABLE, ConfigError, LauncherError, SetupError
+from resnet18.runtime.errors import EXIT_FAILURE, EXIT_OK, EXIT_RETRYABLE, ConfigError, LauncherError, SetupError
 
 POLL_SECONDS = 0.2  # how soon a slot whose trial ended gets the next
 WRITE_SECONDS = 10.0  # sweep.json: at once when a trial starts or ends, else this often
@@ -347,7 +347,12 @@ def run(sweep: Sweep) -> int:
         print(f"Stopped by {signal.Signals(stopping[0]).name}: the running trials saved a checkpoint; run the same "
               "command to resume them", file=sys.stderr, flush=True)
         return EXIT_RETRYABLE
-    sweep_results.finish(sweep, study)
+    content = sweep_results.finish(sweep, study)
+    failed = [trial for trial in content["trials"] if trial["state"] == "fail"]
+    if not content["best"] and failed and not sweep_results.running_elsewhere(content):
+        print(f"error: no trial of study {sweep.study_name!r} completed: {len(failed)} failed (their errors are in "
+              f"{os.path.join(sweep.args.workdir, 'sweep.json')})", file=sys.stderr, flush=True)
+        return EXIT_FAILURE
     return EXIT_OK
 
 

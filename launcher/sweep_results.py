@@ -78,7 +78,7 @@ def write(sweep, study) -> dict[str, Any]:
     return content
 
 
-def finish(sweep, study) -> None:
+def finish(sweep, study) -> dict[str, Any]:
     """best.yaml, the HParams summaries and the report, once this machine's trials are done.
 
     Other machines sharing the study may still run trials: what is written then is the best of the trials
@@ -95,6 +95,7 @@ def finish(sweep, study) -> None:
               "again once they end", flush=True)
     write_hparams(sweep, content)
     write_report(sweep, study, content)
+    return content
 
 
 def running_elsewhere(content: dict[str, Any]) -> str:

@@ -513,6 +513,16 @@ def test_a_failing_trial_is_recorded_with_its_error_and_the_sweep_goes_on(tiny_d
     assert all(trial["state"] == "complete" for trial in trials if trial not in failed)
 
 
+@pytest.mark.slow
+def test_a_sweep_whose_every_trial_failed_exits_1(tiny_data_dir, tmp_path):
+    """It exited 0, so a Slurm array task or a script took a sweep with no result for a finished one."""
+    space = write_space(tmp_path, "train.init_from: {type: categorical, choices: [/nonexistent/run]}\n")
+    result = run_sweep(*sweep_command(tiny_data_dir, space, tmp_path / "sweep", trials=2), timeout=600)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "error: no trial of study 'tiny' completed: 2 failed (their errors are in" in result.stderr
+    assert [trial["state"] for trial in results(tmp_path / "sweep")["trials"]] == ["fail", "fail"]
+
+
 # --- Two machines, one PostgreSQL server --------------------------------------------------------
 
 def postgres_binaries() -> str | None:
