@@ -43,7 +43,7 @@ def load_run(workdir: str) -> tuple[dict[str, Any], dict[str, Any], list[dict[st
     if config_text is None:
         raise SetupError(f"{workdir} holds a summary.json but no config.yaml: not a work directory of the launcher")
     config_lib.from_yaml_text(config_text, path)  # a damaged one: ConfigError naming it (exit 2)
-    return yaml.safe_load(config_text), summary, read_history(workdir) or summary.get("history", [])
+    return yaml.safe_load(config_text) or {}, summary, read_history(workdir) or summary.get("history", [])
 
 
 def per_class_accuracy(confusion: list[list[int]], class_names: list[str]) -> dict[str, float | None]:

@@ -310,8 +310,7 @@ def validate(config: Config) -> None:
         (config.train.checkpoint_max_to_keep >= 1, "train.checkpoint_max_to_keep", ">= 1"),
         (0 <= config.train.step_timeout_seconds <= LONGEST_TIMEOUT_SECONDS, "train.step_timeout_seconds",
          f"in [0, {LONGEST_TIMEOUT_SECONDS:g}] (0: no limit)"),
-        (config.name not in ("", ".", "..") and "/" not in config.name and "\\" not in config.name, "name",
-         "one directory name (the default work directory is runs/NAME)"),
+        (_inside_runs(config.name), "name", "a path inside runs/ (the default work directory is runs/NAME)"),
     ] + _mode_checks(config)
     for ok, key, expected in checks:
         if not ok:
@@ -352,6 +351,12 @@ def validate(config: Config) -> None:
             raise ConfigError(message)
     replicas = config.runtime.cpu_replicas or config.runtime.gpus or 1
     check_batch_divisible(config, replicas)
+
+
+def _inside_runs(name: str) -> bool:
+    """Whether runs/NAME is a directory below runs/: not runs/ itself, nor above or beside it."""
+    parts = name.replace("\\", "/").split("/")
+    return bool(name.strip()) and not name.startswith("/") and ".." not in parts and set(parts) != {"."}
 
 
 def _mode_checks(config: Config) -> list[tuple[bool, str, str]]:
@@ -447,7 +452,10 @@ def from_yaml_text(text: str, source: str) -> Config:
                           f"{type(content).__name__}")
     config = merge(Config(), content, source)
     config = upgrade(config, source)
-    validate(config)
+    try:
+        validate(config)
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
     return config
 
 

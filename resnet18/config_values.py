@@ -40,7 +40,7 @@ def checked_value(value: Any, hint: Any, key: str, source: str) -> Any:
                 raise ConfigError(f"{source}: {key} must be at most {LARGEST_INT}, got {value}")
             return value
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return _finite(float(value), key, source)
+            return _finite(float(value) if abs(value) < 1e308 else math.inf, key, source)  # float(10**400) raises
         if kind is float and isinstance(value, str) and FLOAT_TEXT.fullmatch(value.strip()):
             return _finite(float(value), key, source)  # YAML 1.1 reads 1e-5 (no dot) as a string
         if kind is str and isinstance(value, str):

@@ -311,7 +311,7 @@ def test_the_status_of_a_local_run_is_read_without_starting_tensorflow(tmp_path)
 
 
 @pytest.mark.parametrize("text", ["train: [oops\n", "- a\n- b\n", "train: 5\n",
-                                  "train:\n  step_timeout_seconds: soon\n"])
+                                  "train:\n  step_timeout_seconds: soon\n", "train:\n  step_timeout_seconds: -5\n"])
 def test_status_and_report_name_a_damaged_config_yaml_and_exit_2(tmp_path, capsys, text):
     """A hand-edited config.yaml was a PyYAML, AttributeError or ValueError traceback (exit 1) in both."""
     from launcher import report, status
