@@ -59,8 +59,13 @@ def test_checkpoints_of_another_model_are_one_error_not_a_warning_per_variable(t
         return model
 
     tf.train.CheckpointManager(tf.train.Checkpoint(model=dense(4)), str(tmp_path), 3).save(checkpoint_number=8)
-    with pytest.raises(RuntimeError, match="intact but do not fit"):
+    with pytest.raises(RuntimeError, match="intact but do not fit"):  # restore() raises: a shape differs
         restore_latest_good(tf.train.Checkpoint(model=dense(5)), str(tmp_path))
+    other = tmp_path / "other"  # restore() returns, and the check of its status raises: objects missing
+    tf.train.CheckpointManager(tf.train.Checkpoint(model=dense(4), a=tf.Variable(1.0), b=tf.Variable(2.0)),
+                               str(other), 3).save(checkpoint_number=8)
+    with pytest.raises(RuntimeError, match="intact but do not fit"):
+        restore_latest_good(tf.train.Checkpoint(model=dense(4), x=tf.Variable(0.0)), str(other))
     gc.collect()
     unread = [record for record in caplog.records if "could not be found in the restored object" in record.message
               or "Value in checkpoint could not be found" in record.message]

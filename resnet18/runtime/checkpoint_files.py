@@ -62,9 +62,13 @@ def restore_latest_good(checkpoint: tf.train.Checkpoint, directory: str,
     failures = []
     mismatched = 0
     for prefix in candidates:
+        status = None
         try:
-            checkpoint.restore(prefix).assert_existing_objects_matched()
+            status = checkpoint.restore(prefix)
+            status.assert_existing_objects_matched()
         except Exception as error:  # DataLossError, IndexError, ValueError...: any damage
+            if status is not None:
+                status.expect_partial()  # restored, but not every object matched: its leftovers are this error
             reason = first_line(error)
             intact = _files_read(prefix)
             mismatched += intact
@@ -81,10 +85,10 @@ def restore_latest_good(checkpoint: tf.train.Checkpoint, directory: str,
 
 
 def _quiet_failed_restore(error: BaseException) -> None:
-    """Marks the failed restore's leftovers partial. TensorFlow keeps its restore coordinator on the model's
-    objects (restorations deferred to them) and, when they are deleted, logs one warning per value it did
-    not restore (about 150 for a ResNet18) after the one line that says why; expect_partial() silences them,
-    and the coordinator is reachable only through the error's frames."""
+    """Marks the leftovers of a restore that raised partial. TensorFlow keeps its restore coordinator on the
+    model's objects (restorations deferred to them) and, when they are deleted, logs one warning per value it
+    did not restore (about 150 for a ResNet18) after the one line that says why; expect_partial() silences
+    them, and when restore() itself raised, the coordinator is reachable only through the error's frames."""
     traceback = error.__traceback__
     while traceback is not None:
         for value in list(traceback.tb_frame.f_locals.values()):
