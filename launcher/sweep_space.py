@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from decimal import Decimal
 from typing import Any
 
 import yaml
@@ -108,8 +109,9 @@ def _dimension(key: Any, spec: Any, source: str) -> Dimension:
     if step is not None and (not isinstance(step, number) or isinstance(step, bool) or not 0 < step < math.inf
                              or log):
         raise ConfigError(f"{where}: step must be a positive {kind} (and not with log), got {step!r}")
-    if step is not None and high > low and step > high - low:  # Optuna would draw low every time
-        raise ConfigError(f"{where}: step {step} is more than high - low ({high - low}): every trial would draw {low}")
+    span = Decimal(str(high)) - Decimal(str(low))  # in decimal, as Optuna steps: 0.3 - 0.1 is 0.2, not 0.19999...
+    if step is not None and span > 0 and Decimal(str(step)) > span:  # Optuna would draw low every time
+        raise ConfigError(f"{where}: step {step} is more than high - low ({span}): every trial would draw {low}")
     if step is not None and kind == "int" and (high - low) % step:  # Optuna would quietly lower high
         raise ConfigError(f"{where}: high {high} is not low {low} + a multiple of step {step}")
     return Dimension(str(key), kind, low, high, log, step)

@@ -99,6 +99,15 @@ def test_bad_input_exits_2_naming_it_and_starts_nothing(tmp_path, space, extra, 
     assert not (tmp_path / "sweep" / "trials").exists()
 
 
+def test_a_float_step_that_spans_the_range_exactly_in_decimal_is_accepted(tmp_path):
+    from launcher.sweep_space import load_space
+    from resnet18.config import build_config
+
+    space = write_space(tmp_path, "data.cutmix_prob: {type: float, low: 0.1, high: 0.3, step: 0.2}\n")
+    (dimension,) = load_space(space, build_config(TINY_JOB))  # 0.3 - 0.1 is 0.19999999999999998 in binary
+    assert dimension.step == 0.2
+
+
 def test_values_that_fail_only_together_fail_their_trial_unrun_and_the_next_is_drawn(tmp_path):
     import optuna
 
