@@ -114,6 +114,9 @@ def _port_base(environ: Mapping[str, str], tasks_on_a_node: int) -> int:
     """The first port of the job's tasks on each node: LAUNCHER_SLURM_PORT_BASE, else one from SLURM_JOB_ID."""
     given = environ.get("LAUNCHER_SLURM_PORT_BASE", "")
     if not given:
+        if tasks_on_a_node > PORTS_PER_JOB:  # its ports would run into the next job id's
+            raise SetupError(f"{tasks_on_a_node} tasks on one node take more than the {PORTS_PER_JOB} ports a job "
+                             "gets from its id: set LAUNCHER_SLURM_PORT_BASE to a free range")
         job = environ.get("SLURM_JOB_ID", "")
         job_id = int(job) if job.isdigit() else 0
         return JOB_PORTS_LOW + job_id % ((JOB_PORTS_HIGH - JOB_PORTS_LOW) // PORTS_PER_JOB) * PORTS_PER_JOB

@@ -265,6 +265,14 @@ def test_slurm_jobs_sharing_a_node_listen_on_ports_of_their_own():
         "gpu01:9000", "gpu01:9001", "gpu02:9000", "gpu02:9001"}
 
 
+def test_more_slurm_tasks_on_a_node_than_a_job_id_has_ports_for_is_refused():
+    env = {"SLURM_STEP_NUM_TASKS": "17", "SLURM_STEP_NODELIST": "cpu01", "SLURM_STEP_TASKS_PER_NODE": "17",
+           "SLURM_PROCID": "0", "SLURM_JOB_ID": "4242"}
+    with pytest.raises(SetupError, match="17 tasks on one node take more than the 16 ports"):
+        tf_config_from_slurm(env)
+    assert tf_config_from_slurm({**env, "LAUNCHER_SLURM_PORT_BASE": "20000"})  # a range of one's own: fine
+
+
 @pytest.mark.parametrize("base", ["88a8", "80", "65535"])
 def test_a_bad_slurm_port_base_is_refused_naming_the_variable(base):
     with pytest.raises(SetupError, match=f"LAUNCHER_SLURM_PORT_BASE={base}: "):
