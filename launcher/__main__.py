@@ -160,7 +160,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
 
         print(f"tensorflow: {tf.__version__} (CPU kernels: {cpu_kernels()})")
         code = _print_dry_run(plan)
-        settle_config(config, strategy, workdir)  # what the run refuses before it trains (precision, resume)
+        with mapped_tensorflow_errors(tf), mapped_storage_errors(workdir):
+            settle_config(config, strategy, workdir)  # what the run refuses before it trains (precision, resume)
         return code
     chief = topology_of(strategy).is_chief
     if chief:

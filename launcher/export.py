@@ -26,7 +26,8 @@ best/), each resolved first and refused if it leads outside WORKDIR (a symlink, 
 and, to evaluate each artifact, the test split and 256 training images of the data
 set config.yaml names (data.data_dir, data.image_folder or the generated stand-in).
 
-Exit codes: 0 done; 2 bad --formats (or one the run's task does not export), no finished
+Exit codes: 0 done; 2 bad --formats (or one the run's task does not export, or whose packages
+are not installed), no finished
 run or checkpoint, a checkpoint file outside the work directory, or a checkpoint that does
 not fit the configured model; 1 an export failed.
 """
@@ -411,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = FlagParser(prog="python -m launcher.export", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True, type=run_directory, help="work directory of a trained run")
     parser.add_argument("--formats", help=f"comma-separated: {', '.join(FORMATS)} (default: every format the "
-                                           "run's task exports; an encoder is a saved_model only)")
+                                           "run's task exports whose packages are installed; an encoder is a "
+                                           "saved_model only)")
     parser.add_argument("--weights", choices=("latest", "best"), default="latest",
                         help="the newest checkpoint, or the best epoch's (train.best_checkpoint_metric)")
     try:

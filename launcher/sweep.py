@@ -27,8 +27,9 @@
   --job), TensorBoard HParams summaries in DIR/tensorboard/, and DIR/report/ (history,
   parallel coordinates, importances, report.md). `python -m launcher.status --workdir DIR`.
 
-Exit codes: 0 done (failed trials are in the results); 2 bad input (flag, job, space,
-storage), nothing started; 138 stopped by SIGTERM/SIGINT (run the same command to resume).
+Exit codes: 0 done (failed trials are in the results); 1 done, but no trial completed; 2 bad
+input (flag, job, space, storage), nothing started; 138 stopped by SIGTERM/SIGINT (run the
+same command to resume).
 """
 
 from __future__ import annotations
