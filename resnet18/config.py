@@ -36,7 +36,7 @@ LrScaling = Literal["linear", "none"]
 Evaluation = Literal["inline", "sidecar"]
 Architecture = Literal["resnet18", "resnet50", "resnext29_8x64d", "resnext29_2x64d"]
 
-# Old values still read, with a warning naming the new one; old keys ignored, with a warning saying why.
+# Old keys ignored, with a warning saying why (old values: config_values.DEPRECATED_VALUES).
 DEPRECATED_KEYS = {"data.shuffle_buffer": "every epoch is a full permutation of the training set now"}
 LONGEST_TIMEOUT_SECONDS = 1e8  # about three years; beyond threading's longest wait the watchdog thread died
 
