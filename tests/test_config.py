@@ -66,26 +66,6 @@ def test_bad_overrides_name_the_key(override, words):
         assert word in str(error.value)
 
 
-@pytest.mark.parametrize("override, message", [
-    # Each passed validation and then failed inside training: a traceback (exit 1), or a dead watchdog thread.
-    ("train.warmup_epochs=.inf", "train.warmup_epochs must be a finite number, got inf"),
-    ("train.learning_rate=1e400", "train.learning_rate must be a finite number, got inf"),
-    ("train.learning_rate=1" + "0" * 400, "train.learning_rate must be a finite number, got inf"),
-    ("distill.temperature=.inf", "distill.temperature must be a finite number, got inf"),
-    ("train.step_timeout_seconds=1e10", "train.step_timeout_seconds must be in [0, 1e+08]"),
-    ("train.epochs=100000000000000000000", "train.epochs must be at most 2147483647, got 100000000000000000000"),
-    ("runtime.seed=99999999999999999999", "runtime.seed must be at most 2147483647"),
-    ('name=""', "name must be a path inside runs/ (the default work directory is runs/NAME), got ''"),
-    ("name=a/../../c", "name must be a path inside runs/"),
-    ("name=..", "name must be a path inside runs/"),
-    ("name=/etc", "name must be a path inside runs/"),
-])
-def test_values_no_run_could_use_are_refused_naming_the_key(override, message):
-    with pytest.raises(ConfigError) as raised:
-        build_config(TINY_JOB, [override])
-    assert message in str(raised.value)
-
-
 def test_a_name_with_directories_inside_runs_still_reads():  # runs written under such names stay readable
     assert build_config(TINY_JOB, ["name=cifar10/width8"]).name == "cifar10/width8"
 
@@ -136,8 +116,20 @@ def test_cli_usage_errors_exit_2_before_tensorflow(args, words):
     ("data.cutmix_prob=1.5", "data.cutmix_prob must be in [0, 1]"),
     ("train.weight_decay_mode=adamw", "train.weight_decay_mode must be one of"),
     ("model.se=yes please", "model.se must be bool"),
+    # Each passed validation and then failed inside training: a traceback (exit 1), or a dead watchdog thread.
+    ("train.warmup_epochs=.inf", "train.warmup_epochs must be a finite number, got inf"),
+    ("train.learning_rate=1e400", "train.learning_rate must be a finite number, got inf"),
+    ("train.learning_rate=1" + "0" * 400, "train.learning_rate must be a finite number, got inf"),
+    ("distill.temperature=.inf", "distill.temperature must be a finite number, got inf"),
+    ("train.step_timeout_seconds=1e10", "train.step_timeout_seconds must be in [0, 1e+08]"),
+    ("train.epochs=100000000000000000000", "train.epochs must be at most 2147483647, got 100000000000000000000"),
+    ("runtime.seed=99999999999999999999", "runtime.seed must be at most 2147483647"),
+    ('name=""', "name must be a path inside runs/ (the default work directory is runs/NAME), got ''"),
+    ("name=a/../../c", "name must be a path inside runs/"),
+    ("name=..", "name must be a path inside runs/"),
+    ("name=/etc", "name must be a path inside runs/"),
 ])
-def test_recipe_options_are_checked_and_named(override, message):
+def test_values_a_run_cannot_use_are_refused_naming_the_key(override, message):
     with pytest.raises(ConfigError) as raised:
         build_config(TINY_JOB, [override])
     assert message in str(raised.value)
