@@ -72,6 +72,12 @@ def _installed(module: str) -> bool:
         return False
 
 
+def _missing(name: str, installed: Callable[[str], bool]) -> tuple[str, str] | None:
+    """The packages format `name` lacks and the verb for them, ("tf2onnx", "is"); None when it has them all."""
+    missing = [module for module in FORMAT_PACKAGES.get(name, ()) if not installed(module)]
+    return (" and ".join(missing), "is" if len(missing) == 1 else "are") if missing else None
+
+
 def chosen_formats(requested: list[str] | None, offered: tuple[str, ...],
                    installed: Callable[[str], bool] = _installed) -> tuple[list[str], list[str]]:
     """(the formats to write, why each other offered one is left out): `requested` as given, else every
@@ -80,9 +86,8 @@ def chosen_formats(requested: list[str] | None, offered: tuple[str, ...],
         return list(requested), []
     chosen, skipped = [], []
     for name in offered:
-        if missing := [module for module in FORMAT_PACKAGES.get(name, ()) if not installed(module)]:
-            skipped.append(f"{name}: {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed "
-                           f"(pip install -e '.[{name}]')")
+        if missing := _missing(name, installed):
+            skipped.append(f"{name}: {missing[0]} {missing[1]} not installed (pip install -e '.[{name}]')")
         else:
             chosen.append(name)
     return chosen, skipped
@@ -91,9 +96,9 @@ def chosen_formats(requested: list[str] | None, offered: tuple[str, ...],
 def check_packages(formats: list[str], installed: Callable[[str], bool] = _installed) -> None:
     """Raises SetupError (exit 2) for a format asked for whose packages are not installed."""
     for name in formats:
-        if missing := [module for module in FORMAT_PACKAGES.get(name, ()) if not installed(module)]:
-            raise SetupError(f"--formats {name} needs {' and '.join(missing)}, which "
-                             f"{'is' if len(missing) == 1 else 'are'} not installed: pip install -e '.[{name}]'")
+        if missing := _missing(name, installed):
+            raise SetupError(f"--formats {name} needs {missing[0]}, which {missing[1]} not installed: "
+                             f"pip install -e '.[{name}]'")
 
 
 def _confined(workdir: str, path: str) -> str:
@@ -247,7 +252,8 @@ def export(workdir: str, formats: list[str] | None, weights: str = "latest") -> 
                                      f"exports its {kind} as {', '.join(offered)} only")
     chosen, skipped = chosen_formats(formats, offered)
     for reason in skipped:
-        print(f"{reason.split(':')[0]:12s} skipped:{reason.partition(':')[2]}", flush=True)
+        name, _, why = reason.partition(":")
+        print(f"{name:12s} skipped:{why}", flush=True)
     os.makedirs(os.path.join(workdir, "export"), exist_ok=True)
     return write(workdir, chosen, config, source, model, prefix)
 

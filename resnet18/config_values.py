@@ -56,8 +56,8 @@ def checked_value(value: Any, hint: Any, key: str, source: str) -> Any:
 
 
 def _finite(value: float, key: str, source: str) -> float:
-    """`value`, refused if infinite (YAML's .inf, or 1e400): no key has a use for it, and NaN fails every
-    range check below."""
+    """`value`, refused if infinite (YAML's .inf, or 1e400): no key has a use for it (NaN fails the range
+    checks of config.validate)."""
     if math.isinf(value):
         raise ConfigError(f"{source}: {key} must be a finite number, got {value}")
     return value
